@@ -1,0 +1,172 @@
+"""GEM forward: shapes, masking, hashing, determinism, gradients, and the adapter."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.adapter import StudentAdapter
+from model.baselines import build_models
+from model.config import PRESETS, GEMConfig
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, random_batch
+from model.gem import GEM
+from tests.conftest import to_torch
+
+
+def _outputs(model, batch, schema):
+    model.eval()
+    with torch.no_grad():
+        return model(to_torch(batch, schema))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_shapes_and_dtypes_for_every_preset(name, schema):
+    cfg = PRESETS[name]
+    torch.manual_seed(0)
+    model = GEM(schema, cfg)
+    out = _outputs(model, random_batch(schema, 3, 5), schema)
+    assert out[LOGITS].shape == (3, len(schema.tasks))
+    assert out[EMBEDDING].shape == (3, cfg.embedding_dim)
+    assert out[USER_EMBEDDING].shape == (3, cfg.user_embedding_dim)
+    for t in out.values():
+        assert t.dtype == torch.float32
+        assert torch.isfinite(t).all()
+
+
+def test_presets_scale_without_code_changes(schema):
+    sizes = [sum(p.numel() for p in GEM(schema, PRESETS[n]).parameters()) for n in ("tiny", "small", "medium")]
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert PRESETS["large"].d_model > PRESETS["medium"].d_model > PRESETS["small"].d_model
+
+
+def test_empty_and_full_sequences_give_finite_outputs_and_gradients(schema, tiny):
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 4, tiny.seq_len)
+    batch["user_history_length"] = np.array([0, 0, tiny.seq_len, 1])
+    tensors = to_torch(batch, schema)
+    out = model(tensors)
+    assert all(torch.isfinite(t).all() for t in out.values())
+    (out[LOGITS].sum() + out[EMBEDDING].sum() + out[USER_EMBEDDING].sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+    # The all-empty batch (every key masked) too.
+    batch["user_history_length"][:] = 0
+    assert all(torch.isfinite(t).all() for t in _outputs(model, batch, schema).values())
+
+
+def test_gradients_reach_every_parameter_of_every_model(schema, tiny):
+    torch.manual_seed(0)
+    batch = to_torch(random_batch(schema, 16, 12), schema)
+    for name, model in build_models(schema, tiny, baselines=True).items():
+        model(batch)[LOGITS].sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"{name}: no gradient reaches {missing}"
+
+
+def test_padding_beyond_the_length_is_ignored(schema, tiny):
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 8, 10, seed=1)
+    batch["user_history_length"] = np.minimum(batch["user_history_length"], 6)
+    wider = dict(batch)
+    for f in schema.sequences[0].fields:
+        noise = np.random.default_rng(2).integers(0, 1 << 40, (8, 10))
+        wider[f.name] = np.concatenate([batch[f.name][:, :6], noise], axis=1)
+    a, b = _outputs(model, batch, schema), _outputs(model, wider, schema)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_events_beyond_seq_len_are_ignored(schema, tiny):
+    """Newest first: the model reads the first `seq_len` events of a longer sequence."""
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 4, tiny.seq_len + 20, seed=3)
+    batch["user_history_length"][:] = tiny.seq_len + 20
+    cut = dict(batch)
+    for f in schema.sequences[0].fields:
+        cut[f.name] = batch[f.name][:, : tiny.seq_len]
+    cut["user_history_length"] = np.full(4, tiny.seq_len)
+    a, b = _outputs(model, batch, schema), _outputs(model, cut, schema)
+    torch.testing.assert_close(a[LOGITS], b[LOGITS], rtol=0, atol=1e-5)
+
+
+def test_order_of_events_matters(schema, tiny):
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 4, 8, seed=4)
+    batch["user_history_length"][:] = 8
+    rev = dict(batch)
+    for f in schema.sequences[0].fields:
+        rev[f.name] = batch[f.name][:, ::-1].copy()
+    assert not torch.allclose(_outputs(model, batch, schema)[LOGITS], _outputs(model, rev, schema)[LOGITS])
+
+
+def test_unseen_huge_and_negative_ids_hash_safely(schema, tiny):
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 6, 4)
+    for f in schema.sparse:
+        batch[f.name] = np.array([0, -1, np.iinfo(np.int64).min, np.iinfo(np.int64).max, f.buckets, 10**18])
+    out = _outputs(model, batch, schema)
+    assert all(torch.isfinite(t).all() for t in out.values())
+    # id and id + buckets share a row: hashing is a remainder.
+    same = dict(batch)
+    same["user_id"] = batch["user_id"] + schema.sparse[0].buckets * 3
+    same["user_id"][2:4] = batch["user_id"][2:4]  # the int64 extremes would overflow
+    torch.testing.assert_close(_outputs(model, same, schema)[LOGITS], out[LOGITS])
+
+
+def test_same_seed_same_model(schema, tiny):
+    batch = random_batch(schema, 5, 6)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        outs.append(_outputs(GEM(schema, tiny), batch, schema))
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k])
+
+
+def test_user_embedding_depends_on_user_features_only(schema, tiny):
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 4, 6, seed=5)
+    other_ads = dict(batch)
+    for f in [*schema.sparse_on("ad"), *schema.sparse_on("context")]:
+        other_ads[f.name] = batch[f.name] + 17
+    other_ads["surface"] = (batch["surface"] + 1) % len(schema.surfaces)
+    a, b = _outputs(model, batch, schema), _outputs(model, other_ads, schema)
+    torch.testing.assert_close(a[USER_EMBEDDING], b[USER_EMBEDDING])
+    assert not torch.allclose(a[LOGITS], b[LOGITS])
+
+
+def test_surface_picks_its_own_tower(schema, tiny):
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    batch = random_batch(schema, 4, 6, seed=6)
+    outs = []
+    for s in range(len(schema.surfaces)):
+        batch["surface"] = np.full(4, s)
+        outs.append(_outputs(model, batch, schema)[LOGITS])
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_adapter_starts_as_identity_and_is_surface_aware():
+    adapter = StudentAdapter(n_tasks=2, n_surfaces=3)
+    logits = torch.randn(5, 2)
+    surface = torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(adapter(logits, surface), logits)
+    torch.nn.init.normal_(adapter.mlp[-1].weight)
+    a = adapter(logits, torch.zeros(5, dtype=torch.long))
+    b = adapter(logits, torch.ones(5, dtype=torch.long))
+    assert not torch.allclose(a, b)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        GEMConfig(d_model=30, heads=4)
+    with pytest.raises(ValueError, match="seq_len must be positive"):
+        GEMConfig(seq_len=0)
+    with pytest.raises(ValueError, match="unknown model config key 'width'"):
+        GEMConfig.from_dict({"width": 3})
