@@ -14,8 +14,6 @@ from torch import Tensor, nn
 
 from model.layers import MLP
 
-ADAPTER_LOGITS_INPUT = "fm_logits"
-
 
 class StudentAdapter(nn.Module):
     def __init__(self, n_tasks: int, n_surfaces: int, hidden: int = 32):

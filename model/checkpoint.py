@@ -161,7 +161,3 @@ def load_checkpoint(path: str | Path, expect_schema: FeatureSchema | None = None
     model.eval()
     adapter.eval()
     return Checkpoint(path, schema, config, model, adapter, _read_json(path / "metrics.json"))
-
-
-def read_metrics(path: str | Path) -> dict[str, Any]:
-    return _read_json(Path(path) / "metrics.json")

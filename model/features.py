@@ -34,10 +34,6 @@ class InputSpec:
     # The sequence this input belongs to (fields and lengths), else None.
     sequence: str | None = None
 
-    @property
-    def triton_dtype(self) -> str:
-        return "TYPE_INT64" if self.dtype == np.int64 else "TYPE_FP32"
-
 
 INT64 = np.dtype(np.int64)
 FLOAT32 = np.dtype(np.float32)
@@ -57,12 +53,10 @@ def input_names(schema: FeatureSchema) -> tuple[str, ...]:
     return tuple(s.name for s in input_specs(schema))
 
 
-# Output names of the FM and of the adapter, fixed by the wire contract.
+# Output names of the FM, fixed by the wire contract.
 LOGITS = "logits"
 EMBEDDING = "embedding"
 USER_EMBEDDING = "user_embedding"
-ADAPTED_LOGITS = "adapted_logits"
-FM_OUTPUTS = (LOGITS, EMBEDDING, USER_EMBEDDING)
 
 
 def random_batch(schema: FeatureSchema, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
