@@ -1,0 +1,195 @@
+"""torch -> ONNX for the FM and the Student Adapter, with a parity check.
+
+The FM's ONNX inputs are named and ordered by `model.features.input_specs(schema)`,
+with a dynamic batch axis and a dynamic sequence axis; its outputs are `logits`,
+`embedding` and `user_embedding`. The graph must stay runnable by TensorRT:
+`forbidden_ops` lists what a graph must not contain, and export refuses such a graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from model.adapter import StudentAdapter
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, random_batch
+from model.gem import GEM
+from model.schema import SURFACE_INPUT, FeatureSchema
+
+log = logging.getLogger(__name__)
+
+FM_OUTPUTS = (LOGITS, EMBEDDING, USER_EMBEDDING)
+ADAPTER_INPUTS = ("fm_logits", SURFACE_INPUT)
+ADAPTER_OUTPUT = "adapted_logits"
+# Opset 18 keeps attention as MatMul/Softmax (no fused Attention op) for TensorRT.
+OPSET = 18
+# Ops TensorRT's ONNX parser cannot run, or that hide per-row control flow.
+TENSORRT_UNSUPPORTED = frozenset(
+    {"EmbeddingBag", "Loop", "Scan", "If", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
+     "SequenceLength", "SplitToSequence", "ConcatFromSequence", "SequenceErase", "Unique", "NonZero"}
+)  # fmt: skip
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Export produced a graph that must not be served (parity, checker, ops)."""
+
+
+class _PositionalFM(nn.Module):
+    """GEM with positional inputs in schema order and a tuple of outputs, as ONNX wants."""
+
+    def __init__(self, model: GEM, names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(dict(zip(self.names, inputs, strict=True)))
+        return tuple(out[k] for k in FM_OUTPUTS)
+
+
+def _rename(proto: onnx.ModelProto, old: str, new: str) -> None:
+    g = proto.graph
+    for node in g.node:
+        node.input[:] = [new if x == old else x for x in node.input]
+        node.output[:] = [new if x == old else x for x in node.output]
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.name == old:
+            v.name = new
+
+
+def _name_outputs(proto: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
+    """Gives the graph outputs their contract names.
+
+    The exporter names intermediate values after their ops (the output of
+    aten.embedding is called `embedding`), which would clash with the output of the
+    same name; such intermediates are renamed first.
+    """
+    used = {x for node in proto.graph.node for x in (*node.input, *node.output)}
+    outputs = [o.name for o in proto.graph.output]
+    for name in names:
+        if name in used and name not in outputs:
+            _rename(proto, name, f"{name}__internal")
+    for old, new in zip(outputs, names, strict=True):
+        _rename(proto, old, new)
+    return proto
+
+
+def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, tmp)
+    tmp.replace(path)
+
+
+def export_fm(model: GEM, schema: FeatureSchema, path: Path) -> onnx.ModelProto:
+    specs = input_specs(schema)
+    names = tuple(s.name for s in specs)
+    example = random_batch(schema, batch_size=4, seq_len=min(8, model.cfg.seq_len))
+    args = tuple(torch.from_numpy(example[n]) for n in names)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    seq = torch.export.Dim("seq_len", min=1, max=max(s.max_length for s in schema.sequences) if schema.sequences else 1)
+    shapes = tuple({0: batch, 1: seq} if s.rank == 2 else {0: batch} for s in specs)
+    model.eval()
+    program = torch.onnx.export(
+        _PositionalFM(model, names),
+        args,
+        dynamo=True,
+        input_names=list(names),
+        dynamic_shapes={"inputs": shapes},  # the varargs of _PositionalFM.forward
+        opset_version=OPSET,
+        optimize=True,
+        verbose=False,
+    )
+    proto = _name_outputs(program.model_proto, FM_OUTPUTS)
+    _validate(proto, "FM")
+    _atomic_save(proto, path)
+    return proto
+
+
+def export_adapter(adapter: StudentAdapter, path: Path) -> onnx.ModelProto:
+    adapter.eval()
+    args = (torch.zeros(4, adapter.n_tasks), torch.zeros(4, dtype=torch.int64))
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.onnx.export(
+        adapter,
+        args,
+        dynamo=True,
+        input_names=list(ADAPTER_INPUTS),
+        dynamic_shapes=({0: batch}, {0: batch}),
+        opset_version=OPSET,
+        optimize=True,
+        verbose=False,
+    )
+    proto = _name_outputs(program.model_proto, (ADAPTER_OUTPUT,))
+    _validate(proto, "Student Adapter")
+    _atomic_save(proto, path)
+    return proto
+
+
+def forbidden_ops(proto: onnx.ModelProto) -> list[str]:
+    """Op types in the graph (and its subgraphs and functions) that TensorRT cannot run."""
+    found: set[str] = set()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in TENSORRT_UNSUPPORTED:
+                found.add(node.op_type)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(proto.graph)
+    for fn in proto.functions:
+        found |= {n.op_type for n in fn.node if n.op_type in TENSORRT_UNSUPPORTED}
+    return sorted(found)
+
+
+def _validate(proto: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{what}: onnx.checker rejects the graph: {e}") from None
+    bad = forbidden_ops(proto)
+    if bad:
+        raise ExportError(f"{what}: graph contains ops TensorRT cannot run: {', '.join(bad)}")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Max abs difference between ONNX Runtime and PyTorch, per output."""
+
+    max_abs_diff: dict[str, float]
+    batches: int
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs_diff.values())
+
+
+def check_fm_parity(model: GEM, schema: FeatureSchema, onnx_path: Path, batches: list[dict[str, np.ndarray]]) -> Parity:
+    """Runs every batch through ONNX Runtime and PyTorch; raises if any output differs
+    by more than PARITY_TOLERANCE."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    worst = dict.fromkeys(FM_OUTPUTS, 0.0)
+    model.eval()
+    for batch in batches:
+        got = dict(zip(FM_OUTPUTS, session.run(list(FM_OUTPUTS), {n: batch[n] for n in names}), strict=True))
+        with torch.no_grad():
+            want = model({n: torch.from_numpy(batch[n]) for n in names})
+        for k in FM_OUTPUTS:
+            worst[k] = max(worst[k], float(np.abs(got[k] - want[k].numpy()).max()))
+    parity = Parity(worst, len(batches))
+    if parity.worst > PARITY_TOLERANCE:
+        raise ExportError(f"ONNX parity check failed: max abs difference {worst} exceeds {PARITY_TOLERANCE}")
+    return parity
