@@ -143,7 +143,7 @@ def metric_table(metrics: dict) -> Table:
     tasks = list(metrics["gem"].keys() - {"train_examples_per_s"})
     tasks.sort(key=lambda t: list(metrics["gem"]).index(t))
     table = Table(title=f"held-out slice {', '.join(metrics['eval_shards'])}")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for t in tasks:
         table.add_column(f"{t} AUC", justify="right")
         table.add_column(f"{t} NE", justify="right")
