@@ -18,13 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from model.adapter import StudentAdapter
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, random_batch
+from model.features import FM_OUTPUTS, input_specs, random_batch
 from model.gem import GEM
 from model.schema import SURFACE_INPUT, FeatureSchema
 
 log = logging.getLogger(__name__)
 
-FM_OUTPUTS = (LOGITS, EMBEDDING, USER_EMBEDDING)
 ADAPTER_INPUTS = ("fm_logits", SURFACE_INPUT)
 ADAPTER_OUTPUT = "adapted_logits"
 # Opset 18 keeps attention as MatMul/Softmax (no fused Attention op) for TensorRT.
@@ -87,49 +86,54 @@ def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
     tmp.replace(path)
 
 
+# Largest batch the exported graphs accept; the batch axis is dynamic below it.
+MAX_BATCH = 1 << 16
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic_shapes: object,
+    what: str,
+    path: Path,
+) -> onnx.ModelProto:
+    """Exports, names the outputs, validates (checker + TensorRT ops), saves atomically."""
+    module.eval()
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        input_names=list(input_names),
+        dynamic_shapes=dynamic_shapes,
+        opset_version=OPSET,
+        optimize=True,
+        verbose=False,
+    )
+    proto = _name_outputs(program.model_proto, output_names)
+    _validate(proto, what)
+    _atomic_save(proto, path)
+    return proto
+
+
 def export_fm(model: GEM, schema: FeatureSchema, path: Path) -> onnx.ModelProto:
     specs = input_specs(schema)
     names = tuple(s.name for s in specs)
     example = random_batch(schema, batch_size=4, seq_len=min(8, model.cfg.seq_len))
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq_len", min=1, max=max(s.max_length for s in schema.sequences) if schema.sequences else 1)
     shapes = tuple({0: batch, 1: seq} if s.rank == 2 else {0: batch} for s in specs)
-    model.eval()
-    program = torch.onnx.export(
-        _PositionalFM(model, names),
-        args,
-        dynamo=True,
-        input_names=list(names),
-        dynamic_shapes={"inputs": shapes},  # the varargs of _PositionalFM.forward
-        opset_version=OPSET,
-        optimize=True,
-        verbose=False,
-    )
-    proto = _name_outputs(program.model_proto, FM_OUTPUTS)
-    _validate(proto, "FM")
-    _atomic_save(proto, path)
-    return proto
+    # `inputs` is the varargs of _PositionalFM.forward.
+    return _export(_PositionalFM(model, names), args, names, FM_OUTPUTS, {"inputs": shapes}, "FM", path)
 
 
 def export_adapter(adapter: StudentAdapter, path: Path) -> onnx.ModelProto:
-    adapter.eval()
     args = (torch.zeros(4, adapter.n_tasks), torch.zeros(4, dtype=torch.int64))
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.onnx.export(
-        adapter,
-        args,
-        dynamo=True,
-        input_names=list(ADAPTER_INPUTS),
-        dynamic_shapes=({0: batch}, {0: batch}),
-        opset_version=OPSET,
-        optimize=True,
-        verbose=False,
-    )
-    proto = _name_outputs(program.model_proto, (ADAPTER_OUTPUT,))
-    _validate(proto, "Student Adapter")
-    _atomic_save(proto, path)
-    return proto
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    shapes = ({0: batch}, {0: batch})
+    return _export(adapter, args, ADAPTER_INPUTS, (ADAPTER_OUTPUT,), shapes, "Student Adapter", path)
 
 
 def forbidden_ops(proto: onnx.ModelProto) -> list[str]:

@@ -57,6 +57,7 @@ def input_names(schema: FeatureSchema) -> tuple[str, ...]:
 LOGITS = "logits"
 EMBEDDING = "embedding"
 USER_EMBEDDING = "user_embedding"
+FM_OUTPUTS = (LOGITS, EMBEDDING, USER_EMBEDDING)
 
 
 def random_batch(schema: FeatureSchema, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:

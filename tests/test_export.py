@@ -9,7 +9,6 @@ import torch
 from export.onnx_export import (
     ADAPTER_INPUTS,
     ADAPTER_OUTPUT,
-    FM_OUTPUTS,
     ExportError,
     check_fm_parity,
     export_adapter,
@@ -19,7 +18,7 @@ from export.onnx_export import (
 from model.adapter import StudentAdapter
 from model.config import preset
 from model.data.reader import read_batch, resolve_paths
-from model.features import input_names, random_batch
+from model.features import FM_OUTPUTS, input_names, random_batch
 from model.gem import GEM
 
 
