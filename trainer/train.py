@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from model.adapter import StudentAdapter
 from model.baselines import build_models
 from model.checkpoint import save_checkpoint
-from model.config import GEMConfig, preset
+from model.config import preset
 from model.data.reader import Batch, DataError, concat, iter_minibatches, read_batch, resolve_paths
 from model.features import LOGITS, input_names
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
@@ -46,10 +46,6 @@ class TrainConfig:
     seed: int = 0
     baselines: bool = False
     adapter_epochs: int = 3
-    overrides: dict[str, int] = field(default_factory=dict)
-
-    def model_config(self) -> GEMConfig:
-        return preset(self.preset).with_(**self.overrides)
 
 
 def to_tensors(batch: Batch, names: tuple[str, ...]) -> dict[str, Tensor]:
@@ -151,7 +147,7 @@ def train(
     will train on; `on_step(examples, loss)` after every step.
     """
     schema = load_schema(cfg.schema_path)
-    model_cfg = cfg.model_config()
+    model_cfg = preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     train_paths, eval_paths = split_shards(resolve_paths(cfg.data), cfg.eval_shards)
     log.info("training on %d shard(s), evaluating on %s", len(train_paths), ", ".join(p.name for p in eval_paths))
