@@ -9,6 +9,8 @@ with a dynamic batch axis and a dynamic sequence axis; its outputs are `logits`,
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,16 +103,22 @@ def _export(
 ) -> onnx.ModelProto:
     """Exports, names the outputs, validates (checker + TensorRT ops), saves atomically."""
     module.eval()
-    program = torch.onnx.export(
-        module,
-        args,
-        dynamo=True,
-        input_names=list(input_names),
-        dynamic_shapes=dynamic_shapes,
-        opset_version=OPSET,
-        optimize=True,
-        verbose=False,
-    )
+    # The exporter warns about optional packages (torchvision) and axis renames that
+    # do not concern these graphs; what matters is checked below.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=list(input_names),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
     proto = _name_outputs(program.model_proto, output_names)
     _validate(proto, what)
     _atomic_save(proto, path)
@@ -178,22 +186,41 @@ class Parity:
         return max(self.max_abs_diff.values())
 
 
-def check_fm_parity(model: GEM, schema: FeatureSchema, onnx_path: Path, batches: list[dict[str, np.ndarray]]) -> Parity:
-    """Runs every batch through ONNX Runtime and PyTorch; raises if any output differs
-    by more than PARITY_TOLERANCE."""
+def check_parity(
+    onnx_path: Path,
+    batches: list[dict[str, np.ndarray]],
+    reference: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    what: str,
+) -> Parity:
+    """Runs every batch through ONNX Runtime and `reference` (the torch module); raises
+    if any output differs by more than PARITY_TOLERANCE."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    worst = dict.fromkeys(FM_OUTPUTS, 0.0)
-    model.eval()
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    worst = dict.fromkeys(outputs, 0.0)
     for batch in batches:
-        got = dict(zip(FM_OUTPUTS, session.run(list(FM_OUTPUTS), {n: batch[n] for n in names}), strict=True))
+        got = dict(zip(outputs, session.run(outputs, {n: batch[n] for n in inputs}), strict=True))
         with torch.no_grad():
-            want = model({n: torch.from_numpy(batch[n]) for n in names})
-        for k in FM_OUTPUTS:
+            # Arrow-backed arrays are read-only; torch wants writable memory.
+            want = reference({n: torch.from_numpy(np.require(batch[n], requirements="W")) for n in inputs})
+        for k in outputs:
             worst[k] = max(worst[k], float(np.abs(got[k] - want[k].numpy()).max()))
     parity = Parity(worst, len(batches))
     if parity.worst > PARITY_TOLERANCE:
-        raise ExportError(f"ONNX parity check failed: max abs difference {worst} exceeds {PARITY_TOLERANCE}")
+        raise ExportError(f"{what} ONNX parity check failed: max abs difference {worst} exceeds {PARITY_TOLERANCE}")
     return parity
+
+
+def check_fm_parity(model: GEM, onnx_path: Path, batches: list[dict[str, np.ndarray]]) -> Parity:
+    model.eval()
+    return check_parity(onnx_path, batches, model, "FM")
+
+
+def check_adapter_parity(adapter: StudentAdapter, onnx_path: Path, batches: list[dict[str, np.ndarray]]) -> Parity:
+    adapter.eval()
+    logits, surface = ADAPTER_INPUTS
+    return check_parity(
+        onnx_path, batches, lambda x: {ADAPTER_OUTPUT: adapter(x[logits], x[surface])}, "Student Adapter"
+    )

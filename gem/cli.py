@@ -29,10 +29,15 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from export.onnx_export import ExportError
+from export.repository import RepositoryError
+from export.tensorrt import TensorRTUnavailable
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import PRESETS
 from model.data.reader import DataError
 from model.schema import DEFAULT_SCHEMA_PATH, SchemaError, load_schema
+from serving.triton.client import BackendError
+from serving.triton.server import TritonError
 
 console = Console(stderr=True)
 log = logging.getLogger("gem")
@@ -40,6 +45,8 @@ log = logging.getLogger("gem")
 ARTIFACTS = Path("artifacts")
 DEFAULT_DATA = ARTIFACTS / "data" / "synth"
 DEFAULT_CHECKPOINT = ARTIFACTS / "checkpoints" / "gem-small"
+DEFAULT_REPO = Path("model_repo")
+TRITON_WORK_DIR = ARTIFACTS / "triton"
 
 app = typer.Typer(
     help="GEM knowledge serving: data, training, export and serving of an ads foundation model.", no_args_is_help=True
@@ -48,9 +55,16 @@ data_app = typer.Typer(help="Synthetic logged examples.", no_args_is_help=True)
 schema_app = typer.Typer(help="The feature schema.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(schema_app, name="schema")
+triton_app = typer.Typer(
+    help="The local Triton server (the nvidia-pytriton wheel's tritonserver).", no_args_is_help=True
+)
+app.add_typer(triton_app, name="triton")
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (SchemaError, DataError, CheckpointError, ValueError, FileNotFoundError)
+USER_ERRORS = (
+    SchemaError, DataError, CheckpointError, ExportError, RepositoryError, TensorRTUnavailable, TritonError,
+    BackendError, ValueError, FileNotFoundError,
+)  # fmt: skip
 
 
 def friendly_errors(fn: F) -> F:
@@ -224,3 +238,161 @@ def up(
     ckpt = load_checkpoint(checkpoint)
     Console().print(metric_table(ckpt.metrics))
     log.info("model ready at %s", checkpoint)
+
+
+RepoOption = Annotated[Path, typer.Option("--repo", help="Triton model repository to publish into.", file_okay=False)]
+
+
+def parity_table(report) -> Table:
+    table = Table(title="ONNX Runtime vs PyTorch: max abs difference")
+    table.add_column("model", no_wrap=True)
+    table.add_column("version", justify="right")
+    table.add_column("output")
+    table.add_column("max |diff|", justify="right")
+    for published, parity in ((report.fm, report.fm_parity), (report.adapter, report.adapter_parity)):
+        for output, diff in parity.max_abs_diff.items():
+            table.add_row(published.model, str(published.version), output, f"{diff:.2e}")
+    return table
+
+
+def run_export(
+    checkpoint: Path, repo: Path, data: Path | None, keep: int, tensorrt: bool = False, triton_url: str | None = None
+):
+    import asyncio
+
+    from export.publish import ExportConfig, export_checkpoint
+    from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
+    from export.tensorrt import ProfileConfig, build_plan
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ExportConfig(repository=repo, data=data, keep_versions=keep)
+    with console.status("exporting") as status:
+        report = export_checkpoint(ckpt, cfg, on_stage=lambda stage: status.update(stage))
+        if tensorrt:
+            status.update("building the TensorRT plan")
+            seq = max((q.max_length for q in ckpt.schema.sequences), default=1)
+            profile = ProfileConfig(max_batch=cfg.serving.max_batch_size, max_seq=seq, opt_seq=min(128, seq))
+            build_plan(report.fm.path, profile)
+    if triton_url:
+        from serving.triton.client import TritonClient
+        from serving.triton.rollout import roll_out
+
+        async def load_all():
+            async with TritonClient(triton_url) as client:
+                repository = ModelRepository(repo, cfg.serving)
+                return [await roll_out(client, repository, m, keep) for m in (FM_MODEL, ADAPTER_MODEL)]
+
+        for r in asyncio.run(load_all()):
+            if not r.loaded:
+                raise BackendError(f"Triton refused {r.model} version {r.version}: {r.reason}")
+            log.info("Triton at %s serves %s version %d", triton_url, r.model, r.version)
+    return report
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder (from `gem train`).")] = DEFAULT_CHECKPOINT,
+    repo: RepoOption = DEFAULT_REPO,
+    data: Annotated[
+        Path | None, typer.Option(help="Logged rows for the parity check (its last file); default: the synthetic set.")
+    ] = None,
+    keep: Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")] = 3,
+    tensorrt: Annotated[
+        bool, typer.Option(help="Also build a TensorRT plan for the new FM version (needs trtexec and a GPU).")
+    ] = False,
+    load: Annotated[
+        str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")
+    ] = None,
+) -> None:
+    """Export a checkpoint to ONNX (parity-checked against PyTorch) and publish it as new
+    versions of gem_fm and student_adapter in the Triton model repository."""
+    if data is None and any(DEFAULT_DATA.glob("*.parquet")):
+        data = DEFAULT_DATA
+    report = run_export(checkpoint, repo, data, keep, tensorrt, load)
+    Console().print(parity_table(report))
+
+
+def _triton_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int):
+    from serving.triton.server import TritonConfig
+
+    return TritonConfig(
+        repository=repo, work_dir=TRITON_WORK_DIR, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+    )
+
+
+PortOption = Annotated[int, typer.Option()]
+
+
+@triton_app.command("up")
+@friendly_errors
+def triton_up(
+    repo: RepoOption = DEFAULT_REPO,
+    http_port: PortOption = 8000,
+    grpc_port: PortOption = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics of Triton itself.")] = 8002,
+    foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C stops the server.")] = False,
+) -> None:
+    """Start the local Triton on the model repository (explicit model control, the
+    `python` config flavour) and wait until it is ready."""
+    from serving.triton.server import TritonServer
+
+    if not repo.is_dir():
+        raise FileNotFoundError(f"no model repository at {repo}; run `gem export` first")
+    cfg = _triton_config(repo, http_port, grpc_port, metrics_port)
+    with console.status("starting tritonserver"):
+        server = TritonServer(cfg).start(detach=not foreground)
+    log.info(
+        "Triton ready: gRPC %s, HTTP %s, metrics :%d, log %s", cfg.grpc_url, cfg.http_url, metrics_port, cfg.log_file
+    )
+    if foreground:
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            log.info("stopping Triton")
+        finally:
+            server.stop()
+    else:
+        log.info("stop it with `gem triton down`")
+
+
+@triton_app.command("down")
+@friendly_errors
+def triton_down() -> None:
+    """Stop the Triton that `gem triton up` left running."""
+    from serving.triton.server import stop_detached
+
+    pid = stop_detached(TRITON_WORK_DIR)
+    if pid is None:
+        log.info("no Triton was started from %s", TRITON_WORK_DIR)
+    else:
+        log.info("stopped Triton (pid %d)", pid)
+
+
+@triton_app.command("status")
+@friendly_errors
+def triton_status(
+    url: Annotated[str | None, typer.Option(help="gRPC address; default: the server `gem triton up` started.")] = None,
+) -> None:
+    """Show every model version Triton knows and its state."""
+    import asyncio
+
+    from serving.triton.client import TritonClient
+    from serving.triton.server import detached_config
+
+    if url is None:
+        cfg = detached_config(TRITON_WORK_DIR)
+        if cfg is None:
+            raise TritonError("no Triton was started with `gem triton up`; pass --url to ask another one")
+        url = cfg.grpc_url
+
+    async def versions():
+        async with TritonClient(url, timeout_s=5) as client:
+            return await client.versions()
+
+    table = Table(title=f"Triton at {url}")
+    for col in ("model", "version", "state", "reason"):
+        table.add_column(col)
+    for v in asyncio.run(versions()):
+        table.add_row(v.model, str(v.version), v.state, v.reason.splitlines()[0] if v.reason else "")
+    Console().print(table)

@@ -45,7 +45,7 @@ def test_parity_on_random_and_real_batches(exported, schema, synth_dir):
     real = read_batch(resolve_paths(synth_dir)[-1], schema, max_seq_len=model.cfg.seq_len, labels=False)
     real = {k: v[:300] for k, v in real.items()}
     batches = [random_batch(schema, b, length, seed=b) for b, length in [(1, 1), (5, 7), (64, 32)]]
-    parity = check_fm_parity(model, schema, path, [*batches, real])
+    parity = check_fm_parity(model, path, [*batches, real])
     assert parity.batches == 4
     assert parity.worst <= 1e-4
 
@@ -55,7 +55,7 @@ def test_parity_check_fails_loudly_on_a_different_model(exported, schema):
     torch.manual_seed(99)
     other = GEM(schema, preset("tiny")).eval()
     with pytest.raises(ExportError, match="parity check failed"):
-        check_fm_parity(other, schema, path, [random_batch(schema, 8, 8)])
+        check_fm_parity(other, path, [random_batch(schema, 8, 8)])
 
 
 def test_graph_has_no_ops_tensorrt_cannot_run(exported):

@@ -1,0 +1,105 @@
+"""Checkpoint -> parity-checked ONNX -> new versions in the Triton model repository.
+
+The one path from a trained model to served knowledge, used by `gem export`, `gem up`
+and the side trainer: nothing is published unless both graphs pass the checker, the
+TensorRT op walk and the parity check against PyTorch, on random batches (edge shapes:
+one row, one event, empty sequences) and, when given, on real logged rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.onnx_export import (
+    ADAPTER_INPUTS,
+    Parity,
+    check_adapter_parity,
+    check_fm_parity,
+    export_adapter,
+    export_fm,
+)
+from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository, Published
+from export.triton_config import ServingConfig
+from model.checkpoint import Checkpoint
+from model.data.reader import read_batch, resolve_paths
+from model.features import LOGITS, random_batch
+from model.gem import GEM
+
+log = logging.getLogger(__name__)
+
+# (rows, sequence length) of the random parity batches: the edges and a typical call.
+RANDOM_SHAPES = ((1, 1), (7, 3), (64, 32), (256, 128))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    repository: Path
+    # Logged rows (file, folder or glob; the last file is used) for the parity check.
+    data: Path | None = None
+    parity_rows: int = 512
+    # Versions kept on disk per model after publishing.
+    keep_versions: int = 3
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    fm: Published
+    adapter: Published
+    fm_parity: Parity
+    adapter_parity: Parity
+    seconds: float
+
+
+def parity_batches(ckpt: Checkpoint, data: Path | None, rows: int) -> list[dict[str, np.ndarray]]:
+    schema, seq_len = ckpt.schema, ckpt.config.seq_len
+    batches = [random_batch(schema, b, min(length, seq_len), seed=b) for b, length in RANDOM_SHAPES]
+    if data is not None:
+        real = read_batch(resolve_paths(data)[-1], schema, max_seq_len=seq_len, labels=False)
+        batches.append({k: v[:rows] for k, v in real.items()})
+    return batches
+
+
+def _fm_logits(model: GEM, batch: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return model({k: torch.from_numpy(v) for k, v in batch.items()})[LOGITS].numpy()
+
+
+def export_checkpoint(
+    ckpt: Checkpoint, cfg: ExportConfig, on_stage: Callable[[str], None] = lambda _: None
+) -> ExportReport:
+    """Exports the FM and the adapter, checks both, publishes both, prunes old versions."""
+    start = time.perf_counter()
+    repo = ModelRepository(cfg.repository, cfg.serving)
+    with tempfile.TemporaryDirectory(prefix="gem-export-") as tmp:
+        fm_path, adapter_path = Path(tmp) / "gem_fm.onnx", Path(tmp) / "student_adapter.onnx"
+        on_stage("exporting the FM to ONNX")
+        export_fm(ckpt.model, ckpt.schema, fm_path)
+        on_stage("exporting the Student Adapter to ONNX")
+        export_adapter(ckpt.adapter, adapter_path)
+        on_stage("checking parity with PyTorch")
+        batches = parity_batches(ckpt, cfg.data, cfg.parity_rows)
+        fm_parity = check_fm_parity(ckpt.model, fm_path, batches)
+        logits, surface = ADAPTER_INPUTS
+        with_logits = [{logits: _fm_logits(ckpt.model, b), surface: b[surface]} for b in batches]
+        adapter_parity = check_adapter_parity(ckpt.adapter, adapter_path, with_logits)
+        on_stage("publishing to the model repository")
+        fm = repo.publish(FM_MODEL, fm_path)
+        adapter = repo.publish(ADAPTER_MODEL, adapter_path)
+    for model in (FM_MODEL, ADAPTER_MODEL):
+        repo.prune(model, cfg.keep_versions)
+    report = ExportReport(fm, adapter, fm_parity, adapter_parity, time.perf_counter() - start)
+    log.info(
+        "published %s v%d and %s v%d to %s (parity: FM %.1e, adapter %.1e) in %.1fs",
+        FM_MODEL, fm.version, ADAPTER_MODEL, adapter.version, cfg.repository,
+        fm_parity.worst, adapter_parity.worst, report.seconds,
+    )  # fmt: skip
+    return report

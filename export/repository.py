@@ -1,0 +1,199 @@
+"""The Triton model repository: publishing versions atomically, keeping a few.
+
+Layout (Triton's):
+
+  model_repo/
+    gem_fm/            config.pbtxt, configs/<flavour>.pbtxt, <version>/{model.onnx, model.py}
+    student_adapter/   same
+    gem_knowledge/     config.pbtxt (ensemble: gem_fm -> student_adapter), 1/
+
+A version is assembled in a hidden staging folder beside the versions and renamed into
+place in one step, so Triton never sees half a version. Version numbers only grow: a
+version Triton refused is moved to `.rejected/<version>` with the reason and its number
+is not reused.
+
+Each published graph gets one extra output, `<model>_version` (int64 [B, 1]), a
+constant holding its version number, so every reply says which versions made it,
+even while Triton switches from one version to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from export.onnx_export import ADAPTER_INPUTS, ADAPTER_OUTPUT
+from export.triton_config import (
+    FLAVOURS,
+    ONNX_FILENAME,
+    ServingConfig,
+    Step,
+    config_filename,
+    ensemble_config,
+    graph_io,
+    model_config,
+    to_pbtxt,
+)
+from model.features import FM_OUTPUTS, LOGITS
+
+log = logging.getLogger(__name__)
+
+FM_MODEL = "gem_fm"
+ADAPTER_MODEL = "student_adapter"
+ENSEMBLE_MODEL = "gem_knowledge"
+FM_VERSION = "fm_version"
+ADAPTER_VERSION = "adapter_version"
+VERSION_OUTPUTS = {FM_MODEL: FM_VERSION, ADAPTER_MODEL: ADAPTER_VERSION}
+PYTHON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "serving" / "triton" / "python_model" / "model.py"
+REJECTED = ".rejected"
+
+
+class RepositoryError(RuntimeError):
+    """The repository cannot take this version (missing model, bad graph)."""
+
+
+def stamp_version(proto: onnx.ModelProto, output: str, version: int) -> onnx.ModelProto:
+    """Adds `output`: int64 [B, 1] filled with `version`, B taken from the first output.
+
+    Shape/Concat/ConstantOfShape only, all of which TensorRT runs. A stamp already in
+    the graph (a republished version) is replaced.
+    """
+    stamped = onnx.ModelProto()
+    stamped.CopyFrom(proto)
+    g = stamped.graph
+    ours = (output, f"{output}__")
+    kept_nodes = [n for n in g.node if not any(o.startswith(ours) for o in n.output)]
+    kept_inits = [i for i in g.initializer if not i.name.startswith(ours)]
+    kept_outputs = [o for o in g.output if o.name != output]
+    del g.node[:], g.initializer[:], g.output[:]
+    g.node.extend(kept_nodes)
+    g.initializer.extend(kept_inits)
+    g.output.extend(kept_outputs)
+    first = g.output[0].name
+    batch, one, shape = f"{output}__batch", f"{output}__one", f"{output}__shape"
+    g.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), one))
+    g.node.extend(
+        [
+            helper.make_node("Shape", [first], [batch], start=0, end=1),
+            helper.make_node("Concat", [batch, one], [shape], axis=0),
+            helper.make_node(
+                "ConstantOfShape",
+                [shape],
+                [output],
+                value=helper.make_tensor("value", onnx.TensorProto.INT64, [1], [version]),
+            ),
+        ]
+    )
+    dim = g.output[0].type.tensor_type.shape.dim[0]
+    value = helper.make_tensor_value_info(output, onnx.TensorProto.INT64, [dim.dim_param or dim.dim_value or None, 1])
+    g.output.append(value)
+    onnx.checker.check_model(stamped)
+    return stamped
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Published:
+    model: str
+    version: int
+    path: Path
+
+
+class ModelRepository:
+    def __init__(self, root: Path, serving: ServingConfig | None = None):
+        self.root = Path(root)
+        self.serving = serving or ServingConfig()
+
+    def versions(self, model: str) -> list[int]:
+        folder = self.root / model
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def latest(self, model: str) -> int | None:
+        versions = self.versions(model)
+        return versions[-1] if versions else None
+
+    def _next_version(self, model: str) -> int:
+        rejected = self.root / model / REJECTED
+        used = self.versions(model) + [int(p.name) for p in rejected.glob("*") if p.name.isdigit()]
+        return max(used, default=0) + 1
+
+    def publish(self, model: str, onnx_path: Path) -> Published:
+        """Stamps the graph with its version, writes configs for every flavour and
+        renames the new version folder into place."""
+        if model not in VERSION_OUTPUTS:
+            raise RepositoryError(f"unknown model {model!r}; one of {', '.join(VERSION_OUTPUTS)}")
+        try:
+            proto = onnx.load(str(onnx_path))
+        except Exception as e:
+            raise RepositoryError(f"{onnx_path}: not a readable ONNX model ({e})") from None
+        folder = self.root / model
+        folder.mkdir(parents=True, exist_ok=True)
+        version = self._next_version(model)
+        stamped = stamp_version(proto, VERSION_OUTPUTS[model], version)
+        for flavour in FLAVOURS:
+            config = model_config(model, stamped, flavour, self.serving)
+            _write_atomic(folder / config_filename(flavour), to_pbtxt(config))
+        staging = folder / f".staging-{version}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        onnx.save(stamped, staging / ONNX_FILENAME)
+        shutil.copy2(PYTHON_MODEL_SOURCE, staging / "model.py")
+        staging.rename(folder / str(version))
+        log.info("published %s version %d", model, version)
+        self._write_ensemble()
+        return Published(model, version, folder / str(version))
+
+    def _write_ensemble(self) -> None:
+        """The ensemble config, once both models have a version (its IO is theirs)."""
+        fm, adapter = self.latest(FM_MODEL), self.latest(ADAPTER_MODEL)
+        if fm is None or adapter is None:
+            return
+        fm_in, fm_out = graph_io(onnx.load(str(self.root / FM_MODEL / str(fm) / ONNX_FILENAME)))
+        _, ad_out = graph_io(onnx.load(str(self.root / ADAPTER_MODEL / str(adapter) / ONNX_FILENAME)))
+        adapter_logits, surface = ADAPTER_INPUTS
+        steps = (
+            Step(FM_MODEL, {t.name: t.name for t in fm_in}, {t.name: t.name for t in fm_out}),
+            Step(ADAPTER_MODEL, {adapter_logits: LOGITS, surface: surface}, {t.name: t.name for t in ad_out}),
+        )
+        config = ensemble_config(ENSEMBLE_MODEL, fm_in, fm_out + ad_out, steps, self.serving)
+        folder = self.root / ENSEMBLE_MODEL
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / "config.pbtxt", to_pbtxt(config))
+
+    def reject(self, model: str, version: int, reason: str) -> Path:
+        """Moves a version Triton refused out of the way, with the reason beside it."""
+        target = self.root / model / REJECTED / str(version)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        (self.root / model / str(version)).rename(target)
+        (target / "REASON").write_text(reason + "\n")
+        log.warning("rejected %s version %d: %s", model, version, reason)
+        return target
+
+    def prune(self, model: str, keep: int) -> list[int]:
+        """Deletes all but the newest `keep` versions; returns the deleted ones."""
+        old = self.versions(model)[:-keep] if keep > 0 else []
+        for v in old:
+            shutil.rmtree(self.root / model / str(v))
+        if old:
+            log.info("pruned %s versions %s", model, old)
+        return old
+
+
+# The FM outputs that the ensemble returns besides the adapter's (for the client).
+KNOWLEDGE_OUTPUTS = (*FM_OUTPUTS, ADAPTER_OUTPUT, FM_VERSION, ADAPTER_VERSION)

@@ -1,0 +1,119 @@
+"""TensorRT plans for the FM: optimization profiles and the build.
+
+A plan only loads in the TensorRT version and GPU family that built it, so it is built
+where it is served: inside the Triton container (`docker compose --profile gpu run
+--rm trt-build`, or `gem export --tensorrt` in any environment with `trtexec`), into the
+version folder next to `model.onnx`, where `configs/tensorrt.pbtxt` expects it.
+
+The profile gives every input its min/opt/max shape: the batch axis from 1 to the
+serving max batch, the sequence axis from 1 to the schema's max length, optimized for a
+typical call. Precision comes from the graph (TensorRT 11 dropped the FP16 builder
+flag; networks are strongly typed), so `--stronglyTyped` is always passed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from export.triton_config import PLAN_FILENAME
+
+
+class TensorRTUnavailable(RuntimeError):
+    """Neither the tensorrt package nor trtexec is here (no GPU build environment)."""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    min_batch: int = 1
+    opt_batch: int = 512
+    max_batch: int = 4096
+    min_seq: int = 1
+    opt_seq: int = 128
+    max_seq: int = 256
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):
+            raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self}")
+        if not (1 <= self.min_seq <= self.opt_seq <= self.max_seq):
+            raise ValueError(f"sequence profile must satisfy 1 <= min <= opt <= max, got {self}")
+
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InputProfile:
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+
+
+def profiles(proto: onnx.ModelProto, cfg: ProfileConfig) -> tuple[InputProfile, ...]:
+    """Min/opt/max shapes of every graph input: axis 0 is the batch, a dynamic axis
+    after it is the sequence, a static one keeps its size."""
+    out = []
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        rest = [None if not d.HasField("dim_value") else d.dim_value for d in dims[1:]]
+        if sum(d is None for d in rest) > 1:
+            raise ValueError(f"input {value.name}: more than one dynamic non-batch axis")
+
+        def shape(batch: int, seq: int, rest=rest) -> Shape:
+            return (batch, *(seq if d is None else d for d in rest))
+
+        out.append(
+            InputProfile(
+                value.name,
+                shape(cfg.min_batch, cfg.min_seq),
+                shape(cfg.opt_batch, cfg.opt_seq),
+                shape(cfg.max_batch, cfg.max_seq),
+            )
+        )
+    return tuple(out)
+
+
+def _shapes_arg(profile: tuple[InputProfile, ...], which: str) -> str:
+    return ",".join(f"{p.name}:{'x'.join(map(str, getattr(p, which)))}" for p in profile)
+
+
+def trtexec_command(onnx_path: Path, plan_path: Path, profile: tuple[InputProfile, ...]) -> list[str]:
+    return [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={plan_path}",
+        f"--minShapes={_shapes_arg(profile, 'min')}",
+        f"--optShapes={_shapes_arg(profile, 'opt')}",
+        f"--maxShapes={_shapes_arg(profile, 'max')}",
+        "--stronglyTyped",
+        "--skipInference",
+    ]
+
+
+def build_plan(version_dir: Path, cfg: ProfileConfig) -> Path:
+    """Builds `model.plan` from `model.onnx` in a version folder (written to a temporary
+    name and renamed, so Triton never loads half a plan)."""
+    # The NGC images keep trtexec outside PATH.
+    trtexec = shutil.which("trtexec", path=f"{os.environ.get('PATH', '')}:/usr/src/tensorrt/bin")
+    if trtexec is None:
+        raise TensorRTUnavailable(
+            "TensorRT is not installed here (no trtexec). A plan must be built where it is served: "
+            "run `docker compose --profile gpu run --rm trt-build` on the GPU host."
+        )
+    onnx_path = version_dir / "model.onnx"
+    plan = version_dir / PLAN_FILENAME
+    tmp = plan.with_name(f".{plan.name}.tmp")
+    args = trtexec_command(onnx_path, tmp, profiles(onnx.load(str(onnx_path), load_external_data=False), cfg))
+    result = subprocess.run([trtexec, *args[1:]], capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(result.stdout.splitlines()[-15:])
+        raise RuntimeError(f"trtexec failed for {onnx_path} (exit {result.returncode}):\n{tail}")
+    tmp.replace(plan)
+    return plan

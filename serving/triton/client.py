@@ -1,0 +1,161 @@
+"""Asyncio client for the knowledge models on Triton (`tritonclient.grpc.aio`).
+
+`infer` sends one columnar batch (feature name -> numpy array, as
+`model.features.input_specs` describes) and returns numpy arrays by output name; Triton
+errors become the exceptions below, so callers (the front end, the batch job) can map
+them to their own status codes. Model control (load, unload, versions) is here too: the
+side trainer and `gem export --load` publish through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from export.repository import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS
+
+
+class BackendError(RuntimeError):
+    """Triton answered with an error that is not the caller's fault."""
+
+
+class BackendUnavailable(BackendError):
+    """Triton cannot be reached, or the model is not loaded."""
+
+
+class InvalidRequest(BackendError):
+    """Triton rejected the request's tensors (dtype, shape, missing input)."""
+
+
+class ModelLoadError(BackendError):
+    """Triton could not load a model version."""
+
+
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
+
+
+def _translate(e: InferenceServerException, what: str) -> BackendError:
+    status, message = str(e.status() or ""), e.message() or str(e)
+    if status in _UNAVAILABLE or "is not ready" in message or "unknown model" in message.lower():
+        return BackendUnavailable(f"{what}: {message}")
+    if status == "StatusCode.INVALID_ARGUMENT":
+        return InvalidRequest(f"{what}: {message}")
+    return BackendError(f"{what}: {message} ({status or 'no status'})")
+
+
+@dataclass(frozen=True)
+class VersionState:
+    model: str
+    version: int
+    state: str
+    reason: str
+
+
+class TritonClient:
+    """One gRPC channel to Triton, reused by every call (safe to share across tasks)."""
+
+    def __init__(self, url: str, model: str = ENSEMBLE_MODEL, timeout_s: float = 10.0, max_batch_size: int = 4096):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_batch_size = max_batch_size
+        self._client = InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> TritonClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def infer(
+        self,
+        batch: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = KNOWLEDGE_OUTPUTS,
+        version: int | None = None,
+        model: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs `batch` through the model (the ensemble by default) at `version`
+        (default: the latest loaded); batches over `max_batch_size` go as several calls."""
+        rows = len(next(iter(batch.values())))
+        if rows <= self.max_batch_size:
+            return await self._infer(batch, outputs, version, model or self.model)
+        parts = await asyncio.gather(
+            *(
+                self._infer({k: v[i : i + self.max_batch_size] for k, v in batch.items()}, outputs, version, model)
+                for i in range(0, rows, self.max_batch_size)
+            )
+        )
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    async def _infer(
+        self, batch: Mapping[str, np.ndarray], outputs: Sequence[str], version: int | None, model: str | None
+    ) -> dict[str, np.ndarray]:
+        model = model or self.model
+        if model == ENSEMBLE_MODEL:
+            # Every reply names the versions that made it. Asking for both also keeps
+            # both ensemble steps live: Triton 2.51 deadlocks ("at least one output is
+            # not set") when a request leaves one step without a requested output.
+            outputs = list(dict.fromkeys([*outputs, FM_VERSION, ADAPTER_VERSION]))
+        inputs = []
+        for name, array in batch.items():
+            # Triton declares [B] inputs as [B, 1] (a batched model needs a non-batch dim).
+            array = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
+            tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            result = await self._client.infer(
+                model,
+                inputs,
+                model_version="" if version is None else str(version),
+                outputs=[InferRequestedOutput(o) for o in outputs],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as e:
+            raise _translate(e, f"{model} inference") from None
+        except grpc.RpcError as e:  # raised before tritonclient wraps it (channel down)
+            raise BackendUnavailable(f"{model} inference: {e}") from None
+        return {o: result.as_numpy(o) for o in outputs}
+
+    async def is_ready(self, model: str | None = None) -> bool:
+        try:
+            return await self._client.is_model_ready(model or self.model)
+        except (InferenceServerException, grpc.RpcError):
+            return False
+
+    async def load(self, model: str) -> None:
+        """Loads the model's versions per its version policy; the versions already
+        loaded keep serving until the new ones are ready."""
+        try:
+            await self._client.load_model(model, client_timeout=max(self.timeout_s, 300.0))
+        except InferenceServerException as e:
+            raise ModelLoadError(f"loading {model}: {e.message() or e}") from None
+
+    async def unload(self, model: str) -> None:
+        try:
+            await self._client.unload_model(model)
+        except InferenceServerException as e:
+            raise _translate(e, f"unloading {model}") from None
+
+    async def versions(self, model: str | None = None) -> list[VersionState]:
+        """Every version of the repository index (all models, or one), with its state."""
+        try:
+            index = await self._client.get_model_repository_index(as_json=True)
+        except InferenceServerException as e:
+            raise _translate(e, "repository index") from None
+        states = [
+            VersionState(m["name"], int(m.get("version", 0) or 0), m.get("state", "UNKNOWN"), m.get("reason", ""))
+            for m in index.get("models", [])
+            if model is None or m["name"] == model
+        ]
+        return sorted(states, key=lambda s: (s.model, s.version))

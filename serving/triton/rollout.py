@@ -1,0 +1,44 @@
+"""Putting a published version into service on a running Triton.
+
+Triton loads the new version while the old one keeps serving, and switches only when
+the new one is ready. If it refuses the new version (corrupt file, wrong signature),
+the version is moved aside as rejected, so that no later reload tries it again, and the
+version already serving stays. Old versions are pruned only after a successful switch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from export.repository import ModelRepository
+from serving.triton.client import ModelLoadError, TritonClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    model: str
+    version: int
+    loaded: bool
+    # Why Triton refused the version, when it did.
+    reason: str = ""
+
+
+async def roll_out(client: TritonClient, repo: ModelRepository, model: str, keep: int) -> Rollout:
+    version = repo.latest(model)
+    if version is None:
+        raise ModelLoadError(f"{model}: the repository {repo.root} has no version to load")
+    try:
+        await client.load(model)
+    except ModelLoadError as e:
+        repo.reject(model, version, str(e))
+        # Reloading without the rejected folder re-asserts the serving version (a no-op
+        # when it is still loaded, a reload when the failed attempt unloaded it).
+        if repo.latest(model) is not None:
+            await client.load(model)
+        return Rollout(model, version, loaded=False, reason=str(e))
+    repo.prune(model, keep)
+    log.info("%s version %d is serving", model, version)
+    return Rollout(model, version, loaded=True)

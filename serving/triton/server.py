@@ -1,0 +1,262 @@
+"""Runs the local Triton server: the `tritonserver` binary of the nvidia-pytriton wheel.
+
+That build has only the python backend, so models run there in their `python` flavour
+(ONNX Runtime inside a python-backend model, see `python_model/model.py`). The launcher
+
+- finds the binary in the installed wheel,
+- prepares a backend folder whose python backend has the stub for this Python next to
+  `libtriton_python.so` (the wheel ships stubs per Python version beside it),
+- passes this environment's site-packages in `GEM_PYTHONPATH` (the stub ignores
+  PYTHONPATH),
+- starts Triton in explicit model-control mode, logging to a file,
+- waits for readiness with a deadline, failing early with the log's tail if Triton
+  exits, and stops it with SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from importlib import util
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("gem_fm", "student_adapter", "gem_knowledge")
+
+
+class TritonError(RuntimeError):
+    """The local Triton could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    repository: Path
+    # Scratch space: the prepared backend folder, the log and the state file.
+    work_dir: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # Which configs/<name>.pbtxt each model uses; the wheel's server needs `python`.
+    model_config_name: str = "python"
+    # Loaded at start when they have a version; more are loaded through the client.
+    models: tuple[str, ...] = DEFAULT_MODELS
+    startup_timeout_s: float = 180.0
+    stop_timeout_s: float = 30.0
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def log_file(self) -> Path:
+        return self.work_dir / "tritonserver.log"
+
+    @property
+    def state_file(self) -> Path:
+        return self.work_dir / "server.json"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def _wheel_dir() -> Path:
+    spec = util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonError("nvidia-pytriton is not installed; its wheel ships the local tritonserver")
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def find_binary() -> Path:
+    binary = _wheel_dir() / "bin" / "tritonserver"
+    if not os.access(binary, os.X_OK):
+        raise TritonError(f"{binary} is missing or not executable; reinstall nvidia-pytriton")
+    return binary
+
+
+def prepare_backends(work_dir: Path) -> Path:
+    """A backend folder whose python backend carries the stub built for this Python."""
+    wheel = _wheel_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    target = work_dir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    # Symlinks, not copies: the binaries find their libraries relative to their real path.
+    for src in [*(p for p in (wheel / "backends" / "python").iterdir() if p.is_file()), stub]:
+        link = target / src.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(src)
+    return target.parent
+
+
+def _site_packages() -> str:
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    return os.pathsep.join(paths)
+
+
+def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str]:
+    args = [
+        str(find_binary()),
+        f"--model-repository={cfg.repository.resolve()}",
+        f"--backend-directory={backend_dir.resolve()}",
+        "--model-control-mode=explicit",
+        f"--model-config-name={cfg.model_config_name}",
+        f"--http-port={cfg.http_port}",
+        f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-port={cfg.metrics_port}",
+        "--allow-metrics=true",
+        f"--log-file={cfg.log_file.resolve()}",
+        "--exit-timeout-secs=10",
+        *cfg.extra_args,
+    ]
+    return args + [f"--load-model={m}" for m in models]
+
+
+def loadable_models(cfg: TritonConfig) -> list[str]:
+    """The configured models that have at least one version folder."""
+    return [m for m in cfg.models if any(p.name.isdigit() for p in (cfg.repository / m).glob("*"))]
+
+
+def _ready(cfg: TritonConfig) -> bool:
+    try:
+        with urllib.request.urlopen(f"{cfg.http_url}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+# Logged at every start on a machine without a GPU driver; not a problem.
+_HARMLESS = ("CudaDriverHelper", "unable to create stream", "DCGM", "pinned")
+
+
+def log_errors(cfg: TritonConfig, limit: int = 10) -> str:
+    """The error lines of the server log (the reason a start failed), else its tail."""
+    if not cfg.log_file.exists():
+        return "(no log)"
+    lines = cfg.log_file.read_text(errors="replace").splitlines()
+    errors = [line[:400] for line in lines if line.startswith("E") and not any(h in line for h in _HARMLESS)]
+    return "\n".join(errors[:limit] or lines[-limit:])
+
+
+class TritonServer:
+    """One tritonserver process. A context manager: stopped on exit, also on errors."""
+
+    def __init__(self, cfg: TritonConfig):
+        self.cfg = cfg
+        self.process: subprocess.Popen | None = None
+
+    def start(self, detach: bool = False) -> TritonServer:
+        cfg = self.cfg
+        if _ready(cfg):
+            raise TritonError(f"a server already answers on port {cfg.http_port}; stop it first (gem triton down)")
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        cfg.log_file.unlink(missing_ok=True)
+        backend_dir = prepare_backends(cfg.work_dir)
+        args = command(cfg, backend_dir, loadable_models(cfg))
+        env = {**os.environ, "GEM_PYTHONPATH": _site_packages()}
+        log.info("starting %s", " ".join(args))
+        # Its own session: Ctrl-C in the terminal reaches us, and we stop Triton in order.
+        self.process = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        state = {**asdict(cfg), "pid": self.process.pid}
+        cfg.state_file.write_text(json.dumps(state, default=str, indent=2))
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        if detach:
+            self.process = None
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"log {self.cfg.log_file}:\n{log_errors(self.cfg)}"
+                )
+            if _ready(self.cfg):
+                log.info("triton ready: grpc %s, http %s", self.cfg.grpc_url, self.cfg.http_url)
+                return
+            time.sleep(0.2)
+        raise TritonError(
+            f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f}s; log {self.cfg.log_file}:\n"
+            f"{log_errors(self.cfg)}"
+        )
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        _terminate(self.process.pid, self.cfg.stop_timeout_s, self.process)
+        self.process = None
+        self.cfg.state_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _alive(pid: int, process: subprocess.Popen | None) -> bool:
+    if process is not None:
+        return process.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _terminate(pid: int, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """SIGTERM (Triton drains in-flight requests), SIGKILL after the grace period."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _alive(pid, process):
+                return
+            time.sleep(0.1)
+    raise TritonError(f"tritonserver (pid {pid}) did not stop")
+
+
+def stop_detached(work_dir: Path, timeout_s: float = 30.0) -> int | None:
+    """Stops the server that `start(detach=True)` left running; returns its pid."""
+    state_file = work_dir / "server.json"
+    if not state_file.exists():
+        return None
+    pid = json.loads(state_file.read_text())["pid"]
+    _terminate(pid, timeout_s)
+    state_file.unlink(missing_ok=True)
+    return pid
+
+
+def detached_config(work_dir: Path) -> TritonConfig | None:
+    """The config of the server started detached from `work_dir`, if one is recorded."""
+    state_file = work_dir / "server.json"
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    state.pop("pid")
+    state["repository"], state["work_dir"] = Path(state["repository"]), Path(state["work_dir"])
+    state["models"], state["extra_args"] = tuple(state["models"]), tuple(state["extra_args"])
+    return TritonConfig(**state)

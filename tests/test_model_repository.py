@@ -1,0 +1,142 @@
+"""The Triton model repository: configs from the graphs, atomic versions, stamping,
+rejection and pruning, TensorRT profiles. No server here (see test_triton_server)."""
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.repository import (
+    ADAPTER_MODEL,
+    ENSEMBLE_MODEL,
+    FM_MODEL,
+    FM_VERSION,
+    ModelRepository,
+    RepositoryError,
+    stamp_version,
+)
+from export.tensorrt import ProfileConfig, TensorRTUnavailable, build_plan, profiles, trtexec_command
+from export.triton_config import FLAVOURS, config_filename
+from model.features import FM_OUTPUTS, input_specs, random_batch
+
+
+def read_config(path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+@pytest.fixture
+def repo(published_repo, tmp_path):
+    shutil.copytree(published_repo, tmp_path / "repo")
+    return ModelRepository(tmp_path / "repo")
+
+
+def test_every_flavour_is_configured_from_the_same_onnx(repo, schema):
+    specs = {s.name: s for s in input_specs(schema)}
+    for flavour in FLAVOURS:
+        config = read_config(repo.root / FM_MODEL / config_filename(flavour))
+        assert [i.name for i in config.input] == list(specs)
+        for entry in config.input:
+            # [B] inputs are [1] reshaped to []; sequences have a ragged axis.
+            assert list(entry.dims) == ([-1] if specs[entry.name].rank == 2 else [1])
+            assert entry.HasField("reshape") == (specs[entry.name].rank == 1)
+        assert [o.name for o in config.output] == [*FM_OUTPUTS, FM_VERSION]
+        assert config.dynamic_batching.max_queue_delay_microseconds > 0
+        assert config.version_policy.latest.num_versions >= 1
+        assert config.model_warmup and config.instance_group
+    assert read_config(repo.root / FM_MODEL / "config.pbtxt").backend == "onnxruntime"
+    assert read_config(repo.root / FM_MODEL / "configs/python.pbtxt").backend == "python"
+    assert read_config(repo.root / FM_MODEL / "configs/tensorrt.pbtxt").platform == "tensorrt_plan"
+
+
+def test_ensemble_feeds_fm_logits_through_the_adapter(repo):
+    config = read_config(repo.root / ENSEMBLE_MODEL / "config.pbtxt")
+    assert config.platform == "ensemble"
+    fm, adapter = config.ensemble_scheduling.step
+    assert (fm.model_name, adapter.model_name) == (FM_MODEL, ADAPTER_MODEL)
+    assert adapter.input_map["fm_logits"] == fm.output_map["logits"]
+    assert {o.name for o in config.output} >= {"logits", "adapted_logits", "embedding", "fm_version"}
+    assert (repo.root / ENSEMBLE_MODEL / "1").is_dir()
+
+
+def test_stamped_graph_reports_its_version_per_row(published_repo, schema):
+    session = ort.InferenceSession(str(published_repo / FM_MODEL / "1" / "model.onnx"))
+    batch = random_batch(schema, 9, 4)
+    (versions,) = session.run([FM_VERSION], batch)
+    assert versions.shape == (9, 1) and (versions == 1).all()
+
+
+def test_stamp_does_not_change_the_other_outputs(published_repo, schema):
+    proto = onnx.load(str(published_repo / FM_MODEL / "1" / "model.onnx"))
+    restamped = stamp_version(proto, "again", 7)
+    batch = random_batch(schema, 5, 3)
+    before = ort.InferenceSession(proto.SerializeToString()).run(list(FM_OUTPUTS), batch)
+    *after, again = ort.InferenceSession(restamped.SerializeToString()).run([*FM_OUTPUTS, "again"], batch)
+    for x, y in zip(before, after, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert (again == 7).all()
+
+
+def test_versions_grow_and_no_staging_folder_is_left(repo):
+    source = repo.root / FM_MODEL / "1" / "model.onnx"
+    published = repo.publish(FM_MODEL, source)
+    assert published.version == 2 and repo.versions(FM_MODEL) == [1, 2]
+    assert not [p for p in (repo.root / FM_MODEL).iterdir() if p.name.startswith(".staging")]
+    stamped = onnx.load(str(published.path / "model.onnx"))
+    assert [o.name for o in stamped.graph.output].count(FM_VERSION) == 1, "the old stamp must not be kept"
+
+
+def test_rejected_version_numbers_are_not_reused(repo):
+    source = repo.root / FM_MODEL / "1" / "model.onnx"
+    repo.publish(FM_MODEL, source)
+    moved = repo.reject(FM_MODEL, 2, "corrupt")
+    assert (moved / "REASON").read_text().strip() == "corrupt"
+    assert repo.versions(FM_MODEL) == [1]
+    assert repo.publish(FM_MODEL, source).version == 3
+
+
+def test_prune_keeps_the_newest(repo):
+    source = repo.root / FM_MODEL / "1" / "model.onnx"
+    for _ in range(3):
+        repo.publish(FM_MODEL, source)
+    assert repo.prune(FM_MODEL, keep=2) == [1, 2]
+    assert repo.versions(FM_MODEL) == [3, 4]
+
+
+def test_unreadable_onnx_and_unknown_model_are_refused(repo, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(RepositoryError, match="not a readable ONNX model"):
+        repo.publish(FM_MODEL, bad)
+    with pytest.raises(RepositoryError, match="unknown model"):
+        repo.publish("nope", bad)
+    assert repo.versions(FM_MODEL) == [1]
+
+
+def test_tensorrt_profiles_cover_batch_and_sequence(published_repo, schema):
+    proto = onnx.load(str(published_repo / FM_MODEL / "1" / "model.onnx"))
+    cfg = ProfileConfig(opt_batch=256, max_batch=2048, opt_seq=64, max_seq=256)
+    by_name = {p.name: p for p in profiles(proto, cfg)}
+    assert set(by_name) == {s.name for s in input_specs(schema)}
+    assert (by_name["user_id"].min, by_name["user_id"].opt, by_name["user_id"].max) == ((1,), (256,), (2048,))
+    seq = by_name["hist_item_id"]
+    assert (seq.min, seq.opt, seq.max) == ((1, 1), (256, 64), (2048, 256))
+    command = trtexec_command(published_repo / "m.onnx", published_repo / "m.plan", tuple(by_name.values()))
+    assert "--stronglyTyped" in command
+    assert any(a.startswith("--maxShapes=") and "hist_item_id:2048x256" in a for a in command)
+
+
+def test_tensorrt_profile_rejects_inverted_bounds():
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        ProfileConfig(opt_batch=8192, max_batch=4096)
+
+
+def test_tensorrt_build_says_where_to_run_when_absent(published_repo, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    if shutil.which("trtexec", path="/usr/src/tensorrt/bin"):
+        pytest.skip("trtexec is installed here; the missing-TensorRT message cannot be seen")
+    with pytest.raises(TensorRTUnavailable, match="docker compose --profile gpu"):
+        build_plan(published_repo / FM_MODEL / "1", ProfileConfig())
