@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up test lint clean
+.PHONY: setup up test lint protos bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# Regenerate gem/knowledge/ from protos/ (committed; tests/test_api.py checks it is current).
+protos: setup
+	$(VENV)/bin/python protos/generate.py
+
+bench: setup
+	$(VENV)/bin/python -m bench.inference
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache

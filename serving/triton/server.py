@@ -15,6 +15,7 @@ That build has only the python backend, so models run there in their `python` fl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -224,16 +225,23 @@ def _alive(pid: int, process: subprocess.Popen | None) -> bool:
     return True
 
 
+def _killpg(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
 def _terminate(pid: int, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """SIGTERM (Triton drains in-flight requests), SIGKILL after the grace period."""
+    """SIGTERM (Triton drains in-flight requests), SIGKILL after the grace period.
+
+    The server runs in its own process group; once it is gone the group is killed too,
+    so that no python-backend stub it was forking at that moment outlives it.
+    """
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
+        _killpg(pid, sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if not _alive(pid, process):
+                _killpg(pid, signal.SIGKILL)
                 return
             time.sleep(0.1)
     raise TritonError(f"tritonserver (pid {pid}) did not stop")

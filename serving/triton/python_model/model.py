@@ -43,6 +43,9 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        # Idle pool threads spin by default, taking the cores that the other models of
+        # the ensemble (separate stub processes) need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         # Inputs declared [1] and reshaped to [] arrive as [B, 1]; the graph wants [B].
         self.inputs = [(i["name"], "reshape" in i) for i in config["input"]]

@@ -1,0 +1,95 @@
+"""Where the front end gets knowledge from: Triton (default) or in-process ONNX Runtime.
+
+Both take a merged columnar batch and return the FM outputs, the adapted logits and the
+versions that produced them. The front end depends only on `Backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from export.onnx_export import ADAPTER_INPUTS, ADAPTER_OUTPUT
+from export.repository import ADAPTER_MODEL, ADAPTER_VERSION, FM_MODEL, FM_VERSION, ModelRepository
+from export.triton_config import ONNX_FILENAME
+from model.features import LOGITS
+from serving.triton.client import BackendUnavailable, TritonClient
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    outputs: dict[str, np.ndarray]
+    fm_version: int
+    adapter_version: int
+
+
+class Backend(Protocol):
+    name: str
+
+    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
+        """`outputs` are model output names (`logits`, `adapted_logits`, ...)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _versions(out: dict[str, np.ndarray]) -> tuple[int, int]:
+    return int(out.pop(FM_VERSION)[0, 0]), int(out.pop(ADAPTER_VERSION)[0, 0])
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, url: str, timeout_s: float = 10.0):
+        self.client = TritonClient(url, timeout_s=timeout_s)
+
+    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
+        out = await self.client.infer(batch, outputs=outputs)
+        fm, adapter = _versions(out)
+        return Knowledge(out, fm, adapter)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class OnnxBackend:
+    """The embedded mode: the repository's latest FM and adapter in ONNX Runtime, in this
+    process. Inference runs in a worker thread so the event loop keeps taking calls."""
+
+    name = "onnxruntime"
+
+    def __init__(self, repository: Path, threads: int = 0):
+        repo = ModelRepository(repository)
+        fm, adapter = repo.latest(FM_MODEL), repo.latest(ADAPTER_MODEL)
+        if fm is None or adapter is None:
+            raise BackendUnavailable(f"no published model in {repository}; run `gem export` first")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.fm = ort.InferenceSession(str(repository / FM_MODEL / str(fm) / ONNX_FILENAME), options)
+        self.adapter = ort.InferenceSession(str(repository / ADAPTER_MODEL / str(adapter) / ONNX_FILENAME), options)
+        self.fm_inputs = [i.name for i in self.fm.get_inputs()]
+        self.fm_outputs = [o.name for o in self.fm.get_outputs()]
+
+    def _run(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
+        feeds = {n: np.ascontiguousarray(batch[n]) for n in self.fm_inputs}
+        out = dict(zip(self.fm_outputs, self.fm.run(self.fm_outputs, feeds), strict=True))
+        logits, surface = ADAPTER_INPUTS
+        adapted, adapter_version = self.adapter.run(
+            [ADAPTER_OUTPUT, ADAPTER_VERSION], {logits: out[LOGITS], surface: feeds[surface]}
+        )
+        out.update({ADAPTER_OUTPUT: adapted, ADAPTER_VERSION: adapter_version})
+        fm, adapter = _versions(out)
+        return Knowledge({k: out[k] for k in outputs}, fm, adapter)
+
+    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
+        return await asyncio.to_thread(self._run, batch, outputs)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,52 @@
+"""Configuration of the Ray Serve front end (one dataclass; CLI flags and the Serve
+config file's `args` both map onto it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from model.schema import DEFAULT_SCHEMA_PATH
+
+SERVICER_FUNCTIONS = (
+    "gem.knowledge.v1.knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+)
+TOKEN_ENV = "GEM_AUTH_TOKEN"
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    # "triton" (default) or "onnxruntime" (embedded: no Triton).
+    backend: str = "triton"
+    triton_url: str = "127.0.0.1:8001"
+    # For the embedded backend: the repository whose latest versions it loads.
+    repository: Path = Path("model_repo")
+    schema_path: Path = DEFAULT_SCHEMA_PATH
+    # Examples per backend batch (calls are merged up to this) and per call.
+    max_batch_examples: int = 4096
+    max_examples_per_call: int = 4096
+    # How long the first call of a batch waits for others to join it.
+    batch_wait_timeout_s: float = 0.002
+    backend_timeout_s: float = 10.0
+    # Bearer token every call must carry (metadata `authorization: Bearer <token>`);
+    # empty: no check. Defaults to $GEM_AUTH_TOKEN. Never logged.
+    auth_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("triton", "onnxruntime"):
+            raise ValueError(f"backend must be 'triton' or 'onnxruntime', got {self.backend!r}")
+        if self.max_examples_per_call > self.max_batch_examples:
+            raise ValueError("max_examples_per_call cannot exceed max_batch_examples (a call must fit in a batch)")
+
+    @classmethod
+    def from_args(cls, args: dict) -> FrontendConfig:
+        """From the `args` of a Serve config file (strings allowed), unknown keys refused."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"unknown front end settings: {', '.join(unknown)}; known: {', '.join(known)}")
+        defaults = cls()
+        values = {k: type(getattr(defaults, k))(v) for k, v in args.items()}
+        return cls(**values)

@@ -1,0 +1,67 @@
+"""Starting and stopping the front end on Ray Serve from Python (`gem up`, `gem serve`,
+tests, benchmarks). `serve run serving/serve_config.yaml` does the same from a file."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.config import SERVICER_FUNCTIONS, FrontendConfig
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "gem_knowledge"
+
+
+def start(
+    cfg: FrontendConfig, grpc_port: int = 50051, http_port: int = 8080, replicas: int = 1, name: str = APP_NAME
+) -> str:
+    """Starts Ray (if needed), Serve's proxies and the application; returns the gRPC address.
+
+    With several applications on one Serve instance, calls name theirs in the
+    `application` metadata key; with one, no metadata is needed."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serving.app import KnowledgeIngress
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
+    )
+    app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    return f"127.0.0.1:{grpc_port}"
+
+
+def wait_healthy(address: str, timeout_s: float = 120.0, application: str | None = None) -> None:
+    """Polls gRPC health checking until the service answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                metadata = [("application", application)] if application else None
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=metadata)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(0.25)
+    raise TimeoutError(f"front end at {address} not serving after {timeout_s:.0f}s ({last})")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

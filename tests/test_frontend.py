@@ -1,0 +1,209 @@
+"""Through the real Ray Serve gRPC proxy: both backends (Triton and embedded ONNX
+Runtime) against the in-process model, the shared-user form, concurrent calls merged
+into batches, every bad-input case, Triton going away and coming back, GetModelInfo."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from ray import serve
+
+from export.repository import FM_MODEL
+from gem.knowledge.v1 import knowledge_pb2 as pb
+from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
+from model.checkpoint import load_checkpoint
+from model.features import input_specs, random_batch
+from serving import frontend
+from serving.app import KnowledgeIngress
+from serving.config import FrontendConfig
+from serving.triton.server import TritonServer
+from serving.wire import decode, encode
+from tests.test_triton_server import free_ports, triton_config
+
+APPS = ("triton", "embedded")
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def stack(published_repo, tmp_path_factory):
+    """Triton on a copy of the repository, and one Serve instance with two applications:
+    `triton` (the default backend) and `embedded` (in-process ONNX Runtime)."""
+    work = tmp_path_factory.mktemp("stack")
+    repo = work / "repo"
+    shutil.copytree(published_repo, repo)
+    triton = TritonServer(triton_config(repo, work / "triton")).start()
+    grpc_port, http_port = free_ports(2)
+    try:
+        cfg = FrontendConfig(triton_url=triton.cfg.grpc_url, max_examples_per_call=1000, max_batch_examples=2048)
+        address = frontend.start(cfg, grpc_port=grpc_port, http_port=http_port, name="triton")
+        embedded = FrontendConfig(backend="onnxruntime", repository=repo, max_examples_per_call=1000)
+        secured = FrontendConfig(backend="onnxruntime", repository=repo, auth_token=TOKEN)
+        # Replicas reserve a CPU by default; three applications on two cores need less.
+        light = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
+        serve.run(light.bind(embedded), name="embedded", route_prefix="/embedded", blocking=False)
+        serve.run(light.bind(secured), name="secured", route_prefix="/secured", blocking=False)
+        for app in APPS:
+            frontend.wait_healthy(address, application=app)
+        yield address, triton, repo
+    finally:
+        frontend.stop()
+        triton.stop()
+
+
+def stub(address: str) -> pb_grpc.KnowledgeServiceStub:
+    return pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(address))
+
+
+def generate(address, app, features, shared=None, outputs=(), timeout=60):
+    request = pb.GenerateRequest(
+        features={k: encode(v) for k, v in features.items()},
+        shared={k: encode(v) for k, v in (shared or {}).items()},
+        outputs=list(outputs),
+    )
+    reply = stub(address).Generate(request, timeout=timeout, metadata=[("application", app)])
+    return {k: decode(k, v) for k, v in reply.outputs.items()}, reply.versions
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_results_equal_the_in_process_model(stack, app, tiny_checkpoint, schema):
+    address, _, _ = stack
+    ckpt = load_checkpoint(tiny_checkpoint)
+    batch = random_batch(schema, 40, 12, seed=5)
+    out, versions = generate(address, app, batch)
+    with torch.no_grad():
+        want = ckpt.model({k: torch.from_numpy(v) for k, v in batch.items()})
+        adapted = ckpt.adapter(want["logits"], torch.from_numpy(batch["surface"]))
+    np.testing.assert_allclose(out["labels"], sigmoid(want["logits"].numpy()), atol=1e-4)
+    np.testing.assert_allclose(out["adapted_labels"], sigmoid(adapted.numpy()), atol=1e-4)
+    np.testing.assert_allclose(out["embedding"], want["embedding"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["user_embedding"], want["user_embedding"].numpy(), atol=1e-4)
+    assert (versions.fm, versions.adapter) == (1, 1)
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_shared_user_form_equals_repeated_rows(stack, app, schema):
+    address, _, _ = stack
+    user = {s.name for s in input_specs(schema) if s.side == "user"}
+    one = random_batch(schema, 1, 20, seed=1)
+    ads = random_batch(schema, 30, 20, seed=2)
+    shared = {k: v for k, v in one.items() if k in user}
+    per_ad = {k: v for k, v in ads.items() if k not in user}
+    repeated = {**per_ad, **{k: np.repeat(v, 30, axis=0) for k, v in shared.items()}}
+    got, _ = generate(address, app, per_ad, shared)
+    want, _ = generate(address, app, repeated)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+
+
+def test_200_concurrent_calls_get_their_own_rows(stack, repo_session, schema):
+    address, _, _ = stack
+    rng = np.random.default_rng(0)
+    batches = [
+        random_batch(schema, int(n), int(rng.integers(1, 40)), seed=i) for i, n in enumerate(rng.integers(1, 64, 200))
+    ]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        replies = list(pool.map(lambda b: generate(address, "triton", b, outputs=[pb.OUTPUT_LABELS])[0], batches))
+    for batch, reply in zip(batches, replies, strict=True):
+        (want,) = repo_session.run(["logits"], batch)
+        np.testing.assert_allclose(reply["labels"], sigmoid(want), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def repo_session(published_repo):
+    return ort.InferenceSession(str(published_repo / FM_MODEL / "1" / "model.onnx"))
+
+
+BAD_CASES = (
+    "wrong dtype", "wrong shape", "unknown feature", "missing feature", "surface out of range", "rows disagree",
+    "too long sequence", "empty batch", "oversized call", "non-finite dense",
+)  # fmt: skip
+
+
+def bad_request(schema, case):
+    good = random_batch(schema, 4, 3)
+    return {
+        "wrong dtype": ({**good, "user_id": good["user_id"].astype(np.float32)}, "user_id"),
+        "wrong shape": ({**good, "hist_item_id": good["hist_item_id"][:, 0]}, "hist_item_id"),
+        "unknown feature": ({**good, "favourite_color": good["user_id"]}, "favourite_color"),
+        "missing feature": ({k: v for k, v in good.items() if k != "ad_id"}, "ad_id"),
+        "surface out of range": ({**good, "surface": good["surface"] + 7}, "surface"),
+        "rows disagree": ({**good, "ad_id": good["ad_id"][:2]}, "ad_id"),
+        "too long sequence": (random_batch(schema, 2, 300), "user_history"),
+        "empty batch": ({k: v[:0] for k, v in good.items()}, "empty batch"),
+        "oversized call": (random_batch(schema, 1001, 1), "limit of 1000"),
+        "non-finite dense": ({**good, "ad_bid_log": np.full(4, np.nan, np.float32)}, "ad_bid_log"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_invalid_argument_and_others_succeed(stack, schema, case):
+    address, _, _ = stack
+    bad, named = bad_request(schema, case)
+    good = random_batch(schema, 8, 5)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(generate, address, "triton", good) for _ in range(6)]
+        with pytest.raises(grpc.RpcError) as e:
+            generate(address, "triton", bad)
+        assert all(f.result()[0]["labels"].shape == (8, 2) for f in goods)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in e.value.details()
+
+
+def test_get_model_info_matches_the_schema(stack, schema):
+    address, _, _ = stack
+    info = stub(address).GetModelInfo(pb.GetModelInfoRequest(), metadata=[("application", "triton")], timeout=30)
+    assert [i.name for i in info.inputs] == [s.name for s in input_specs(schema)]
+    assert list(info.tasks) == list(schema.task_names) and list(info.surfaces) == list(schema.surfaces)
+    assert {o.name for o in info.outputs} == {"labels", "adapted_labels", "embedding", "user_embedding"}
+    assert info.backend == "triton" and info.versions.fm == 1 and info.max_examples_per_call == 1000
+    assert "hist_item_id" in info.schema_yaml
+
+
+def test_triton_down_is_unavailable_and_recovers_without_restart(stack, schema):
+    address, triton, _ = stack
+    batch = random_batch(schema, 3, 3)
+    triton.stop()
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            generate(address, "triton", batch, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The embedded application does not depend on Triton.
+        assert generate(address, "embedded", batch)[0]["labels"].shape == (3, 2)
+    finally:
+        triton.start()
+    frontend.wait_healthy(address, timeout_s=30, application="triton")
+    out, _ = generate(address, "triton", batch)
+    assert out["labels"].shape == (3, 2)
+
+
+def test_deadline_is_honoured(stack, schema):
+    address, _, _ = stack
+    with pytest.raises(grpc.RpcError) as e:
+        generate(address, "triton", random_batch(schema, 900, 200), timeout=0.001)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert generate(address, "triton", random_batch(schema, 2, 2))[0]["labels"].shape == (2, 2)
+
+
+def test_bearer_token_is_checked_before_any_work(stack, schema):
+    address, _, _ = stack
+    batch = random_batch(schema, 2, 2)
+    request = pb.GenerateRequest(features={k: encode(v) for k, v in batch.items()})
+    for metadata in ([], [("authorization", "Bearer wrong")]):
+        with pytest.raises(grpc.RpcError) as e:
+            stub(address).Generate(request, metadata=[("application", "secured"), *metadata], timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert TOKEN not in e.value.details()
+    reply = stub(address).Generate(
+        request, metadata=[("application", "secured"), ("authorization", f"Bearer {TOKEN}")], timeout=30
+    )
+    assert decode("labels", reply.outputs["labels"]).shape == (2, 2)
