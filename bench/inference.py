@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import tempfile
 from pathlib import Path
 
@@ -31,18 +30,9 @@ from model.config import PRESETS, preset
 from model.features import FM_OUTPUTS, random_batch
 from model.gem import GEM
 from model.schema import load_schema
+from serving.net import free_ports
 from serving.triton.client import TritonClient
 from serving.triton.server import TritonConfig, TritonServer
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main() -> None:
@@ -78,7 +68,7 @@ def main() -> None:
             with console.status(f"batch {b}: torch, onnxruntime"), torch.inference_mode():
                 timings.append(summarize("torch eager", b, time_sync(lambda t=tensors: model(t))))
                 timings.append(summarize("onnxruntime", b, time_sync(lambda f=feeds: session.run(list(FM_OUTPUTS), f))))
-        http, grpc, metrics = _ports(3)
+        http, grpc, metrics = free_ports(3)
         server_cfg = TritonConfig(Path(tmp) / "repo", Path(tmp) / "triton", http, grpc, metrics)
         with console.status("starting Triton"):
             server = TritonServer(server_cfg).start()

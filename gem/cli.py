@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -221,25 +222,6 @@ def train_cmd(
     Console().print(metric_table(metrics))
 
 
-@app.command("up")
-@friendly_errors
-def up(
-    checkpoint: Annotated[
-        Path, typer.Option(help="Checkpoint to serve; trained on synthetic data if missing.")
-    ] = DEFAULT_CHECKPOINT,
-    data: Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")] = DEFAULT_DATA,
-) -> None:
-    """Bring up the local stack. For now: make sure a trained `small` model exists and show its metrics."""
-    if not (checkpoint / "manifest.json").exists():
-        log.info("no checkpoint at %s: training the small model on synthetic data first", checkpoint)
-        if not any(data.glob("*.parquet")):
-            data_synth(out=data)
-        run_training(data, checkpoint, "small", 1, 512, True, 0, DEFAULT_SCHEMA_PATH)
-    ckpt = load_checkpoint(checkpoint)
-    Console().print(metric_table(ckpt.metrics))
-    log.info("model ready at %s", checkpoint)
-
-
 RepoOption = Annotated[Path, typer.Option("--repo", help="Triton model repository to publish into.", file_okay=False)]
 
 
@@ -395,4 +377,134 @@ def triton_status(
         table.add_column(col)
     for v in asyncio.run(versions()):
         table.add_row(v.model, str(v.version), v.state, v.reason.splitlines()[0] if v.reason else "")
+    Console().print(table)
+
+
+def _wait_for_ctrl_c() -> None:
+    """Blocks until SIGINT or SIGTERM. Installed after Ray started, which sets handlers
+    of its own; a timed wait lets Python run the handler promptly."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down")
+
+
+def _ready_message(address: str) -> None:
+    console.print(
+        f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)\n"
+        f"  query it:   .venv/bin/gem query --address {address}\n"
+        f"  describe:   grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo\n"
+        f"  health:     grpcurl -plaintext {address} grpc.health.v1.Health/Check\n",
+        highlight=False,
+    )
+
+
+@app.command("up")
+@friendly_errors
+def up(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint to serve; trained on synthetic data if missing.")
+    ] = DEFAULT_CHECKPOINT,
+    data: Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")] = DEFAULT_DATA,
+    repo: RepoOption = DEFAULT_REPO,
+    embedded: Annotated[bool, typer.Option(help="In-process ONNX Runtime instead of Triton.")] = False,
+    grpc_port: Annotated[int, typer.Option(help="The front end's gRPC port.")] = 50051,
+) -> None:
+    """The local stack: train the `small` model if there is no checkpoint, export it if
+    the model repository is empty, start Triton and the Ray Serve gRPC front end, and
+    serve until Ctrl-C."""
+    from export.repository import FM_MODEL, ModelRepository
+    from serving.stack import StackConfig, local_stack
+
+    if not (checkpoint / "manifest.json").exists():
+        log.info("no checkpoint at %s: training the small model on synthetic data first", checkpoint)
+        if not any(data.glob("*.parquet")):
+            data_synth(out=data)
+        Console().print(metric_table(run_training(data, checkpoint, "small", 1, 512, True, 0, DEFAULT_SCHEMA_PATH)))
+    if ModelRepository(repo).latest(FM_MODEL) is None:
+        log.info("model repository %s is empty: exporting %s", repo, checkpoint)
+        Console().print(parity_table(run_export(checkpoint, repo, data if data.exists() else None, keep=3)))
+    with local_stack(
+        StackConfig(repository=repo, triton_work_dir=TRITON_WORK_DIR, embedded=embedded, grpc_port=grpc_port)
+    ) as address:
+        _ready_message(address)
+        _wait_for_ctrl_c()
+
+
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    backend: Annotated[str, typer.Option(help="triton, or onnxruntime (embedded, no Triton).")] = "triton",
+    triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
+    repo: RepoOption = DEFAULT_REPO,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port of the front end.")] = 50051,
+    replicas: Annotated[int, typer.Option(help="Ingress replicas.")] = 1,
+) -> None:
+    """Only the Ray Serve front end, on a Triton already running (or embedded). For a
+    cluster, use `serve deploy serving/serve_config.yaml`."""
+    from serving import frontend
+    from serving.config import FrontendConfig
+
+    address = frontend.start(
+        FrontendConfig(backend=backend, triton_url=triton_url, repository=repo), grpc_port=grpc_port, replicas=replicas
+    )
+    try:
+        frontend.wait_healthy(address)
+        _ready_message(address)
+        _wait_for_ctrl_c()
+    finally:
+        frontend.stop()
+
+
+@app.command("query")
+@friendly_errors
+def query(
+    address: Annotated[str, typer.Option(help="The front end's gRPC address.")] = "127.0.0.1:50051",
+    candidates: Annotated[int, typer.Option(help="Candidate ads for the one sample user.")] = 8,
+    token: Annotated[
+        str | None, typer.Option(envvar="GEM_AUTH_TOKEN", help="Bearer token, if the server wants one.")
+    ] = None,
+    application: Annotated[str | None, typer.Option(help="Serve application, when several run.")] = None,
+) -> None:
+    """Send one sample call (a user and candidate ads, shared-user form) and print the reply."""
+    import time
+
+    import grpc
+
+    from model.features import random_batch
+    from model.schema import schema_from_yaml
+    from serving.client import KnowledgeClient
+
+    with KnowledgeClient(address, token=token, timeout_s=30, application=application) as client:
+        try:
+            info = client.info()
+            schema = schema_from_yaml(info.schema_yaml)
+            user_side = {s.name for s in info.inputs if s.side == "user"}
+            sample = random_batch(schema, candidates, 16, seed=int(time.time()))
+            shared = {k: v[:1] for k, v in sample.items() if k in user_side}
+            ads = {k: v for k, v in sample.items() if k not in user_side}
+            start = time.perf_counter()
+            reply = client.generate(ads, shared=shared)
+            ms = (time.perf_counter() - start) * 1e3
+        except grpc.RpcError as e:
+            raise BackendError(f"{address}: {e.code().name}: {e.details()}") from None
+    table = Table(
+        title=f"{candidates} candidates, fm v{reply.fm_version}, adapter v{reply.adapter_version}, {ms:.1f} ms"
+    )
+    table.add_column("row", justify="right")
+    for task in info.tasks:
+        table.add_column(f"{task} label", justify="right")
+        table.add_column(f"{task} adapted", justify="right")
+    table.add_column("embedding[:3]")
+    for i in range(candidates):
+        cells = [str(i)]
+        for t in range(len(info.tasks)):
+            cells += [f"{reply.outputs['labels'][i, t]:.4f}", f"{reply.outputs['adapted_labels'][i, t]:.4f}"]
+        cells.append(np.array2string(reply.outputs["embedding"][i, :3], precision=3))
+        table.add_row(*cells)
     Console().print(table)

@@ -30,7 +30,8 @@ def start(
     from serving.app import KnowledgeIngress
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # A Ray of our own: never attach to another process's cluster by accident.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),

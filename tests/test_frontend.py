@@ -4,28 +4,38 @@ into batches, every bad-input case, Triton going away and coming back, GetModelI
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from ray import serve
 
 from export.repository import FM_MODEL
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
 from model.checkpoint import load_checkpoint
+from model.data.reader import resolve_paths, table_to_batch
 from model.features import input_specs, random_batch
 from serving import frontend
 from serving.app import KnowledgeIngress
-from serving.config import FrontendConfig
+from serving.client import AsyncKnowledgeClient, KnowledgeClient
+from serving.config import SERVICER_FUNCTIONS, FrontendConfig
+from serving.net import free_ports
 from serving.triton.server import TritonServer
 from serving.wire import decode, encode
-from tests.test_triton_server import free_ports, triton_config
+from tests.test_triton_server import GEM_BIN, triton_config
 
+ROOT = Path(__file__).resolve().parents[1]
 APPS = ("triton", "embedded")
 TOKEN = "s3cret-token"
 
@@ -207,3 +217,95 @@ def test_bearer_token_is_checked_before_any_work(stack, schema):
         request, metadata=[("application", "secured"), ("authorization", f"Bearer {TOKEN}")], timeout=30
     )
     assert decode("labels", reply.outputs["labels"]).shape == (2, 2)
+
+
+def test_client_takes_numpy_pandas_and_arrow_alike(stack, synth_dir, schema):
+    address, _, _ = stack
+    table = pq.read_table(resolve_paths(synth_dir)[-1]).slice(0, 25)
+    not_features = {"example_id", "event_ts", *(t.label_column for t in schema.tasks)}
+    features = table.select([c for c in table.column_names if c not in not_features])
+    want = table_to_batch(table, schema, labels=False)
+    with KnowledgeClient(address, application="triton", timeout_s=30) as client:
+        from_numpy = client.generate(want)
+        from_arrow = client.generate(features)
+        from_pandas = client.generate(features.to_pandas(), outputs=["labels"])
+    for reply in (from_arrow, from_pandas):
+        np.testing.assert_allclose(reply.outputs["labels"], from_numpy.outputs["labels"], atol=1e-6)
+    assert set(from_pandas.outputs) == {"labels"} and from_numpy.fm_version == 1
+
+
+def test_async_client_shared_form_and_deadline(stack, schema):
+    address, _, _ = stack
+    user = {s.name for s in input_specs(schema) if s.side == "user"}
+    sample = random_batch(schema, 12, 9, seed=4)
+
+    async def calls():
+        async with AsyncKnowledgeClient(address, application="embedded", timeout_s=30) as client:
+            shared = await client.generate(
+                {k: v for k, v in sample.items() if k not in user},
+                shared={k: v[:1] for k, v in sample.items() if k in user},
+            )
+            full = await client.generate({**sample, **{k: np.repeat(sample[k][:1], 12, axis=0) for k in user}})
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.generate(random_batch(schema, 900, 200), timeout_s=0.001)
+            return shared, full, e.value.code()
+
+    shared, full, code = asyncio.run(calls())
+    np.testing.assert_allclose(shared.outputs["labels"], full.outputs["labels"], atol=1e-6)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FlakyService(pb_grpc.KnowledgeServiceServicer):
+    """A real gRPC server that answers UNAVAILABLE to the first `failures` calls."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+
+    def Generate(self, request, context):
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "backend restarting")
+        return pb.GenerateResponse(versions=pb.ModelVersions(fm=7, adapter=3))
+
+
+@pytest.mark.parametrize(("failures", "retries", "ok"), [(2, 3, True), (4, 3, False)])
+def test_client_retries_unavailable(failures, retries, ok, schema, tiny_checkpoint):
+    service = FlakyService(failures)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    pb_grpc.add_KnowledgeServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = KnowledgeClient(f"127.0.0.1:{port}", retries=retries, timeout_s=10)
+        client._remember(pb.GetModelInfoResponse(schema_yaml=schema.to_yaml()))
+        if ok:
+            assert client.generate({}).fm_version == 7
+        else:
+            with pytest.raises(grpc.RpcError) as e:
+                client.generate({})
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert service.calls == min(failures + 1, retries + 1)
+        client.close()
+    finally:
+        server.stop(None)
+
+
+def test_gem_query_prints_labels(stack):
+    address, _, _ = stack
+    result = subprocess.run(
+        [str(GEM_BIN), "query", "--address", address, "--application", "triton", "--candidates", "3"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "click label" in result.stdout and "fm v1" in result.stdout
+
+
+def test_serve_config_file_is_valid_and_matches_the_code():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema(**yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text()))
+    assert tuple(config.grpc_options.grpc_servicer_functions) == SERVICER_FUNCTIONS
+    (app,) = config.applications
+    assert app.import_path == "serving.app:app_builder"
+    FrontendConfig.from_args(app.args)  # every arg is a known setting
+    assert app.deployments[0].max_ongoing_requests >= 512

@@ -58,7 +58,7 @@ def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[
     return padded, lengths
 
 
-def _surface_index(column: pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
+def surface_index(column: pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     if pa.types.is_integer(column.type):
@@ -98,7 +98,7 @@ def table_to_batch(
             continue
         col = table.column(spec.name)
         if spec.kind == "surface":
-            batch[spec.name] = _surface_index(col, schema)
+            batch[spec.name] = surface_index(col, schema)
         elif spec.kind == "sequence":
             _check_type(
                 table, spec.name, pa.types.is_list(col.type) and pa.types.is_integer(col.type.value_type), "list<int64>"

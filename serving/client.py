@@ -1,0 +1,219 @@
+"""The client library for rankers: `KnowledgeClient` (sync) and `AsyncKnowledgeClient`.
+
+    with KnowledgeClient("127.0.0.1:50051") as client:
+        reply = client.generate(ads, shared=user)     # numpy dict, pandas or pyarrow
+        reply.outputs["labels"], reply.fm_version
+
+Columns may be numpy arrays, a pandas DataFrame or a pyarrow Table in the logged-data
+format: sequences as list columns (padded here, their `<sequence>_length` derived),
+surfaces as names or indices, ids of any integer type. The server's schema (from
+`GetModelInfo`, fetched once) says how. One channel per client, reused by every call;
+UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pyarrow as pa
+
+from gem.knowledge.v1 import knowledge_pb2 as pb
+from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
+from model.data.reader import pad_lists, surface_index
+from model.schema import FeatureSchema, schema_from_yaml
+from serving.wire import DTYPES, decode, encode
+
+OUTPUT_NAMES = {
+    "labels": pb.OUTPUT_LABELS,
+    "adapted_labels": pb.OUTPUT_ADAPTED_LABELS,
+    "embedding": pb.OUTPUT_EMBEDDING,
+    "user_embedding": pb.OUTPUT_USER_EMBEDDING,
+}
+Columns = Mapping[str, Any] | pa.Table | Any  # Any: a pandas DataFrame
+
+
+@dataclass(frozen=True)
+class Reply:
+    outputs: dict[str, np.ndarray]
+    fm_version: int
+    adapter_version: int
+
+
+def channel_options(retries: int) -> list[tuple[str, Any]]:
+    policy = {
+        "methodConfig": [
+            {
+                "name": [{"service": "gem.knowledge.v1.KnowledgeService"}],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    return [
+        ("grpc.service_config", json.dumps(policy)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", 1 << 30),
+        ("grpc.max_receive_message_length", 1 << 30),
+    ]
+
+
+def _table(data: Columns) -> pa.Table | None:
+    if isinstance(data, pa.Table):
+        return data
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas, without importing it
+        return pa.Table.from_pandas(data, preserve_index=False)
+    return None
+
+
+def to_columns(data: Columns, info: pb.GetModelInfoResponse, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """Any supported input -> numpy columns with the dtypes and shapes the server wants."""
+    specs = {i.name: i for i in info.inputs}
+    table = _table(data)
+    columns: dict[str, np.ndarray] = {}
+    if table is None:
+        columns = {k: np.asarray(v) for k, v in data.items()}
+    else:
+        for name in table.column_names:
+            column = table.column(name)
+            spec = specs.get(name)
+            if spec is not None and spec.kind == "surface" and not pa.types.is_integer(column.type):
+                columns[name] = surface_index(column, schema)
+            elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                padded, lengths = pad_lists(column, spec.max_length if spec else None)
+                columns[name] = padded
+                if spec is not None and spec.sequence:
+                    columns.setdefault(f"{spec.sequence}_length", lengths)
+            else:
+                columns[name] = column.to_numpy()
+    for name, array in columns.items():
+        spec = specs.get(name)
+        if spec is not None and array.dtype != DTYPES[spec.dtype] and array.dtype.kind in "iuf":
+            columns[name] = array.astype(DTYPES[spec.dtype])
+    return columns
+
+
+def _request(
+    features: dict[str, np.ndarray], shared: dict[str, np.ndarray], outputs: Iterable[str] | None
+) -> pb.GenerateRequest:
+    unknown = sorted(set(outputs or ()) - OUTPUT_NAMES.keys())
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; one of {', '.join(OUTPUT_NAMES)}")
+    return pb.GenerateRequest(
+        features={k: encode(v) for k, v in features.items()},
+        shared={k: encode(v) for k, v in shared.items()},
+        outputs=[OUTPUT_NAMES[o] for o in outputs or ()],
+    )
+
+
+def _reply(response: pb.GenerateResponse) -> Reply:
+    outputs = {k: decode(k, v) for k, v in response.outputs.items()}
+    return Reply(outputs, response.versions.fm, response.versions.adapter)
+
+
+class _Base:
+    def __init__(self, address: str, token: str | None, timeout_s: float, application: str | None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        if application:
+            # Routes the call to one application when a Serve instance runs several.
+            self.metadata.append(("application", application))
+        self._info: pb.GetModelInfoResponse | None = None
+        self._schema: FeatureSchema | None = None
+
+    def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
+        self._info, self._schema = info, schema_from_yaml(info.schema_yaml, source=f"{self.address} GetModelInfo")
+        return info
+
+    def _columns(self, data: Columns | None) -> dict[str, np.ndarray]:
+        return {} if data is None else to_columns(data, self._info, self._schema)
+
+
+class KnowledgeClient(_Base):
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        application: str | None = None,
+    ):
+        super().__init__(address, token, timeout_s, application)
+        self._channel = grpc.insecure_channel(address, options=channel_options(retries))
+        self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
+
+    def info(self) -> pb.GetModelInfoResponse:
+        reply = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
+        return self._remember(reply)
+
+    def generate(
+        self,
+        features: Columns,
+        shared: Columns | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Reply:
+        if self._info is None:
+            self.info()
+        request = _request(self._columns(features), self._columns(shared), outputs)
+        response = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        return _reply(response)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KnowledgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncKnowledgeClient(_Base):
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        application: str | None = None,
+    ):
+        super().__init__(address, token, timeout_s, application)
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(retries))
+        self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
+
+    async def info(self) -> pb.GetModelInfoResponse:
+        reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
+        return self._remember(reply)
+
+    async def generate(
+        self,
+        features: Columns,
+        shared: Columns | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Reply:
+        if self._info is None:
+            await self.info()
+        request = _request(self._columns(features), self._columns(shared), outputs)
+        response = await self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        return _reply(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncKnowledgeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

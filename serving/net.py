@@ -1,0 +1,18 @@
+"""Ports for servers started side by side (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 right now (held open together while
+    chosen, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

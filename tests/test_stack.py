@@ -1,0 +1,45 @@
+"""`gem up --embedded` end to end, as a user runs it: a process that exports a
+checkpoint, brings up Ray Serve, answers `gem query`, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from serving.net import free_ports
+from tests.test_triton_server import GEM_BIN
+
+
+def test_gem_up_serves_until_ctrl_c(tiny_checkpoint, synth_dir, tmp_path):
+    (grpc_port,) = free_ports(1)
+    address = f"127.0.0.1:{grpc_port}"
+    env = {**os.environ, "COLUMNS": "200"}
+    up = subprocess.Popen(
+        [str(GEM_BIN), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_dir),
+         "--repo", str(tmp_path / "repo"), "--grpc-port", str(grpc_port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        query = None
+        while time.monotonic() < deadline and up.poll() is None:
+            query = subprocess.run(
+                [str(GEM_BIN), "query", "--address", address, "--candidates", "2"],
+                capture_output=True, text=True, env=env, timeout=60,
+            )  # fmt: skip
+            if query.returncode == 0:
+                break
+            time.sleep(1)
+        assert up.poll() is None, up.stdout.read()
+        assert query is not None and query.returncode == 0, query.stderr
+        assert "fm v1" in query.stdout
+        os.killpg(up.pid, signal.SIGINT)
+        output, _ = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert up.returncode == 0, output
+    assert "serving gRPC at" in output and "shutting down" in output
+    assert (tmp_path / "repo" / "gem_fm" / "1" / "model.onnx").exists()
