@@ -106,6 +106,7 @@ def _export(
     # The exporter warns about optional packages (torchvision) and axis renames that
     # do not concern these graphs; what matters is checked below.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)

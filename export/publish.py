@@ -70,7 +70,8 @@ def parity_batches(ckpt: Checkpoint, data: Path | None, rows: int) -> list[dict[
 
 def _fm_logits(model: GEM, batch: dict[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
-        return model({k: torch.from_numpy(v) for k, v in batch.items()})[LOGITS].numpy()
+        tensors = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()}
+        return model(tensors)[LOGITS].numpy()
 
 
 def export_checkpoint(

@@ -121,7 +121,17 @@ def _reply(response: pb.GenerateResponse) -> Reply:
 
 
 class _Base:
-    def __init__(self, address: str, token: str | None, timeout_s: float, application: str | None):
+    # grpc.insecure_channel or grpc.aio.insecure_channel
+    _make_channel: Any
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        application: str | None = None,
+    ):
         self.address = address
         self.timeout_s = timeout_s
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -130,6 +140,8 @@ class _Base:
             self.metadata.append(("application", application))
         self._info: pb.GetModelInfoResponse | None = None
         self._schema: FeatureSchema | None = None
+        self._channel = type(self)._make_channel(address, options=channel_options(retries))
+        self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
     def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
         self._info, self._schema = info, schema_from_yaml(info.schema_yaml, source=f"{self.address} GetModelInfo")
@@ -140,17 +152,7 @@ class _Base:
 
 
 class KnowledgeClient(_Base):
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        timeout_s: float = 5.0,
-        retries: int = 3,
-        application: str | None = None,
-    ):
-        super().__init__(address, token, timeout_s, application)
-        self._channel = grpc.insecure_channel(address, options=channel_options(retries))
-        self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
+    _make_channel = staticmethod(grpc.insecure_channel)
 
     def info(self) -> pb.GetModelInfoResponse:
         reply = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
@@ -180,17 +182,7 @@ class KnowledgeClient(_Base):
 
 
 class AsyncKnowledgeClient(_Base):
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        timeout_s: float = 5.0,
-        retries: int = 3,
-        application: str | None = None,
-    ):
-        super().__init__(address, token, timeout_s, application)
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(retries))
-        self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
+    _make_channel = staticmethod(grpc.aio.insecure_channel)
 
     async def info(self) -> pb.GetModelInfoResponse:
         reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)

@@ -16,30 +16,30 @@ def test_gem_up_serves_until_ctrl_c(tiny_checkpoint, synth_dir, tmp_path):
     (grpc_port,) = free_ports(1)
     address = f"127.0.0.1:{grpc_port}"
     env = {**os.environ, "COLUMNS": "200"}
-    up = subprocess.Popen(
-        [str(GEM_BIN), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_dir),
-         "--repo", str(tmp_path / "repo"), "--grpc-port", str(grpc_port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
-    )  # fmt: skip
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        up = subprocess.Popen(
+            [str(GEM_BIN), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_dir),
+             "--repo", str(tmp_path / "repo"), "--grpc-port", str(grpc_port)],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        query = None
-        while time.monotonic() < deadline and up.poll() is None:
-            query = subprocess.run(
-                [str(GEM_BIN), "query", "--address", address, "--candidates", "2"],
-                capture_output=True, text=True, env=env, timeout=60,
-            )  # fmt: skip
-            if query.returncode == 0:
-                break
-            time.sleep(1)
-        assert up.poll() is None, up.stdout.read()
-        assert query is not None and query.returncode == 0, query.stderr
+        while "serving gRPC at" not in log.read_text() and up.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert up.poll() is None and "serving gRPC at" in log.read_text(), log.read_text()[-3000:]
+        query = subprocess.run(
+            [str(GEM_BIN), "query", "--address", address, "--candidates", "2"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert query.returncode == 0, query.stderr
         assert "fm v1" in query.stdout
         os.killpg(up.pid, signal.SIGINT)
-        output, _ = up.communicate(timeout=120)
+        up.wait(timeout=120)
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
-    assert up.returncode == 0, output
-    assert "serving gRPC at" in output and "shutting down" in output
+    output = log.read_text()
+    assert up.returncode == 0, output[-3000:]
+    assert "shutting down" in output
     assert (tmp_path / "repo" / "gem_fm" / "1" / "model.onnx").exists()
