@@ -20,6 +20,7 @@ import torch
 
 from export.onnx_export import (
     ADAPTER_INPUTS,
+    FP16_PARITY_TOLERANCE,
     Parity,
     check_adapter_parity,
     check_fm_parity,
@@ -47,6 +48,8 @@ class ExportConfig:
     parity_rows: int = 512
     # Versions kept on disk per model after publishing.
     keep_versions: int = 3
+    # Also publish a half-precision FM graph (model.fp16.onnx) for a TensorRT FP16 plan.
+    fp16: bool = False
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
@@ -57,6 +60,7 @@ class ExportReport:
     fm_parity: Parity
     adapter_parity: Parity
     seconds: float
+    fp16_parity: Parity | None = None
 
 
 def parity_batches(ckpt: Checkpoint, data: Path | None, rows: int) -> list[dict[str, np.ndarray]]:
@@ -92,12 +96,18 @@ def export_checkpoint(
         logits, surface = ADAPTER_INPUTS
         with_logits = [{logits: _fm_logits(ckpt.model, b), surface: b[surface]} for b in batches]
         adapter_parity = check_adapter_parity(ckpt.adapter, adapter_path, with_logits)
+        fp16_path, fp16_parity = None, None
+        if cfg.fp16:
+            on_stage("exporting the FM in half precision")
+            fp16_path = Path(tmp) / "gem_fm.fp16.onnx"
+            export_fm(ckpt.model, ckpt.schema, fp16_path, fp16=True)
+            fp16_parity = check_fm_parity(ckpt.model, fp16_path, batches, FP16_PARITY_TOLERANCE)
         on_stage("publishing to the model repository")
-        fm = repo.publish(FM_MODEL, fm_path)
+        fm = repo.publish(FM_MODEL, fm_path, fp16_path)
         adapter = repo.publish(ADAPTER_MODEL, adapter_path)
     for model in (FM_MODEL, ADAPTER_MODEL):
         repo.prune(model, cfg.keep_versions)
-    report = ExportReport(fm, adapter, fm_parity, adapter_parity, time.perf_counter() - start)
+    report = ExportReport(fm, adapter, fm_parity, adapter_parity, time.perf_counter() - start, fp16_parity)
     log.info(
         "published %s v%d and %s v%d to %s (parity: FM %.1e, adapter %.1e) in %.1fs",
         FM_MODEL, fm.version, ADAPTER_MODEL, adapter.version, cfg.repository,

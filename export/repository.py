@@ -53,6 +53,7 @@ ADAPTER_VERSION = "adapter_version"
 VERSION_OUTPUTS = {FM_MODEL: FM_VERSION, ADAPTER_MODEL: ADAPTER_VERSION}
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "serving" / "triton" / "python_model" / "model.py"
 REJECTED = ".rejected"
+FP16_FILENAME = "model.fp16.onnx"
 
 
 class RepositoryError(RuntimeError):
@@ -132,9 +133,10 @@ class ModelRepository:
         used = self.versions(model) + [int(p.name) for p in rejected.glob("*") if p.name.isdigit()]
         return max(used, default=0) + 1
 
-    def publish(self, model: str, onnx_path: Path) -> Published:
+    def publish(self, model: str, onnx_path: Path, fp16_path: Path | None = None) -> Published:
         """Stamps the graph with its version, writes configs for every flavour and
-        renames the new version folder into place."""
+        renames the new version folder into place. `fp16_path`: a half-precision graph
+        of the same model, kept beside it for a TensorRT FP16 plan."""
         if model not in VERSION_OUTPUTS:
             raise RepositoryError(f"unknown model {model!r}; one of {', '.join(VERSION_OUTPUTS)}")
         try:
@@ -152,6 +154,10 @@ class ModelRepository:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         onnx.save(stamped, staging / ONNX_FILENAME)
+        if fp16_path is not None:
+            onnx.save(
+                stamp_version(onnx.load(str(fp16_path)), VERSION_OUTPUTS[model], version), staging / FP16_FILENAME
+            )
         shutil.copy2(PYTHON_MODEL_SOURCE, staging / "model.py")
         staging.rename(folder / str(version))
         log.info("published %s version %d", model, version)

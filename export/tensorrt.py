@@ -1,9 +1,10 @@
 """TensorRT plans for the FM: optimization profiles and the build.
 
 A plan only loads in the TensorRT version and GPU family that built it, so it is built
-where it is served: inside the Triton container (`docker compose --profile gpu run
---rm trt-build`, or `gem export --tensorrt` in any environment with `trtexec`), into the
-version folder next to `model.onnx`, where `configs/tensorrt.pbtxt` expects it.
+where it is served: by `gem export --tensorrt` where `trtexec` is, or, where it is not,
+by the `docker run` of the NGC Triton image that its error message spells out; either
+way into the version folder next to `model.onnx`, where `configs/tensorrt.pbtxt`
+expects it.
 
 The profile gives every input its min/opt/max shape: the batch axis from 1 to the
 serving max batch, the sequence axis from 1 to the schema's max length, optimized for a
@@ -21,11 +22,16 @@ from pathlib import Path
 
 import onnx
 
-from export.triton_config import PLAN_FILENAME
+from export.repository import FP16_FILENAME
+from export.triton_config import ONNX_FILENAME, PLAN_FILENAME
 
 
 class TensorRTUnavailable(RuntimeError):
-    """Neither the tensorrt package nor trtexec is here (no GPU build environment)."""
+    """trtexec is not here (no GPU build environment)."""
+
+
+# The NGC image of the Triton release the local server runs (2.51), with TensorRT inside.
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
 
 @dataclass(frozen=True)
@@ -96,17 +102,41 @@ def trtexec_command(onnx_path: Path, plan_path: Path, profile: tuple[InputProfil
     ]
 
 
-def build_plan(version_dir: Path, cfg: ProfileConfig) -> Path:
+def _source(version_dir: Path, fp16: bool) -> str:
+    """The graph a plan is built from: precision comes from the graph."""
+    name = FP16_FILENAME if fp16 else ONNX_FILENAME
+    if not (version_dir / name).exists():
+        raise FileNotFoundError(f"{version_dir / name} is missing (export with --fp16 for an FP16 plan)")
+    return name
+
+
+def container_command(repository: Path, version_dir: Path, cfg: ProfileConfig, fp16: bool = False) -> str:
+    """The same build as one `docker run` on a GPU host: the repository mounted at
+    /models, the plan written under a temporary name and renamed when complete."""
+    inside = Path("/models") / version_dir.resolve().relative_to(repository.resolve())
+    tmp, plan = inside / f".{PLAN_FILENAME}.tmp", inside / PLAN_FILENAME
+    source = _source(version_dir, fp16)
+    profile = profiles(onnx.load(str(version_dir / source), load_external_data=False), cfg)
+    args = trtexec_command(inside / source, tmp, profile)
+    args[0] = "/usr/src/tensorrt/bin/trtexec"
+    return (
+        f"docker run --rm --gpus all -v {repository.resolve()}:/models {TRITON_IMAGE} "
+        f"sh -c '{' '.join(args)} && mv {tmp} {plan}'"
+    )
+
+
+def build_plan(version_dir: Path, cfg: ProfileConfig, fp16: bool = False) -> Path:
     """Builds `model.plan` from `model.onnx` in a version folder (written to a temporary
     name and renamed, so Triton never loads half a plan)."""
     # The NGC images keep trtexec outside PATH.
     trtexec = shutil.which("trtexec", path=f"{os.environ.get('PATH', '')}:/usr/src/tensorrt/bin")
     if trtexec is None:
+        repository = version_dir.parent.parent
         raise TensorRTUnavailable(
-            "TensorRT is not installed here (no trtexec). A plan must be built where it is served: "
-            "run `docker compose --profile gpu run --rm trt-build` on the GPU host."
+            "TensorRT is not installed here (no trtexec), and a plan must be built on the GPU and TensorRT "
+            f"version that serve it. On the GPU host, run:\n  {container_command(repository, version_dir, cfg, fp16)}"
         )
-    onnx_path = version_dir / "model.onnx"
+    onnx_path = version_dir / _source(version_dir, fp16)
     plan = version_dir / PLAN_FILENAME
     tmp = plan.with_name(f".{plan.name}.tmp")
     args = trtexec_command(onnx_path, tmp, profiles(onnx.load(str(onnx_path), load_external_data=False), cfg))

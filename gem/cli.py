@@ -231,14 +231,23 @@ def parity_table(report) -> Table:
     table.add_column("version", justify="right")
     table.add_column("output")
     table.add_column("max |diff|", justify="right")
-    for published, parity in ((report.fm, report.fm_parity), (report.adapter, report.adapter_parity)):
+    rows = [("gem_fm", report.fm, report.fm_parity), ("student_adapter", report.adapter, report.adapter_parity)]
+    if report.fp16_parity is not None:
+        rows.append(("gem_fm fp16", report.fm, report.fp16_parity))
+    for name, published, parity in rows:
         for output, diff in parity.max_abs_diff.items():
-            table.add_row(published.model, str(published.version), output, f"{diff:.2e}")
+            table.add_row(name, str(published.version), output, f"{diff:.2e}")
     return table
 
 
 def run_export(
-    checkpoint: Path, repo: Path, data: Path | None, keep: int, tensorrt: bool = False, triton_url: str | None = None
+    checkpoint: Path,
+    repo: Path,
+    data: Path | None,
+    keep: int,
+    tensorrt: bool = False,
+    triton_url: str | None = None,
+    fp16: bool = False,
 ):
     import asyncio
 
@@ -247,14 +256,14 @@ def run_export(
     from export.tensorrt import ProfileConfig, build_plan
 
     ckpt = load_checkpoint(checkpoint)
-    cfg = ExportConfig(repository=repo, data=data, keep_versions=keep)
+    cfg = ExportConfig(repository=repo, data=data, keep_versions=keep, fp16=fp16)
     with console.status("exporting") as status:
         report = export_checkpoint(ckpt, cfg, on_stage=lambda stage: status.update(stage))
         if tensorrt:
             status.update("building the TensorRT plan")
             seq = max((q.max_length for q in ckpt.schema.sequences), default=1)
             profile = ProfileConfig(max_batch=cfg.serving.max_batch_size, max_seq=seq, opt_seq=min(128, seq))
-            build_plan(report.fm.path, profile)
+            build_plan(report.fm.path, profile, fp16)
     if triton_url:
         from serving.triton.client import TritonClient
         from serving.triton.rollout import roll_out
@@ -286,12 +295,16 @@ def export_cmd(
     load: Annotated[
         str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")
     ] = None,
+    fp16: Annotated[
+        bool,
+        typer.Option(help="Also publish a half-precision FM graph (model.fp16.onnx); with --tensorrt, an FP16 plan."),
+    ] = False,
 ) -> None:
     """Export a checkpoint to ONNX (parity-checked against PyTorch) and publish it as new
     versions of gem_fm and student_adapter in the Triton model repository."""
     if data is None and any(DEFAULT_DATA.glob("*.parquet")):
         data = DEFAULT_DATA
-    report = run_export(checkpoint, repo, data, keep, tensorrt, load)
+    report = run_export(checkpoint, repo, data, keep, tensorrt, load, fp16)
     Console().print(parity_table(report))
 
 

@@ -10,17 +10,28 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.onnx_export import FP16_PARITY_TOLERANCE, forbidden_ops
+from export.publish import ExportConfig, export_checkpoint
 from export.repository import (
     ADAPTER_MODEL,
     ENSEMBLE_MODEL,
     FM_MODEL,
     FM_VERSION,
+    FP16_FILENAME,
     ModelRepository,
     RepositoryError,
     stamp_version,
 )
-from export.tensorrt import ProfileConfig, TensorRTUnavailable, build_plan, profiles, trtexec_command
+from export.tensorrt import (
+    ProfileConfig,
+    TensorRTUnavailable,
+    build_plan,
+    container_command,
+    profiles,
+    trtexec_command,
+)
 from export.triton_config import FLAVOURS, config_filename
+from model.checkpoint import load_checkpoint
 from model.features import FM_OUTPUTS, input_specs, random_batch
 
 
@@ -138,5 +149,25 @@ def test_tensorrt_build_says_where_to_run_when_absent(published_repo, monkeypatc
     monkeypatch.setenv("PATH", "/nonexistent")
     if shutil.which("trtexec", path="/usr/src/tensorrt/bin"):
         pytest.skip("trtexec is installed here; the missing-TensorRT message cannot be seen")
-    with pytest.raises(TensorRTUnavailable, match="docker compose --profile gpu"):
+    with pytest.raises(TensorRTUnavailable, match="docker run --rm --gpus all") as e:
         build_plan(published_repo / FM_MODEL / "1", ProfileConfig())
+    # The command builds into the mounted version folder and renames the plan into place.
+    assert "--onnx=/models/gem_fm/1/model.onnx" in str(e.value)
+    assert "mv /models/gem_fm/1/.model.plan.tmp /models/gem_fm/1/model.plan" in str(e.value)
+
+
+def test_fp16_graph_is_published_beside_the_fp32_one(tiny_checkpoint, tmp_path, schema):
+    report = export_checkpoint(load_checkpoint(tiny_checkpoint), ExportConfig(repository=tmp_path / "repo", fp16=True))
+    assert 1e-6 < report.fp16_parity.worst <= FP16_PARITY_TOLERANCE, "a half graph differs, but only a little"
+    half = onnx.load(str(report.fm.path / FP16_FILENAME))
+    assert onnx.TensorProto.FLOAT16 in {i.data_type for i in half.graph.initializer}, "weights are half precision"
+    assert [i.type.tensor_type.elem_type for i in half.graph.input] == [
+        i.type.tensor_type.elem_type for i in onnx.load(str(report.fm.path / "model.onnx")).graph.input
+    ], "the serving signature is unchanged"
+    (versions,) = ort.InferenceSession(str(report.fm.path / FP16_FILENAME)).run(
+        [FM_VERSION], random_batch(schema, 3, 2)
+    )
+    assert (versions == 1).all()
+    assert forbidden_ops(half) == []
+    command = container_command(tmp_path / "repo", report.fm.path, ProfileConfig(), fp16=True)
+    assert "--onnx=/models/gem_fm/1/model.fp16.onnx" in command
