@@ -30,6 +30,7 @@ protos: setup
 
 bench: setup
 	$(VENV)/bin/python -m bench.inference
+	$(VENV)/bin/python -m bench.frontend
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache
