@@ -201,5 +201,5 @@ class ModelRepository:
         return old
 
 
-# The FM outputs that the ensemble returns besides the adapter's (for the client).
+# Everything one call to the ensemble returns.
 KNOWLEDGE_OUTPUTS = (*FM_OUTPUTS, ADAPTER_OUTPUT, FM_VERSION, ADAPTER_VERSION)

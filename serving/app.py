@@ -93,7 +93,6 @@ class KnowledgeIngress:
         )
         self._batched.set_max_batch_size(self.cfg.max_batch_examples)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self.last_versions = pb.ModelVersions()
         log.info("GEM knowledge ingress: backend %s, schema %s", self.backend.name, self.schema.name)
 
     def _authorized(self, context: RayServegRPCContext) -> bool:
@@ -133,8 +132,8 @@ class KnowledgeIngress:
         for api_name, model_name in wanted:
             value = result.outputs[model_name]
             outputs[api_name] = encode(_sigmoid(value) if api_name in PROBABILITIES else value)
-        self.last_versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
-        return pb.GenerateResponse(outputs=outputs, versions=self.last_versions)
+        versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
+        return pb.GenerateResponse(outputs=outputs, versions=versions)
 
     @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002, batch_size_fn=_rows_of)
     async def _batched(self, calls: list[Call]) -> list[Knowledge | Exception]:
