@@ -64,7 +64,7 @@ app.add_typer(triton_app, name="triton")
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
     SchemaError, DataError, CheckpointError, ExportError, RepositoryError, TensorRTUnavailable, TritonError,
-    BackendError, ValueError, FileNotFoundError,
+    BackendError, ValueError, FileNotFoundError, OSError, TimeoutError,
 )  # fmt: skip
 
 

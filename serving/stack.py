@@ -11,6 +11,7 @@ from pathlib import Path
 
 from serving import frontend
 from serving.config import FrontendConfig
+from serving.net import port_in_use
 from serving.triton.server import TritonConfig, TritonServer
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,24 @@ class StackConfig:
     triton_metrics_port: int = 8002
 
 
+def check_ports(cfg: StackConfig) -> None:
+    """Fails before starting anything if a port the stack needs is taken."""
+    ports = {"--grpc-port": cfg.grpc_port, "the front end's HTTP port": cfg.http_port}
+    if not cfg.embedded:
+        ports |= {
+            "Triton's HTTP port": cfg.triton_http_port,
+            "Triton's gRPC port": cfg.triton_grpc_port,
+            "Triton's metrics port": cfg.triton_metrics_port,
+        }
+    taken = [f"{port} ({what})" for what, port in ports.items() if port_in_use(port)]
+    if taken:
+        raise OSError(f"port(s) already in use: {', '.join(taken)}; is another stack running? (gem triton down)")
+
+
 @contextlib.contextmanager
 def local_stack(cfg: StackConfig) -> Iterator[str]:
     """Yields the front end's gRPC address once it answers health checks."""
+    check_ports(cfg)
     with contextlib.ExitStack() as stack:
         if cfg.embedded:
             frontend_cfg = FrontendConfig(backend="onnxruntime", repository=cfg.repository)

@@ -4,7 +4,9 @@ checkpoint, brings up Ray Serve, answers `gem query`, and stops cleanly on Ctrl-
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -43,3 +45,18 @@ def test_gem_up_serves_until_ctrl_c(tiny_checkpoint, synth_dir, tmp_path):
     assert up.returncode == 0, output[-3000:]
     assert "shutting down" in output
     assert (tmp_path / "repo" / "gem_fm" / "1" / "model.onnx").exists()
+
+
+def test_gem_up_refuses_a_taken_port_before_starting_anything(tiny_checkpoint, published_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(published_repo, repo)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(GEM_BIN), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo),
+             "--grpc-port", str(port)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"{port} (--grpc-port)" in result.stderr and "Traceback" not in result.stderr
