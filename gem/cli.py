@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -513,11 +512,11 @@ def query(
     for task in info.tasks:
         table.add_column(f"{task} label", justify="right")
         table.add_column(f"{task} adapted", justify="right")
-    table.add_column("embedding[:3]")
+    table.add_column("embedding[:3]", no_wrap=True)
     for i in range(candidates):
         cells = [str(i)]
         for t in range(len(info.tasks)):
             cells += [f"{reply.outputs['labels'][i, t]:.4f}", f"{reply.outputs['adapted_labels'][i, t]:.4f}"]
-        cells.append(np.array2string(reply.outputs["embedding"][i, :3], precision=3))
+        cells.append(" ".join(f"{x:+.3f}" for x in reply.outputs["embedding"][i, :3]))
         table.add_row(*cells)
     Console().print(table)
