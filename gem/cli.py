@@ -520,3 +520,56 @@ def query(
         cells.append(" ".join(f"{x:+.3f}" for x in reply.outputs["embedding"][i, :3]))
         table.add_row(*cells)
     Console().print(table)
+
+
+@app.command("embed")
+@friendly_errors
+def embed_cmd(
+    source: Annotated[
+        str, typer.Argument(help="Parquet file, folder or glob of logged examples (the schema's format).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: one subfolder per input file, errors in _errors/.")],
+    repo: RepoOption = DEFAULT_REPO,
+    backend: Annotated[str, typer.Option(help="onnxruntime (in the Ray actors) or triton.")] = "onnxruntime",
+    triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
+    batch_size: Annotated[int, typer.Option(help="Rows per model call in each actor.")] = 1024,
+    actors: Annotated[int, typer.Option(help="Actors in the pool, each holding a model or a client.")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Redo files whose output exists (default: skip them).")] = False,
+    fail_on_error: Annotated[
+        bool, typer.Option(help="Stop at the first file that cannot be read as the schema (default: report, go on).")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows per file: a dry run.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
+    schema: SchemaOption = DEFAULT_SCHEMA_PATH,
+) -> None:
+    """Stamp GEM's knowledge (labels and adapted labels per task, embeddings, versions) onto
+    logged examples, as a Ray Data job. Resumable: finished files are skipped on a rerun."""
+    from serving.embed import EmbedConfig, run_embed
+
+    cfg = EmbedConfig(
+        source=source, out=out, repository=repo, schema_path=schema, backend=backend, triton_url=triton_url,
+        batch_size=batch_size, actors=actors, overwrite=overwrite, fail_on_error=fail_on_error, limit=limit,
+        address=address,
+    )  # fmt: skip
+    with _progress("rows") as progress:
+        task = progress.add_task("stamping knowledge", total=None)
+
+        def on_file(result) -> None:
+            progress.advance(task, result.rows_in)
+            state = "skipped (done before)" if result.skipped else result.error or f"{result.rows_out:,} rows"
+            log.info("%s: %s", result.path.name, state)
+
+        summary = run_embed(cfg, on_file)
+    table = Table(title=f"gem embed -> {out}")
+    for col in ("files", "skipped", "failed", "rows in", "rows out", "error rows", "seconds", "rows/s"):
+        table.add_column(col, justify="right")
+    done = [f for f in summary.files if not f.skipped and not f.error]
+    rate = sum(f.rows_in for f in done) / summary.seconds if summary.seconds else 0.0
+    table.add_row(
+        str(len(summary.files)), str(sum(f.skipped for f in summary.files)), str(len(summary.failed_files)),
+        f"{summary.rows_in:,}", f"{summary.rows_out:,}", f"{summary.error_rows:,}", f"{summary.seconds:.1f}",
+        f"{rate:,.0f}",
+    )  # fmt: skip
+    Console().print(table)
+    if summary.failed_files:
+        raise DataError("; ".join(f"{f.path.name}: {f.error}" for f in summary.failed_files))

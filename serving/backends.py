@@ -77,7 +77,8 @@ class OnnxBackend:
         self.fm_inputs = [i.name for i in self.fm.get_inputs()]
         self.fm_outputs = [o.name for o in self.fm.get_outputs()]
 
-    def _run(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
+    def run(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
+        """Synchronous inference (the batch job calls this from its actors)."""
         feeds = {n: np.ascontiguousarray(batch[n]) for n in self.fm_inputs}
         out = dict(zip(self.fm_outputs, self.fm.run(self.fm_outputs, feeds), strict=True))
         logits, surface = ADAPTER_INPUTS
@@ -89,7 +90,7 @@ class OnnxBackend:
         return Knowledge({k: out[k] for k in outputs}, fm, adapter)
 
     async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        return await asyncio.to_thread(self._run, batch, outputs)
+        return await asyncio.to_thread(self.run, batch, outputs)
 
     async def close(self) -> None:
         return None

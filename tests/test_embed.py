@@ -1,0 +1,157 @@
+"""`gem embed` on Ray Data: ids one to one, values equal the in-process model, a crash
+and rerun give the same output, bad files and bad rows are reported, Triton agrees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.data.reader import resolve_paths, table_to_batch
+from serving.embed import EmbedConfig, run_embed
+from serving.net import free_ports
+from serving.triton.server import TritonConfig, TritonServer
+from tests.test_triton_server import GEM_BIN
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def logged(synth_dir, tmp_path_factory):
+    """The synthetic shards, one file with a wrong column type, one with bad rows."""
+    folder = tmp_path_factory.mktemp("logged")
+    for path in resolve_paths(synth_dir):
+        shutil.copy(path, folder / path.name)
+    table = pq.read_table(resolve_paths(synth_dir)[0]).slice(0, 500)
+    as_text = pc.cast(table["ad_id"], pa.string())
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("ad_id"), "ad_id", as_text), folder / "wrong-type.parquet"
+    )
+    surfaces = table["surface"].cast(pa.string()).to_pylist()
+    surfaces[3] = "billboard"
+    user_id = table["user_id"].to_pylist()
+    user_id[7] = None
+    bad_rows = table.set_column(table.schema.get_field_index("surface"), "surface", pa.array(surfaces))
+    bad_rows = bad_rows.set_column(bad_rows.schema.get_field_index("user_id"), "user_id", pa.array(user_id, pa.int64()))
+    pq.write_table(bad_rows, folder / "bad-rows.parquet")
+    return folder
+
+
+def read_out(folder) -> pa.Table:
+    return pq.read_table(folder).sort_by("example_id")
+
+
+@pytest.fixture(scope="module")
+def embedded(logged, published_repo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("embedded")
+    summary = run_embed(EmbedConfig(source=str(logged), out=out, repository=published_repo, batch_size=4096))
+    return out, summary
+
+
+def test_every_good_row_out_once_and_bad_ones_reported(embedded, logged):
+    out, summary = embedded
+    by_name = {f.path.name: f for f in summary.files}
+    assert "ad_id" in by_name["wrong-type.parquet"].error and by_name["wrong-type.parquet"].rows_out == 0
+    assert not (out / "wrong-type").exists()
+    for path in resolve_paths(logged):
+        if path.name == "wrong-type.parquet":
+            continue
+        ids_in = pq.read_table(path, columns=["example_id"])["example_id"].to_numpy()
+        result = by_name[path.name]
+        assert result.rows_in == len(ids_in) == result.rows_out + result.error_rows
+        ids_out = read_out(out / path.stem)["example_id"].to_numpy()
+        errors = pq.read_table(out / "_errors" / path.stem)["example_id"].to_numpy() if result.error_rows else []
+        np.testing.assert_array_equal(np.sort(np.concatenate([ids_out, errors])), np.sort(ids_in))
+    bad = pq.read_table(out / "_errors" / "bad-rows")
+    assert sorted(bad["error"].to_pylist()) == ["unknown surface", "user_id is null"]
+
+
+def test_values_equal_the_in_process_model(embedded, synth_dir, tiny_checkpoint, schema):
+    out, _ = embedded
+    path = resolve_paths(synth_dir)[1]
+    table = pq.read_table(path).sort_by("example_id").slice(0, 300)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    batch = table_to_batch(table, schema, labels=False)
+    with torch.no_grad():
+        want = ckpt.model({k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()})
+        adapted = ckpt.adapter(want["logits"], torch.from_numpy(batch["surface"]))
+    got = read_out(out / path.stem).slice(0, 300)
+    assert got["example_id"].to_pylist() == table["example_id"].to_pylist()
+    for t, task in enumerate(schema.task_names):
+        np.testing.assert_allclose(got[f"knowledge_{task}"], torch.sigmoid(want["logits"][:, t]), atol=1e-4)
+        np.testing.assert_allclose(got[f"adapted_{task}"], torch.sigmoid(adapted[:, t]), atol=1e-4)
+    embedding = np.stack(got["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(embedding, want["embedding"].numpy(), atol=1e-4)
+    assert got.schema.field("user_embedding").type == pa.list_(pa.float32(), want["user_embedding"].shape[1])
+    assert set(got["fm_version"].to_pylist()) == {1}
+
+
+def test_rerun_skips_finished_files(embedded, logged, published_repo):
+    out, _ = embedded
+    summary = run_embed(EmbedConfig(source=str(logged), out=out, repository=published_repo))
+    assert all(f.skipped for f in summary.files if f.path.name != "wrong-type.parquet")
+
+
+def test_killed_midway_and_rerun_equals_an_uninterrupted_run(embedded, synth_dir, published_repo, tmp_path):
+    reference, _ = embedded
+    out = tmp_path / "out"
+    args = [
+        str(GEM_BIN),
+        "embed",
+        str(synth_dir),
+        "--out",
+        str(out),
+        "--repo",
+        str(published_repo),
+        "--batch-size",
+        "512",
+    ]
+    job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not any(out.glob("part-*")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    done_before = sorted(p.name for p in out.glob("part-*"))
+    assert 0 < len(done_before) < 4, "the job must be killed between files"
+    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "skipped" in rerun.stderr
+    for path in resolve_paths(synth_dir):
+        assert read_out(out / path.stem).equals(read_out(reference / path.stem)), path.name
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_triton_backend_gives_the_same_values(published_repo, synth_dir, tmp_path, embedded):
+    reference, _ = embedded
+    repo = tmp_path / "repo"
+    shutil.copytree(published_repo, repo)
+    http, grpc_port, metrics = free_ports(3)
+    path = resolve_paths(synth_dir)[2]
+    with TritonServer(TritonConfig(repo, tmp_path / "triton", http, grpc_port, metrics)) as server:
+        cfg = EmbedConfig(source=str(path), out=tmp_path / "out", backend="triton", triton_url=server.cfg.grpc_url,
+                          limit=2000)  # fmt: skip
+        summary = run_embed(cfg)
+    assert summary.files[0].rows_out == 2000
+    got = read_out(tmp_path / "out" / path.stem)
+    want = read_out(reference / path.stem).filter(
+        pc.is_in(read_out(reference / path.stem)["example_id"], got["example_id"])
+    )
+    for column in ("knowledge_click", "adapted_conversion"):
+        np.testing.assert_allclose(got[column], want[column], atol=1e-5)
