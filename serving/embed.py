@@ -242,8 +242,12 @@ def embed_file(path: Path, cfg: EmbedConfig, schema: FeatureSchema) -> FileResul
         if cfg.limit is not None:
             ds = ds.limit(cfg.limit)
         result.rows_in = ds.count()
+        # Actors must leave a CPU to the read and write tasks, or a pool as large as the
+        # machine waits forever for its input.
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
         stamped = ds.map_batches(
             KnowledgeStamper,
+            num_cpus=min(1.0, max(0.25, (cpus - 1) / cfg.actors)),
             fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml()},
             batch_size=cfg.batch_size,
             batch_format="pyarrow",

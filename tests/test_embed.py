@@ -110,17 +110,8 @@ def test_rerun_skips_finished_files(embedded, logged, published_repo):
 def test_killed_midway_and_rerun_equals_an_uninterrupted_run(embedded, synth_dir, published_repo, tmp_path):
     reference, _ = embedded
     out = tmp_path / "out"
-    args = [
-        str(GEM_BIN),
-        "embed",
-        str(synth_dir),
-        "--out",
-        str(out),
-        "--repo",
-        str(published_repo),
-        "--batch-size",
-        "512",
-    ]
+    args = [str(GEM_BIN), "embed", str(synth_dir), "--out", str(out), "--repo", str(published_repo),
+            "--actors", "2", "--batch-size", "1024"]  # fmt: skip
     job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
