@@ -110,15 +110,11 @@ class KnowledgeIngress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         if not self._authorized(grpc_context):
-            return self._fail(
-                grpc_context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token", pb.GenerateResponse()
-            )
+            return self._fail(grpc_context, UNAUTHENTICATED, NO_TOKEN, pb.GenerateResponse)
         try:
             wanted = [OUTPUTS[o] for o in (request.outputs or OUTPUTS)]
         except KeyError as e:
-            return self._fail(
-                grpc_context, grpc.StatusCode.INVALID_ARGUMENT, f"unknown output {e.args[0]}", pb.GenerateResponse()
-            )
+            return self._fail(grpc_context, INVALID, f"unknown output {e.args[0]}", pb.GenerateResponse)
         try:
             batch = assemble(self.schema, decode_map(request.features), decode_map(request.shared), self.limits)
         except (RequestError, WireError) as e:
@@ -159,12 +155,7 @@ class KnowledgeIngress:
         self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext
     ) -> pb.GetModelInfoResponse:
         if not self._authorized(grpc_context):
-            return self._fail(
-                grpc_context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong bearer token",
-                pb.GetModelInfoResponse(),
-            )
+            return self._fail(grpc_context, UNAUTHENTICATED, NO_TOKEN, pb.GetModelInfoResponse)
         s = self.schema
         max_length = {q.name: q.max_length for q in s.sequences}
         inputs = [

@@ -130,7 +130,6 @@ class KnowledgeStamper:
         from model.schema import schema_from_yaml
 
         self.schema = schema_from_yaml(schema_yaml)
-        self.cfg = cfg
         if cfg.backend == "onnxruntime":
             from serving.backends import OnnxBackend
 

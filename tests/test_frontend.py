@@ -309,3 +309,10 @@ def test_serve_config_file_is_valid_and_matches_the_code():
     assert app.import_path == "serving.app:app_builder"
     FrontendConfig.from_args(app.args)  # every arg is a known setting
     assert app.deployments[0].max_ongoing_requests >= 512
+
+
+def test_unknown_output_is_invalid_argument(stack, schema):
+    address, _, _ = stack
+    with pytest.raises(grpc.RpcError) as e:
+        generate(address, "triton", random_batch(schema, 2, 2), outputs=[99])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown output 99" in e.value.details()
