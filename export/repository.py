@@ -31,13 +31,15 @@ from onnx import helper, numpy_helper
 
 from export.onnx_export import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from export.triton_config import (
+    DEFAULT_FLAVOUR,
     FLAVOURS,
     ONNX_FILENAME,
     ServingConfig,
     Step,
     config_filename,
+    config_io,
     ensemble_config,
-    graph_io,
+    from_pbtxt,
     model_config,
     to_pbtxt,
 )
@@ -165,12 +167,13 @@ class ModelRepository:
         return Published(model, version, folder / str(version))
 
     def _write_ensemble(self) -> None:
-        """The ensemble config, once both models have a version (its IO is theirs)."""
-        fm, adapter = self.latest(FM_MODEL), self.latest(ADAPTER_MODEL)
-        if fm is None or adapter is None:
+        """The ensemble config, once both models have a version. Its IO is theirs, read
+        from the configs just written rather than from the (possibly large) graphs."""
+        if self.latest(FM_MODEL) is None or self.latest(ADAPTER_MODEL) is None:
             return
-        fm_in, fm_out = graph_io(onnx.load(str(self.root / FM_MODEL / str(fm) / ONNX_FILENAME)))
-        _, ad_out = graph_io(onnx.load(str(self.root / ADAPTER_MODEL / str(adapter) / ONNX_FILENAME)))
+        default = config_filename(DEFAULT_FLAVOUR)
+        fm_in, fm_out = config_io(from_pbtxt((self.root / FM_MODEL / default).read_text()))
+        _, ad_out = config_io(from_pbtxt((self.root / ADAPTER_MODEL / default).read_text()))
         adapter_logits, surface = ADAPTER_INPUTS
         steps = (
             Step(FM_MODEL, {t.name: t.name for t in fm_in}, {t.name: t.name for t in fm_out}),

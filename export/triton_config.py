@@ -78,6 +78,15 @@ def graph_io(proto: onnx.ModelProto) -> tuple[tuple[Tensor, ...], tuple[Tensor, 
     return tuple(map(convert, proto.graph.input)), tuple(map(convert, proto.graph.output))
 
 
+def config_io(config: mc.ModelConfig) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The inputs and outputs a written model config declares (the inverse of `_base`)."""
+
+    def convert(entries) -> tuple[Tensor, ...]:
+        return tuple(Tensor(e.name, e.data_type, tuple(e.dims), scalar=e.HasField("reshape")) for e in entries)
+
+    return convert(config.input), convert(config.output)
+
+
 def _add_tensors(field, tensors: tuple[Tensor, ...], reshape: bool) -> None:
     for t in tensors:
         entry = field.add(name=t.name, data_type=t.data_type, dims=list(t.dims))
@@ -157,6 +166,10 @@ def ensemble_config(
 
 def to_pbtxt(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
+
+
+def from_pbtxt(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
 
 
 def config_filename(flavour: str) -> str:

@@ -77,3 +77,9 @@ def random_batch(schema: FeatureSchema, batch_size: int, seq_len: int, seed: int
         else:
             batch[spec.name] = rng.integers(0, len(schema.surfaces), batch_size)
     return batch
+
+
+def zero_batch(schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """One all-zero example (surface 0, no events): valid for every schema, so a probe
+    of what a served model returns (output widths, versions)."""
+    return {s.name: np.zeros((1, 1) if s.rank == 2 else (1,), s.dtype) for s in input_specs(schema)}

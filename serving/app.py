@@ -24,9 +24,9 @@ from ray.serve.grpc_util import RayServegRPCContext
 from export.onnx_export import ADAPTER_OUTPUT
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from model.data.reader import concat
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_batch
 from model.schema import load_schema
-from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend
+from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend, sigmoid
 from serving.config import FrontendConfig
 from serving.triton.client import BackendError, BackendUnavailable, InvalidRequest
 from serving.validation import Limits, RequestError, assemble
@@ -61,10 +61,6 @@ class Call:
     @property
     def rows(self) -> int:
         return len(next(iter(self.batch.values())))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
 def _split(knowledge: Knowledge, calls: list[Call]) -> list[Knowledge]:
@@ -127,7 +123,7 @@ class KnowledgeIngress:
         outputs = {}
         for api_name, model_name in wanted:
             value = result.outputs[model_name]
-            outputs[api_name] = encode(_sigmoid(value) if api_name in PROBABILITIES else value)
+            outputs[api_name] = encode(sigmoid(value) if api_name in PROBABILITIES else value)
         versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
         return pb.GenerateResponse(outputs=outputs, versions=versions)
 
@@ -194,10 +190,7 @@ class KnowledgeIngress:
 
     async def _probe(self) -> Knowledge:
         """One all-zero example through the backend: output widths and serving versions."""
-        batch = {
-            spec.name: np.zeros((1, 1) if spec.rank == 2 else (1,), spec.dtype) for spec in input_specs(self.schema)
-        }
-        return await self.backend.infer(batch, tuple(model for _, model in OUTPUTS.values()))
+        return await self.backend.infer(zero_batch(self.schema), tuple(model for _, model in OUTPUTS.values()))
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext):
         """gRPC health checking: SERVING when the backend answers."""

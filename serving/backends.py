@@ -39,6 +39,11 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Labels are probabilities: float32 sigmoid of the logits."""
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
 def _versions(out: dict[str, np.ndarray]) -> tuple[int, int]:
     return int(out.pop(FM_VERSION)[0, 0]), int(out.pop(ADAPTER_VERSION)[0, 0])
 

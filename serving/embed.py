@@ -29,9 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from export.onnx_export import ADAPTER_OUTPUT
-from model.data.reader import DataError, resolve_paths, table_to_batch
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs
+from model.data.reader import DataError, check_columns, resolve_paths, table_to_batch
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_batch
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
+from serving.backends import OnnxBackend, TritonBackend, sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +132,16 @@ class KnowledgeStamper:
 
         self.schema = schema_from_yaml(schema_yaml)
         if cfg.backend == "onnxruntime":
-            from serving.backends import OnnxBackend
-
             backend = OnnxBackend(cfg.repository)
             self.infer = lambda batch: backend.run(batch, MODEL_OUTPUTS)
         else:
-            from serving.backends import TritonBackend
-
             # The asyncio Triton client wants its loop current while it is made.
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             backend = TritonBackend(cfg.triton_url, timeout_s=120)
             self.infer = lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS))
         # Output widths from one all-zero row, for batches in which no row can be served.
-        zeros = {s.name: np.zeros((1, 1) if s.rank == 2 else (1,), s.dtype) for s in input_specs(self.schema)}
-        probe = self.infer(zeros).outputs
+        probe = self.infer(zero_batch(self.schema)).outputs
         self.widths = {name: probe[name].shape[1] for name in (EMBEDDING, USER_EMBEDDING)}
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -161,7 +157,7 @@ class KnowledgeStamper:
             for prefix, output in (("knowledge", LOGITS), ("adapted", ADAPTER_OUTPUT)):
                 values = np.zeros(n, np.float32)
                 if rows.num_rows:
-                    values[good] = 1.0 / (1.0 + np.exp(-knowledge.outputs[output][:, t]))
+                    values[good] = sigmoid(knowledge.outputs[output][:, t])
                 columns[f"{prefix}_{task}"] = pa.array(values, mask=missing)
         for name, width in self.widths.items():
             values = np.zeros((n, width), np.float32)
@@ -186,27 +182,13 @@ def _refused(table: pa.Table) -> pa.Table:
     return table.filter(pc.is_valid(table.column("error"))).select([*keys, "error"])
 
 
-def check_columns(path: Path, schema: FeatureSchema) -> None:
-    """The file's column types against the schema, from the Parquet footer alone, so a
-    wrong file is refused before any work (naming the column)."""
+def _check_file(path: Path, schema: FeatureSchema) -> None:
+    """A file whose columns do not fit the schema is refused from its footer, before any work."""
     try:
         columns = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"not a readable Parquet file: {e}") from None
-    for spec in input_specs(schema):
-        if spec.kind == "length":
-            continue
-        if spec.name not in columns.names:
-            raise DataError(f"missing column {spec.name!r}")
-        t = columns.field(spec.name).type
-        ok = {
-            "sparse": pa.types.is_integer(t),
-            "dense": pa.types.is_integer(t) or pa.types.is_floating(t),
-            "sequence": (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type),
-            "surface": pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_dictionary(t),
-        }[spec.kind]
-        if not ok:
-            raise DataError(f"column {spec.name!r}: type {t} does not fit a {spec.kind} feature")
+    check_columns(columns, schema)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -236,7 +218,7 @@ def embed_file(path: Path, cfg: EmbedConfig, schema: FeatureSchema) -> FileResul
     tmp = cfg.out / f".{path.stem}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        check_columns(path, schema)
+        _check_file(path, schema)
         ds = ray.data.read_parquet(str(path))
         if cfg.limit is not None:
             ds = ds.limit(cfg.limit)

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.onnx_export import FP16_PARITY_TOLERANCE, forbidden_ops
@@ -30,13 +29,13 @@ from export.tensorrt import (
     profiles,
     trtexec_command,
 )
-from export.triton_config import FLAVOURS, config_filename
+from export.triton_config import FLAVOURS, config_filename, from_pbtxt
 from model.checkpoint import load_checkpoint
 from model.features import FM_OUTPUTS, input_specs, random_batch
 
 
 def read_config(path) -> mc.ModelConfig:
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
+    return from_pbtxt(path.read_text())
 
 
 @pytest.fixture

@@ -74,23 +74,41 @@ def surface_index(column: pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
     return index.to_numpy().astype(np.int64)
 
 
-def _check_type(table: pa.Table, name: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise DataError(f"column {name!r}: expected {expected}, got {table.schema.field(name).type}")
+# What each kind of input accepts in Parquet, and how the error names it.
+_COLUMN_TYPES = {
+    "sparse": (pa.types.is_integer, "an integer type"),
+    "dense": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "a numeric type"),
+    "sequence": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type), "list<int64>"),
+    "surface": (lambda t: pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_dictionary(t),
+                "surface names or indices"),
+}  # fmt: skip
+
+
+def check_columns(columns: pa.Schema, schema: FeatureSchema, labels: bool = False) -> None:
+    """Column names and types against the schema, before any data is read (a Parquet
+    footer is enough). Raises a DataError naming the first bad column."""
+    needed = [s.name for s in input_specs(schema) if s.kind != "length"]
+    if labels:
+        needed += [t.label_column for t in schema.tasks]
+    missing = [n for n in needed if n not in columns.names]
+    if missing:
+        raise DataError(
+            f"missing column {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    for spec in input_specs(schema):
+        if spec.kind == "length":
+            continue
+        accepts, expected = _COLUMN_TYPES[spec.kind]
+        found = columns.field(spec.name).type
+        if not accepts(found):
+            raise DataError(f"column {spec.name!r}: expected {expected}, got {found}")
 
 
 def table_to_batch(
     table: pa.Table, schema: FeatureSchema, *, max_seq_len: int | None = None, labels: bool = True
 ) -> Batch:
     """An Arrow table in the schema's format -> the model's input arrays (+ labels)."""
-    needed = [s.name for s in input_specs(schema) if s.kind not in ("length",)]
-    if labels:
-        needed += [t.label_column for t in schema.tasks]
-    missing = [n for n in needed if n not in table.column_names]
-    if missing:
-        raise DataError(
-            f"missing column {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
+    check_columns(table.schema, schema, labels)
 
     batch: Batch = {}
     for spec in input_specs(schema):
@@ -100,19 +118,12 @@ def table_to_batch(
         if spec.kind == "surface":
             batch[spec.name] = surface_index(col, schema)
         elif spec.kind == "sequence":
-            _check_type(
-                table, spec.name, pa.types.is_list(col.type) and pa.types.is_integer(col.type.value_type), "list<int64>"
-            )
             batch[spec.name], length = pad_lists(col, max_seq_len)
             length_name = next(s.length_name for s in schema.sequences if s.name == spec.sequence)
             batch[length_name] = length
         elif spec.kind == "sparse":
-            _check_type(table, spec.name, pa.types.is_integer(col.type), "an integer type")
             batch[spec.name] = col.to_numpy().astype(np.int64, copy=False)
         else:
-            _check_type(
-                table, spec.name, pa.types.is_floating(col.type) or pa.types.is_integer(col.type), "a numeric type"
-            )
             batch[spec.name] = col.to_numpy().astype(np.float32, copy=False)
         if col.null_count:
             raise DataError(f"column {spec.name!r}: {col.null_count} null values")
