@@ -3,7 +3,7 @@ rows/s moves with the actor pool size and batch size.
 
     .venv/bin/python -m bench.embed [--rows 200000] [--preset small]
 
-Prints a table (with the ratio to the bare loop) and writes bench/results/embed.json.
+Prints a table (with the ratio to the bare loop) and writes bench/results/embed-<rows>.json.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import ray
 from rich.console import Console
 from rich.table import Table
 
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--actors", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
-    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 2048])
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 8192])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     console, schema, cfg = Console(stderr=True), load_schema(), preset(args.preset)
@@ -59,6 +60,8 @@ def main() -> None:
                     backend.run(table_to_batch(table.slice(offset, 2048), schema, labels=False), MODEL_OUTPUTS)
             bare = args.rows / (time.perf_counter() - start)
         rows.append({"system": "bare onnxruntime loop", "actors": 1, "batch_size": 2048, "rows_per_s": bare})
+        # Ray itself starts once, outside the timings (a job pays it once, a cluster never).
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         for actors, batch_size in itertools.product(args.actors, args.batch_sizes):
             with console.status(f"gem embed: {actors} actor(s), batch {batch_size}"):
                 out = tmp / f"out-{actors}-{batch_size}"
@@ -75,7 +78,7 @@ def main() -> None:
                       f"{r['rows_per_s'] / bare:.2f}")  # fmt: skip
     Console().print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "embed.json").write_text(json.dumps({"config": vars(args), "results": rows}, indent=2))
+    (RESULTS / f"embed-{args.rows}.json").write_text(json.dumps({"config": vars(args), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

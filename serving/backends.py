@@ -63,6 +63,15 @@ class TritonBackend:
         await self.client.close()
 
 
+def published_graphs(repository: Path) -> tuple[Path, Path]:
+    """The latest FM and adapter ONNX files of a repository, or a clear error."""
+    repo = ModelRepository(repository)
+    fm, adapter = repo.latest(FM_MODEL), repo.latest(ADAPTER_MODEL)
+    if fm is None or adapter is None:
+        raise BackendUnavailable(f"no published model in {repository}; run `gem export` (or `gem bootstrap`) first")
+    return (repository / FM_MODEL / str(fm) / ONNX_FILENAME, repository / ADAPTER_MODEL / str(adapter) / ONNX_FILENAME)
+
+
 class OnnxBackend:
     """The embedded mode: the repository's latest FM and adapter in ONNX Runtime, in this
     process. Inference runs in a worker thread so the event loop keeps taking calls."""
@@ -70,15 +79,12 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, repository: Path, threads: int = 0):
-        repo = ModelRepository(repository)
-        fm, adapter = repo.latest(FM_MODEL), repo.latest(ADAPTER_MODEL)
-        if fm is None or adapter is None:
-            raise BackendUnavailable(f"no published model in {repository}; run `gem export` first")
+        fm, adapter = published_graphs(repository)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.fm = ort.InferenceSession(str(repository / FM_MODEL / str(fm) / ONNX_FILENAME), options)
-        self.adapter = ort.InferenceSession(str(repository / ADAPTER_MODEL / str(adapter) / ONNX_FILENAME), options)
+        self.fm = ort.InferenceSession(str(fm), options)
+        self.adapter = ort.InferenceSession(str(adapter), options)
         self.fm_inputs = [i.name for i in self.fm.get_inputs()]
         self.fm_outputs = [o.name for o in self.fm.get_outputs()]
 

@@ -1,26 +1,32 @@
 """`gem embed`: stamp GEM's knowledge onto logged examples, as a Ray Data job.
 
-Each input Parquet file becomes one output folder `<out>/<file stem>/` (Ray Data writes
-its parts in parallel into a hidden temporary folder, renamed into place when the file
-is complete), so a rerun after a crash skips finished files and never duplicates or
-leaves gaps. Inside, an actor pool (`map_batches` with `concurrency`) holds the model:
-in-process ONNX Runtime, or a client of the Triton server. The same job runs on a
-laptop, here, or on a Ray cluster (`address`).
+One streaming pipeline covers every pending input file: `read_parquet` (the file path
+as a column) -> `map_batches` on an actor pool that holds the model (in-process ONNX
+Runtime, or a client of the Triton server) and writes each batch's rows as Parquet parts
+into the staging folder of their file -> the driver, which counts rows per file from the
+actors' small receipts and commits a file (renames its staging folder into place) as
+soon as all of its rows are written. Writes are spread over the actors, the commit is
+the driver's alone, so the same job runs on a laptop, here, or on a Ray cluster
+(`address`; the output folder must then be shared storage).
 
-Rows that do not match the schema (nulls, unknown surfaces, ragged sequence fields) go
-to `<out>/_errors/<file stem>.parquet` with the reason; a file that cannot be read as
-the schema at all (a column of the wrong type) is reported in the summary. Nothing is
-dropped silently: rows out + error rows = rows in, per file.
+Each input file becomes `<out>/<file stem>/` (parts plus `_manifest.json`, the commit
+marker: a rerun after a crash skips committed files and redoes the others, so there are
+no duplicates or gaps). Rows that do not match the schema (nulls, unknown surfaces,
+ragged sequence fields) go to `<out>/_errors/<file stem>/` with the reason; a file that
+cannot be read as the schema at all (a column of the wrong type) is refused from its
+Parquet footer before any work. Nothing is dropped silently: per file, rows out + error
+rows = rows in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +38,17 @@ from export.onnx_export import ADAPTER_OUTPUT
 from model.data.reader import DataError, check_columns, resolve_paths, table_to_batch
 from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_batch
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
-from serving.backends import OnnxBackend, TritonBackend, sigmoid
+from serving.backends import OnnxBackend, TritonBackend, published_graphs, sigmoid
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("example_id", "event_ts", "surface")
 MODEL_OUTPUTS = (LOGITS, ADAPTER_OUTPUT, EMBEDDING, USER_EMBEDDING)
 ERRORS = "_errors"
+STAGING = ".staging"
+MANIFEST = "_manifest.json"
+# Ray Data's column with each row's source file (`include_paths`).
+PATH_COLUMN = "path"
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,13 @@ class EmbedConfig:
     # "onnxruntime" (in the actors) or "triton".
     backend: str = "onnxruntime"
     triton_url: str = "127.0.0.1:8001"
-    batch_size: int = 1024
+    batch_size: int = 2048
     actors: int = 1
+    # ONNX Runtime threads per actor (0: the node's cores divided among the actors).
+    threads: int = 0
     overwrite: bool = False
-    # Stop at the first file that cannot be read as the schema (else report and go on).
+    # Refuse to start when a file cannot be read as the schema, and fail the job when
+    # any row is refused (else: report them and go on).
     fail_on_error: bool = False
     # Rows per input file at most (a dry run).
     limit: int | None = None
@@ -65,6 +78,8 @@ class EmbedConfig:
             raise ValueError(f"backend must be 'onnxruntime' or 'triton', got {self.backend!r}")
         if self.batch_size < 1 or self.actors < 1:
             raise ValueError("batch_size and actors must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be at least 1")
 
 
 @dataclass
@@ -75,6 +90,12 @@ class FileResult:
     error_rows: int = 0
     skipped: bool = False
     error: str = ""
+    fm_versions: list[int] = field(default_factory=list)
+    adapter_versions: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.rows_out + self.error_rows == self.rows_in
 
 
 @dataclass
@@ -97,6 +118,11 @@ class Summary:
     @property
     def failed_files(self) -> list[FileResult]:
         return [f for f in self.files if f.error]
+
+    @property
+    def rows_done_now(self) -> int:
+        """Rows stamped by this run (skipped files not counted): what rows/s is about."""
+        return sum(f.rows_in for f in self.files if not f.skipped and not f.error)
 
 
 def row_problems(table: pa.Table, schema: FeatureSchema) -> pa.Array:
@@ -125,14 +151,19 @@ def row_problems(table: pa.Table, schema: FeatureSchema) -> pa.Array:
 
 
 class KnowledgeStamper:
-    """The actor of the pool: holds one model (or Triton client) and stamps batches."""
+    """The actor of the pool: holds one model (or Triton client), stamps batches, writes
+    each batch's rows into its file's staging folder and returns a receipt per file."""
 
     def __init__(self, cfg: EmbedConfig, schema_yaml: str):
+        import os
+
         from model.schema import schema_from_yaml
 
-        self.schema = schema_from_yaml(schema_yaml)
+        self.schema, self.staging = schema_from_yaml(schema_yaml), cfg.out / STAGING
         if cfg.backend == "onnxruntime":
-            backend = OnnxBackend(cfg.repository)
+            # The node's cores shared among the pool (actors spread evenly over nodes).
+            threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
+            backend = OnnxBackend(cfg.repository, threads=threads)
             self.infer = lambda batch: backend.run(batch, MODEL_OUTPUTS)
         else:
             # The asyncio Triton client wants its loop current while it is made.
@@ -144,7 +175,7 @@ class KnowledgeStamper:
         probe = self.infer(zero_batch(self.schema)).outputs
         self.widths = {name: probe[name].shape[1] for name in (EMBEDDING, USER_EMBEDDING)}
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def stamp(self, table: pa.Table) -> pa.Table:
         """Keys, knowledge (null on rows that cannot be served) and `error` per row."""
         problems = row_problems(table, self.schema)
         good = pc.is_null(problems).to_numpy(zero_copy_only=False)
@@ -172,23 +203,116 @@ class KnowledgeStamper:
         columns["error"] = problems
         return pa.table(columns)
 
+    def __call__(self, table: pa.Table) -> pa.Table:
+        stamped = self.stamp(table.drop_columns([PATH_COLUMN]))
+        sources = table.column(PATH_COLUMN)
+        receipts = []
+        # A batch may span files (a handful): one part per file and kind.
+        for source in pc.unique(sources).to_pylist():
+            rows = stamped.filter(pc.equal(sources, source))
+            bad = pc.is_valid(rows.column("error"))
+            served = rows.filter(pc.invert(bad)).drop_columns(["error"])
+            errors = rows.filter(bad).select([c for c in (*KEY_COLUMNS, "error") if c in rows.column_names])
+            folder = self.staging / Path(source).stem
+            for kind, part in (("data", served), ("errors", errors)):
+                if part.num_rows:
+                    (folder / kind).mkdir(parents=True, exist_ok=True)
+                    pq.write_table(part, folder / kind / f"part-{uuid.uuid4().hex}.parquet")
+            receipts.append({
+                PATH_COLUMN: source, "rows_out": served.num_rows, "error_rows": errors.num_rows,
+                "fm_version": int(pc.max(served.column("fm_version")).as_py() or 0),
+                "adapter_version": int(pc.max(served.column("adapter_version")).as_py() or 0),
+            })  # fmt: skip
+        return pa.Table.from_pylist(receipts)
 
-def _served(table: pa.Table) -> pa.Table:
-    return table.filter(pc.is_null(table.column("error"))).drop_columns(["error"])
 
-
-def _refused(table: pa.Table) -> pa.Table:
-    keys = [k for k in KEY_COLUMNS if k in table.column_names]
-    return table.filter(pc.is_valid(table.column("error"))).select([*keys, "error"])
-
-
-def _check_file(path: Path, schema: FeatureSchema) -> None:
-    """A file whose columns do not fit the schema is refused from its footer, before any work."""
+def _check_file(path: Path, schema: FeatureSchema) -> int:
+    """A file whose columns do not fit the schema is refused from its footer, before any
+    work; returns its row count."""
     try:
-        columns = pq.read_schema(path)
+        meta = pq.read_metadata(path)
+        columns = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"not a readable Parquet file: {e}") from None
     check_columns(columns, schema)
+    if KEY_COLUMNS[0] not in columns.names:
+        raise DataError(f"missing column {KEY_COLUMNS[0]!r} (the key of the output rows)")
+    return meta.num_rows
+
+
+def _committed(target: Path, cfg: EmbedConfig) -> dict | None:
+    """The manifest of a file's finished output, if it stands for what is asked now (a
+    dry run's output does not stand for the whole file)."""
+    manifest = target / MANIFEST
+    if not manifest.exists():
+        return None
+    done = json.loads(manifest.read_text())
+    return done if done.get("limit") in (None, cfg.limit) else None
+
+
+def plan(cfg: EmbedConfig, schema: FeatureSchema) -> list[FileResult]:
+    """Every input file: skipped (committed before), refused (with the reason) or pending
+    (with the rows it will stamp)."""
+    paths = [p for p in resolve_paths(cfg.source) if not p.resolve().is_relative_to(cfg.out.resolve())]
+    if not paths:
+        raise DataError(f"no Parquet files at {cfg.source} (outside the output folder)")
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if (other := stems.setdefault(path.stem, path)) != path:
+            raise DataError(f"{other} and {path} would both write {cfg.out / path.stem}: rename one")
+    results = []
+    for path in paths:
+        result = FileResult(path.resolve())
+        done = None if cfg.overwrite else _committed(cfg.out / path.stem, cfg)
+        if done is not None:
+            result.skipped = True
+            for key in ("rows_in", "rows_out", "error_rows", "fm_versions", "adapter_versions"):
+                setattr(result, key, done[key])
+        else:
+            try:
+                rows = _check_file(path, schema)
+                result.rows_in = rows if cfg.limit is None else min(rows, cfg.limit)
+            except DataError as e:
+                result.error = str(e)
+        results.append(result)
+    return results
+
+
+def _commit(result: FileResult, cfg: EmbedConfig) -> None:
+    """Errors first, data (with its manifest) last: the data folder marks the file done."""
+    stem = result.path.stem
+    staging = cfg.out / STAGING / stem
+    (staging / "data").mkdir(parents=True, exist_ok=True)
+    manifest = {"source": str(result.path), "limit": cfg.limit, **asdict(result)}
+    del manifest["path"], manifest["skipped"], manifest["error"]
+    (staging / "data" / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for final, part in ((cfg.out / ERRORS / stem, staging / "errors"), (cfg.out / stem, staging / "data")):
+        if final.exists():
+            shutil.rmtree(final)
+        if part.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            part.rename(final)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dataset(pending: list[FileResult], cfg: EmbedConfig, columns: list[str]):
+    import ray
+
+    if cfg.limit is None:
+        files = [str(r.path) for r in pending]
+        return ray.data.read_parquet(files, include_paths=True).select_columns([*columns, PATH_COLUMN])
+    # A dry run reads the head of each file here: a few rows, not worth a read task.
+    heads = []
+    for r in pending:
+        batches, rows = [], 0
+        for batch in pq.ParquetFile(r.path).iter_batches(batch_size=cfg.limit, columns=columns):
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows >= cfg.limit:
+                break
+        head = pa.Table.from_batches(batches).slice(0, cfg.limit)
+        heads.append(head.append_column(PATH_COLUMN, pa.array([str(r.path)] * head.num_rows)))
+    return ray.data.from_arrow(heads)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -207,76 +331,100 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
-def embed_file(path: Path, cfg: EmbedConfig, schema: FeatureSchema) -> FileResult:
+class Listener:
+    """What a caller hears of a run (the CLI draws its progress bar from it)."""
+
+    def planned(self, files: list[FileResult]) -> None:
+        """Every input file, before any work: skipped, refused or pending."""
+
+    def rows(self, n: int) -> None:
+        """`n` more rows written (served or refused)."""
+
+    def file(self, result: FileResult) -> None:
+        """A file committed, skipped or failed."""
+
+
+def _stamp(live: dict[str, FileResult], cfg: EmbedConfig, schema: FeatureSchema, listener: Listener) -> None:
+    """One pipeline over files that share a Parquet schema: read -> actor pool -> the
+    driver counts receipts and commits each file when all its rows are written."""
     import ray
 
-    result = FileResult(path)
-    target, errors_target = cfg.out / path.stem, cfg.out / ERRORS / path.stem
-    if target.exists() and not cfg.overwrite:
-        result.skipped = True
-        return result
-    tmp = cfg.out / f".{path.stem}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with pq.ParquetFile(next(iter(live.values())).path) as first:
+        names = first.schema_arrow.names
+    columns = list(dict.fromkeys(
+        [k for k in KEY_COLUMNS if k in names] + [s.name for s in input_specs(schema) if s.kind != "length"]
+    ))  # fmt: skip
+    # Actors leave a CPU to the read tasks, or a pool as large as the machine waits
+    # forever for its input.
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    receipts = _dataset(list(live.values()), cfg, columns).map_batches(
+        KnowledgeStamper,
+        num_cpus=min(1.0, max(0.25, (cpus - 1) / cfg.actors)),
+        fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml()},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+    )
     try:
-        _check_file(path, schema)
-        ds = ray.data.read_parquet(str(path))
-        if cfg.limit is not None:
-            ds = ds.limit(cfg.limit)
-        result.rows_in = ds.count()
-        # Actors must leave a CPU to the read and write tasks, or a pool as large as the
-        # machine waits forever for its input.
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        stamped = ds.map_batches(
-            KnowledgeStamper,
-            num_cpus=min(1.0, max(0.25, (cpus - 1) / cfg.actors)),
-            fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml()},
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        ).materialize()
-        served, refused = (
-            stamped.map_batches(_served, batch_format="pyarrow"),
-            stamped.map_batches(_refused, batch_format="pyarrow"),
-        )
-        result.rows_out, result.error_rows = served.count(), refused.count()
-        served.write_parquet(str(tmp / "data"))
-        if result.error_rows:
-            refused.write_parquet(str(tmp / "errors"))
+        for block in receipts.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # A receipt per file and batch: a handful per block, not a row loop.
+            for receipt in block.to_pylist():
+                result = live[receipt[PATH_COLUMN]]
+                result.rows_out += receipt["rows_out"]
+                result.error_rows += receipt["error_rows"]
+                for key in ("fm_version", "adapter_version"):
+                    versions = getattr(result, f"{key}s")
+                    if receipt[key] and receipt[key] not in versions:
+                        versions.append(receipt[key])
+                listener.rows(receipt["rows_out"] + receipt["error_rows"])
+                if result.done:
+                    _commit(result, cfg)
+                    listener.file(result)
     except (DataError, ray.exceptions.RayError, pa.ArrowException, OSError) as e:
-        # The file is reported; the caller decides whether to go on.
-        shutil.rmtree(tmp, ignore_errors=True)
-        result.error = _root_cause(e)
-        return result
-    # Errors first, data last: the data folder is what marks the file as done.
-    for final, part in ((errors_target, tmp / "errors"), (target, tmp / "data")):
-        if final.exists():
-            shutil.rmtree(final)
-        if part.exists():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            part.rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return result
+        reason = _root_cause(e)
+        for result in live.values():
+            if not result.done:
+                result.error = reason
+    for result in live.values():
+        if not result.done and not result.error:
+            result.error = f"only {result.rows_out + result.error_rows:,} of {result.rows_in:,} rows came back"
+        if result.error:
+            listener.file(result)
 
 
-def run_embed(cfg: EmbedConfig, on_file: Callable[[FileResult], None] = lambda _: None) -> Summary:
+def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
+    """Stamp every pending file: one pipeline per distinct Parquet schema among them
+    (usually one; Ray Data cannot merge, say, a dictionary and a plain string column)."""
     import ray
 
+    start = time.perf_counter()
+    listener = listener or Listener()
+    if cfg.backend == "onnxruntime":
+        published_graphs(cfg.repository)  # no model: say so now, not from every actor
     schema = load_schema(cfg.schema_path)
-    paths = [p for p in resolve_paths(cfg.source) if not p.is_relative_to(cfg.out.resolve())]
-    if not paths:
-        raise DataError(f"no Parquet files at {cfg.source}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
+    summary = Summary(plan(cfg, schema))
+    listener.planned(summary.files)
+    for result in summary.files:
+        if result.skipped or result.error:
+            listener.file(result)
+    pending = [r for r in summary.files if not r.skipped and not r.error]
+    if summary.failed_files and cfg.fail_on_error:
+        pending = []
+    groups: dict[str, dict[str, FileResult]] = {}
+    for result in pending:
+        shutil.rmtree(cfg.out / STAGING / result.path.stem, ignore_errors=True)
+        if result.done:  # an empty file
+            _commit(result, cfg)
+            listener.file(result)
+        else:
+            key = str(pq.read_schema(result.path).remove_metadata())
+            groups.setdefault(key, {})[str(result.path)] = result
+    if groups and not ray.is_initialized():
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    summary, start = Summary(), time.perf_counter()
-    for path in paths:
-        result = embed_file(path, cfg, schema)
-        summary.files.append(result)
-        on_file(result)
-        if result.error:
-            log.error("%s: %s", path, result.error)
-            if cfg.fail_on_error:
-                break
+    for live in groups.values():
+        _stamp(live, cfg, schema, listener)
+    if (cfg.out / STAGING).exists() and not any((cfg.out / STAGING).iterdir()):
+        (cfg.out / STAGING).rmdir()
     summary.seconds = time.perf_counter() - start
     return summary

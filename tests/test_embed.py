@@ -53,7 +53,9 @@ def logged(synth_dir, tmp_path_factory):
 
 
 def read_out(folder) -> pa.Table:
-    return pq.read_table(folder).sort_by("example_id")
+    """Sorted by id, surfaces decoded (parts written apart have their own dictionaries)."""
+    table = pq.read_table(folder).sort_by("example_id")
+    return table.set_column(table.schema.get_field_index("surface"), "surface", table["surface"].cast(pa.string()))
 
 
 @pytest.fixture(scope="module")
@@ -108,25 +110,29 @@ def test_rerun_skips_finished_files(embedded, logged, published_repo):
 
 
 def test_killed_midway_and_rerun_equals_an_uninterrupted_run(embedded, synth_dir, published_repo, tmp_path):
+    """One file committed by an earlier run; the job over all files is killed (SIGKILL,
+    Ray and all) while parts are being written; the rerun skips the committed file,
+    discards the staged parts and ends equal to an uninterrupted run."""
     reference, _ = embedded
-    out = tmp_path / "out"
+    out, first = tmp_path / "out", resolve_paths(synth_dir)[0]
+    run_embed(EmbedConfig(source=str(first), out=out, repository=published_repo))
     args = [str(GEM_BIN), "embed", str(synth_dir), "--out", str(out), "--repo", str(published_repo),
-            "--actors", "2", "--batch-size", "1024"]  # fmt: skip
+            "--actors", "2", "--batch-size", "256"]  # fmt: skip
     job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not any(out.glob("part-*")) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while not any(out.glob(".staging/*/data/part-*")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    done_before = sorted(p.name for p in out.glob("part-*"))
-    assert 0 < len(done_before) < 4, "the job must be killed between files"
+    committed = sorted(p.parent.name for p in out.glob("part-*/_manifest.json"))
+    assert any(out.glob(".staging/*/data/part-*")) and len(committed) < 4, "killed before any part was written"
     rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    assert "skipped" in rerun.stderr
+    assert rerun.stderr.count("skipped (committed before") == len(committed) >= 1
     for path in resolve_paths(synth_dir):
         assert read_out(out / path.stem).equals(read_out(reference / path.stem)), path.name
-    assert not list(out.glob(".*.tmp"))
+    assert not (out / ".staging").exists()
 
 
 def test_triton_backend_gives_the_same_values(published_repo, synth_dir, tmp_path, embedded):
@@ -137,7 +143,7 @@ def test_triton_backend_gives_the_same_values(published_repo, synth_dir, tmp_pat
     path = resolve_paths(synth_dir)[2]
     with TritonServer(TritonConfig(repo, tmp_path / "triton", http, grpc_port, metrics)) as server:
         cfg = EmbedConfig(source=str(path), out=tmp_path / "out", backend="triton", triton_url=server.cfg.grpc_url,
-                          limit=2000)  # fmt: skip
+                          limit=2000, batch_size=512)  # fmt: skip
         summary = run_embed(cfg)
     assert summary.files[0].rows_out == 2000
     got = read_out(tmp_path / "out" / path.stem)
@@ -146,3 +152,38 @@ def test_triton_backend_gives_the_same_values(published_repo, synth_dir, tmp_pat
     )
     for column in ("knowledge_click", "adapted_conversion"):
         np.testing.assert_allclose(got[column], want[column], atol=1e-5)
+
+
+def test_a_dry_run_does_not_stand_for_the_whole_file(published_repo, synth_dir, tmp_path):
+    path = resolve_paths(synth_dir)[3]
+    cfg = EmbedConfig(source=str(path), out=tmp_path / "out", repository=published_repo, limit=100)
+    assert run_embed(cfg).files[0].rows_out == 100
+    again = run_embed(cfg)
+    assert again.files[0].skipped and again.files[0].rows_out == 100
+    full = run_embed(EmbedConfig(source=str(path), out=tmp_path / "out", repository=published_repo))
+    assert not full.files[0].skipped and full.files[0].rows_out == pq.read_metadata(path).num_rows
+    assert len(read_out(tmp_path / "out" / path.stem)) == full.files[0].rows_out
+
+
+def test_fail_on_error_refuses_to_start_and_names_the_file(logged, published_repo, tmp_path):
+    out = tmp_path / "out"
+    cfg = EmbedConfig(source=str(logged), out=out, repository=published_repo, fail_on_error=True)
+    summary = run_embed(cfg)
+    assert [f.path.name for f in summary.failed_files] == ["wrong-type.parquet"]
+    assert summary.rows_out == 0 and not out.exists()
+
+
+def test_cli_says_what_is_wrong_without_a_traceback(logged, published_repo, tmp_path):
+    args = [str(GEM_BIN), "embed", str(logged), "--out", str(tmp_path / "out"), "--repo", str(published_repo),
+            "--fail-on-error"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "wrong-type.parquet" in done.stderr and "ad_id" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_no_published_model_is_one_line_before_any_work(logged, tmp_path):
+    args = [str(GEM_BIN), "embed", str(logged), "--out", str(tmp_path / "out"), "--repo", str(tmp_path / "empty")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no published model" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
