@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up test lint protos bench clean
+.PHONY: setup up test lint protos bench loadtest clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ protos: setup
 bench: setup
 	$(VENV)/bin/python -m bench.inference
 	$(VENV)/bin/python -m bench.frontend
+	$(VENV)/bin/python -m bench.embed
+	$(VENV)/bin/python -m bench.trainer
+
+# Headless Locust against a running `make up` (60 s; CSV, HTML and summary.json in
+# artifacts/loadtest/). Flags: loadtests/locust.conf, or LOCUST_ARGS="--rate 40 ...".
+loadtest: setup
+	$(VENV)/bin/locust -f loadtests/locustfile.py --config loadtests/locust.conf --host 127.0.0.1:50051 $(LOCUST_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache

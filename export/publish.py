@@ -27,8 +27,9 @@ from export.onnx_export import (
     export_adapter,
     export_fm,
 )
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository, Published
+from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository, Published, RepositoryError
 from export.triton_config import ServingConfig
+from model.adapter import StudentAdapter
 from model.checkpoint import Checkpoint
 from model.data.reader import read_batch, resolve_paths
 from model.features import LOGITS, random_batch
@@ -51,6 +52,8 @@ class ExportConfig:
     # Also publish a half-precision FM graph (model.fp16.onnx) for a TensorRT FP16 plan.
     fp16: bool = False
     serving: ServingConfig = field(default_factory=ServingConfig)
+    # See ModelRepository.on_staged.
+    on_staged: Callable[[Path], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Exports the FM and the adapter, checks both, publishes both, prunes old versions."""
     start = time.perf_counter()
-    repo = ModelRepository(cfg.repository, cfg.serving)
+    repo = ModelRepository(cfg.repository, cfg.serving, cfg.on_staged)
     with tempfile.TemporaryDirectory(prefix="gem-export-") as tmp:
         fm_path, adapter_path = Path(tmp) / "gem_fm.onnx", Path(tmp) / "student_adapter.onnx"
         on_stage("exporting the FM to ONNX")
@@ -114,3 +117,36 @@ def export_checkpoint(
         fm_parity.worst, adapter_parity.worst, report.seconds,
     )  # fmt: skip
     return report
+
+
+def adapter_parity_batches(n_tasks: int, n_surfaces: int, fm_logits: np.ndarray | None = None) -> list[dict]:
+    """Random FM logits (and the given real ones) with every surface, for the adapter's parity check."""
+    logits, surface = ADAPTER_INPUTS
+    rng = np.random.default_rng(0)
+    batches = [
+        {logits: rng.normal(0.0, 3.0, (b, n_tasks)).astype(np.float32), surface: rng.integers(0, n_surfaces, b)}
+        for b, _ in RANDOM_SHAPES
+    ]
+    if fm_logits is not None:
+        batches.append({logits: fm_logits.astype(np.float32), surface: rng.integers(0, n_surfaces, len(fm_logits))})
+    return batches
+
+
+def export_adapter_only(
+    adapter: StudentAdapter, cfg: ExportConfig, fm_logits: np.ndarray | None = None
+) -> tuple[Published, Parity]:
+    """Publishes a new Student Adapter version alone (the FM stays as served): the side
+    trainer refreshes the adapter when the FM is gated or slow. Same checks as above."""
+    repo = ModelRepository(cfg.repository, cfg.serving, cfg.on_staged)
+    if repo.latest(FM_MODEL) is None:
+        raise RepositoryError(f"{cfg.repository} has no {FM_MODEL} version for the adapter to follow")
+    with tempfile.TemporaryDirectory(prefix="gem-export-") as tmp:
+        path = Path(tmp) / "student_adapter.onnx"
+        export_adapter(adapter, path)
+        parity = check_adapter_parity(
+            adapter, path, adapter_parity_batches(adapter.n_tasks, adapter.n_surfaces, fm_logits)
+        )
+        published = repo.publish(ADAPTER_MODEL, path)
+    repo.prune(ADAPTER_MODEL, cfg.keep_versions)
+    log.info("published %s v%d alone (parity %.1e)", ADAPTER_MODEL, published.version, parity.worst)
+    return published, parity

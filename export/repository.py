@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +117,14 @@ class Published:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, serving: ServingConfig | None = None):
+    def __init__(
+        self, root: Path, serving: ServingConfig | None = None, on_staged: Callable[[Path], None] | None = None
+    ):
         self.root = Path(root)
         self.serving = serving or ServingConfig()
+        # Called with the complete staging folder just before its rename: the one moment
+        # a crash leaves a half-published version behind (the side trainer's crash tests).
+        self.on_staged = on_staged
 
     def versions(self, model: str) -> list[int]:
         folder = self.root / model
@@ -161,6 +167,8 @@ class ModelRepository:
                 stamp_version(onnx.load(str(fp16_path)), VERSION_OUTPUTS[model], version), staging / FP16_FILENAME
             )
         shutil.copy2(PYTHON_MODEL_SOURCE, staging / "model.py")
+        if self.on_staged is not None:
+            self.on_staged(staging)
         staging.rename(folder / str(version))
         log.info("published %s version %d", model, version)
         self._write_ensemble()
@@ -183,6 +191,15 @@ class ModelRepository:
         folder = self.root / ENSEMBLE_MODEL
         (folder / "1").mkdir(parents=True, exist_ok=True)
         _write_atomic(folder / "config.pbtxt", to_pbtxt(config))
+
+    def clean_staging(self) -> list[Path]:
+        """Removes staging folders a killed publisher left behind (never a version:
+        those only appear by rename, complete); returns what it removed."""
+        stale = [p for p in self.root.glob("*/.staging-*") if p.is_dir()]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+            log.warning("removed the half-published staging folder %s", p)
+        return stale
 
     def reject(self, model: str, version: int, reason: str) -> Path:
         """Moves a version Triton refused out of the way, with the reason beside it."""

@@ -2,8 +2,9 @@
 
 A plan only loads in the TensorRT version and GPU family that built it, so it is built
 where it is served: by `gem export --tensorrt` where `trtexec` is, or, where it is not,
-by the `docker run` of the NGC Triton image that its error message spells out; either
-way into the version folder next to `model.onnx`, where `configs/tensorrt.pbtxt`
+by the `docker run` of the NGC Triton image that its error message spells out, or by the
+script `gem tensorrt-script` writes for docker-compose.yml's `tensorrt-build` service;
+either way into the version folder next to `model.onnx`, where `configs/tensorrt.pbtxt`
 expects it.
 
 The profile gives every input its min/opt/max shape: the batch axis from 1 to the
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import onnx
 
-from export.repository import FP16_FILENAME
+from export.repository import ADAPTER_MODEL, FM_MODEL, FP16_FILENAME, ModelRepository, RepositoryError
 from export.triton_config import ONNX_FILENAME, PLAN_FILENAME
+from model.schema import FeatureSchema
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -32,6 +34,12 @@ class TensorRTUnavailable(RuntimeError):
 
 # The NGC image of the Triton release the local server runs (2.51), with TensorRT inside.
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+# Where that image keeps trtexec (outside PATH).
+CONTAINER_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
+# The repository's path inside the Triton container (`docker run -v` and docker-compose.yml).
+CONTAINER_REPOSITORY = Path("/models")
+# Every model that gets a `configs/tensorrt.pbtxt`, so needs a plan (the ensemble has none).
+PLAN_MODELS = (FM_MODEL, ADAPTER_MODEL)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,12 @@ class ProfileConfig:
             raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self}")
         if not (1 <= self.min_seq <= self.opt_seq <= self.max_seq):
             raise ValueError(f"sequence profile must satisfy 1 <= min <= opt <= max, got {self}")
+
+
+def serving_profile(schema: FeatureSchema, max_batch: int) -> ProfileConfig:
+    """Batch 1 to the serving max batch, sequence 1 to the schema's longest."""
+    seq = max((q.max_length for q in schema.sequences), default=1)
+    return ProfileConfig(max_batch=max_batch, max_seq=seq, opt_seq=min(128, seq))
 
 
 Shape = tuple[int, ...]
@@ -110,19 +124,44 @@ def _source(version_dir: Path, fp16: bool) -> str:
     return name
 
 
-def container_command(repository: Path, version_dir: Path, cfg: ProfileConfig, fp16: bool = False) -> str:
-    """The same build as one `docker run` on a GPU host: the repository mounted at
-    /models, the plan written under a temporary name and renamed when complete."""
-    inside = Path("/models") / version_dir.resolve().relative_to(repository.resolve())
+def container_build(
+    repository: Path, version_dir: Path, cfg: ProfileConfig, fp16: bool = False, mount: Path = CONTAINER_REPOSITORY
+) -> str:
+    """The plan build as one shell line inside the NGC Triton image, the repository
+    mounted at `mount`: the plan written under a temporary name and renamed when complete."""
+    inside = mount / version_dir.resolve().relative_to(repository.resolve())
     tmp, plan = inside / f".{PLAN_FILENAME}.tmp", inside / PLAN_FILENAME
     source = _source(version_dir, fp16)
     profile = profiles(onnx.load(str(version_dir / source), load_external_data=False), cfg)
     args = trtexec_command(inside / source, tmp, profile)
-    args[0] = "/usr/src/tensorrt/bin/trtexec"
+    args[0] = CONTAINER_TRTEXEC
+    return f"{' '.join(args)} && mv {tmp} {plan}"
+
+
+def container_command(repository: Path, version_dir: Path, cfg: ProfileConfig, fp16: bool = False) -> str:
+    """The same build as one `docker run` on a GPU host."""
     return (
-        f"docker run --rm --gpus all -v {repository.resolve()}:/models {TRITON_IMAGE} "
-        f"sh -c '{' '.join(args)} && mv {tmp} {plan}'"
+        f"docker run --rm --gpus all -v {repository.resolve()}:{CONTAINER_REPOSITORY} {TRITON_IMAGE} "
+        f"sh -c '{container_build(repository, version_dir, cfg, fp16)}'"
     )
+
+
+def build_script(repository: Path, cfg: ProfileConfig, fp16: bool = False, mount: Path = CONTAINER_REPOSITORY) -> str:
+    """A shell script for the NGC Triton image that builds the plans of the latest version
+    of every model with a TensorRT config (docker-compose.yml's `tensorrt-build`): with
+    `--model-config-name=tensorrt`, Triton loads no model whose plan is missing. `fp16`
+    applies to the FM, the only model exported in half precision."""
+    repo = ModelRepository(repository)
+    lines = ["#!/bin/sh", f"# Written by `gem tensorrt-script` for {TRITON_IMAGE}."]
+    for model in PLAN_MODELS:
+        version = repo.latest(model)
+        if version is None:
+            raise RepositoryError(f"{repository / model} has no version to build a plan for; run `gem export` first")
+        version_dir = repository / model / str(version)
+        build = container_build(repository, version_dir, cfg, fp16 and model == FM_MODEL, mount)
+        # `set -e` would not stop at a failed trtexec: it is not the last command of its && list.
+        lines += [f"echo 'building the TensorRT plan of {model} version {version}'", f"{build} || exit 1"]
+    return "\n".join(lines) + "\n"
 
 
 def build_plan(version_dir: Path, cfg: ProfileConfig, fp16: bool = False) -> Path:

@@ -31,7 +31,7 @@ from rich.text import Text
 
 from export.onnx_export import ExportError
 from export.repository import RepositoryError
-from export.tensorrt import TensorRTUnavailable
+from export.tensorrt import CONTAINER_REPOSITORY, TensorRTUnavailable
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import PRESETS
 from model.data.reader import DataError
@@ -59,6 +59,10 @@ triton_app = typer.Typer(
     help="The local Triton server (the nvidia-pytriton wheel's tritonserver).", no_args_is_help=True
 )
 app.add_typer(triton_app, name="triton")
+trainer_app = typer.Typer(
+    help="The side trainer: continuous FM and Student Adapter refreshes, published to serving.", no_args_is_help=True
+)
+app.add_typer(trainer_app, name="trainer")
 
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
@@ -128,14 +132,15 @@ def data_synth(
 
 
 class RateColumn(ProgressColumn):
-    """Items per second of a task, e.g. `12,345 rows/s`."""
+    """Items per second of a task since it started, e.g. `12,345 rows/s` (an average:
+    work that arrives in bursts makes rich's windowed speed jump)."""
 
     def __init__(self, unit: str):
         super().__init__()
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = task.completed / task.elapsed if task.elapsed else None
         return Text(f"{speed:>9,.0f} {self.unit}/s" if speed else "", style="cyan")
 
 
@@ -252,7 +257,7 @@ def run_export(
 
     from export.publish import ExportConfig, export_checkpoint
     from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
-    from export.tensorrt import ProfileConfig, build_plan
+    from export.tensorrt import build_plan, serving_profile
 
     ckpt = load_checkpoint(checkpoint)
     cfg = ExportConfig(repository=repo, data=data, keep_versions=keep, fp16=fp16)
@@ -260,9 +265,7 @@ def run_export(
         report = export_checkpoint(ckpt, cfg, on_stage=lambda stage: status.update(stage))
         if tensorrt:
             status.update("building the TensorRT plan")
-            seq = max((q.max_length for q in ckpt.schema.sequences), default=1)
-            profile = ProfileConfig(max_batch=cfg.serving.max_batch_size, max_seq=seq, opt_seq=min(128, seq))
-            build_plan(report.fm.path, profile, fp16)
+            build_plan(report.fm.path, serving_profile(ckpt.schema, cfg.serving.max_batch_size), fp16)
     if triton_url:
         from serving.triton.client import TritonClient
         from serving.triton.rollout import roll_out
@@ -307,6 +310,34 @@ def export_cmd(
     Console().print(parity_table(report))
 
 
+@app.command("tensorrt-script")
+@friendly_errors
+def tensorrt_script(
+    repo: Annotated[
+        Path, typer.Option("--repo", help="Triton model repository whose latest versions get plans.", file_okay=False)
+    ] = DEFAULT_REPO,
+    out: Annotated[Path | None, typer.Option(help="Script file to write (default: print it).", dir_okay=False)] = None,
+    mount: Annotated[
+        Path, typer.Option(help="Where the Triton container mounts the repository.")
+    ] = CONTAINER_REPOSITORY,
+    fp16: Annotated[bool, typer.Option(help="Build the FM's plan from its half-precision graph.")] = False,
+    schema: SchemaOption = DEFAULT_SCHEMA_PATH,
+) -> None:
+    """Write the shell script that builds the TensorRT plans of the latest gem_fm and
+    student_adapter versions with trtexec, inside the NGC Triton image (the same build
+    `gem export --tensorrt` runs or prints); docker-compose.yml's `tensorrt-build` runs it."""
+    from export.tensorrt import build_script, serving_profile
+    from export.triton_config import ServingConfig
+
+    script = build_script(repo, serving_profile(load_schema(schema), ServingConfig().max_batch_size), fp16, mount)
+    if out is None:
+        typer.echo(script, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(script)
+        log.info("wrote %s", out)
+
+
 def _triton_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int):
     from serving.triton.server import TritonConfig
 
@@ -316,6 +347,9 @@ def _triton_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int
 
 
 PortOption = Annotated[int, typer.Option()]
+MetricsPortOption = Annotated[
+    int, typer.Option(help="Prometheus port of the front end (its metrics and Ray Serve's, at /metrics).")
+]
 
 
 @triton_app.command("up")
@@ -406,14 +440,57 @@ def _wait_for_ctrl_c() -> None:
     log.info("shutting down")
 
 
-def _ready_message(address: str) -> None:
+def _ready_message(address: str, metrics_port: int) -> None:
     console.print(
         f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)\n"
         f"  query it:   .venv/bin/gem query --address {address}\n"
         f"  describe:   grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo\n"
-        f"  health:     grpcurl -plaintext {address} grpc.health.v1.Health/Check\n",
+        f"  health:     grpcurl -plaintext {address} grpc.health.v1.Health/Check\n"
+        f"  metrics:    curl -s 127.0.0.1:{metrics_port}/metrics | grep ray_gem_\n"
+        f"  load test:  .venv/bin/locust -f loadtests/locustfile.py --config loadtests/locust.conf --host {address}\n",
         highlight=False,
     )
+
+
+BootstrapDataOption = Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")]
+
+
+def bootstrap(checkpoint: Path, data: Path, repo: Path, train_when_published: bool = False) -> None:
+    """Publishes a model if the repository has none: trains the `small` model on synthetic
+    data (synthesized first if `data` holds none) unless the checkpoint exists, and
+    exports it. `gem up` also trains a missing checkpoint when the repository is already
+    published (`train_when_published`); `gem bootstrap` does not, so that a container
+    started on a published repository never spends minutes training."""
+    from export.repository import FM_MODEL, ModelRepository
+
+    published = ModelRepository(repo).latest(FM_MODEL) is not None
+    if published and not train_when_published:
+        log.info("model repository %s already has a published model", repo)
+        return
+    if not (checkpoint / "manifest.json").exists():
+        log.info("no checkpoint at %s: training the small model on synthetic data first", checkpoint)
+        if not any(data.glob("*.parquet")):
+            data_synth(out=data)
+        Console().print(metric_table(run_training(data, checkpoint, "small", 1, 512, True, 0, DEFAULT_SCHEMA_PATH)))
+    if not published:
+        log.info("model repository %s is empty: exporting %s", repo, checkpoint)
+        Console().print(parity_table(run_export(checkpoint, repo, data if data.exists() else None, keep=3)))
+
+
+@app.command("bootstrap")
+@friendly_errors
+def bootstrap_cmd(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint to publish; trained on synthetic data if missing.")
+    ] = DEFAULT_CHECKPOINT,
+    data: BootstrapDataOption = DEFAULT_DATA,
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """Publish a model if the model repository has none: train the `small` model on
+    synthetic data (unless the checkpoint exists) and export it; do nothing when the
+    repository has a model. What `gem up` does before it serves, and the one-shot
+    `bootstrap` service of docker-compose.yml."""
+    bootstrap(checkpoint, data, repo)
 
 
 @app.command("up")
@@ -422,29 +499,28 @@ def up(
     checkpoint: Annotated[
         Path, typer.Option(help="Checkpoint to serve; trained on synthetic data if missing.")
     ] = DEFAULT_CHECKPOINT,
-    data: Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")] = DEFAULT_DATA,
+    data: BootstrapDataOption = DEFAULT_DATA,
     repo: RepoOption = DEFAULT_REPO,
     embedded: Annotated[bool, typer.Option(help="In-process ONNX Runtime instead of Triton.")] = False,
     grpc_port: Annotated[int, typer.Option(help="The front end's gRPC port.")] = 50051,
+    metrics_port: MetricsPortOption = 8090,
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton and the Ray Serve gRPC front end, and
     serve until Ctrl-C."""
-    from export.repository import FM_MODEL, ModelRepository
     from serving.stack import StackConfig, local_stack
 
-    if not (checkpoint / "manifest.json").exists():
-        log.info("no checkpoint at %s: training the small model on synthetic data first", checkpoint)
-        if not any(data.glob("*.parquet")):
-            data_synth(out=data)
-        Console().print(metric_table(run_training(data, checkpoint, "small", 1, 512, True, 0, DEFAULT_SCHEMA_PATH)))
-    if ModelRepository(repo).latest(FM_MODEL) is None:
-        log.info("model repository %s is empty: exporting %s", repo, checkpoint)
-        Console().print(parity_table(run_export(checkpoint, repo, data if data.exists() else None, keep=3)))
+    bootstrap(checkpoint, data, repo, train_when_published=True)
     with local_stack(
-        StackConfig(repository=repo, triton_work_dir=TRITON_WORK_DIR, embedded=embedded, grpc_port=grpc_port)
+        StackConfig(
+            repository=repo,
+            triton_work_dir=TRITON_WORK_DIR,
+            embedded=embedded,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+        )
     ) as address:
-        _ready_message(address)
+        _ready_message(address, metrics_port)
         _wait_for_ctrl_c()
 
 
@@ -456,6 +532,7 @@ def serve_cmd(
     repo: RepoOption = DEFAULT_REPO,
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the front end.")] = 50051,
     replicas: Annotated[int, typer.Option(help="Ingress replicas.")] = 1,
+    metrics_port: MetricsPortOption = 8090,
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
     cluster, use `serve deploy serving/serve_config.yaml`."""
@@ -463,11 +540,14 @@ def serve_cmd(
     from serving.config import FrontendConfig
 
     address = frontend.start(
-        FrontendConfig(backend=backend, triton_url=triton_url, repository=repo), grpc_port=grpc_port, replicas=replicas
+        FrontendConfig(backend=backend, triton_url=triton_url, repository=repo),
+        grpc_port=grpc_port,
+        replicas=replicas,
+        metrics_port=metrics_port,
     )
     try:
         frontend.wait_healthy(address)
-        _ready_message(address)
+        _ready_message(address, metrics_port)
         _wait_for_ctrl_c()
     finally:
         frontend.stop()
@@ -488,7 +568,7 @@ def query(
 
     import grpc
 
-    from model.features import random_batch
+    from model.features import random_call
     from model.schema import schema_from_yaml
     from serving.client import KnowledgeClient
 
@@ -496,10 +576,7 @@ def query(
         try:
             info = client.info()
             schema = schema_from_yaml(info.schema_yaml)
-            user_side = {s.name for s in info.inputs if s.side == "user"}
-            sample = random_batch(schema, candidates, 16, seed=int(time.time()))
-            shared = {k: v[:1] for k, v in sample.items() if k in user_side}
-            ads = {k: v for k, v in sample.items() if k not in user_side}
+            ads, shared = random_call(schema, candidates, 16, seed=int(time.time()))
             start = time.perf_counter()
             reply = client.generate(ads, shared=shared)
             ms = (time.perf_counter() - start) * 1e3
@@ -522,6 +599,21 @@ def query(
     Console().print(table)
 
 
+@app.command("health")
+def health(
+    address: Annotated[str, typer.Option(help="gRPC address of the server to ask.")] = "127.0.0.1:50051",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.", min=0.0)] = 5.0,
+) -> None:
+    """Ask a server's standard gRPC health service (grpc.health.v1) once: exit 0 when it
+    answers SERVING, 1 otherwise, with a one-line reason. The compose healthcheck of the
+    front end."""
+    from serving.health import check
+
+    serving, status = check(address, timeout)
+    typer.echo(f"{address}: {status}", err=not serving)
+    raise typer.Exit(0 if serving else 1)
+
+
 @app.command("embed")
 @friendly_errors
 def embed_cmd(
@@ -532,39 +624,63 @@ def embed_cmd(
     repo: RepoOption = DEFAULT_REPO,
     backend: Annotated[str, typer.Option(help="onnxruntime (in the Ray actors) or triton.")] = "onnxruntime",
     triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
-    batch_size: Annotated[int, typer.Option(help="Rows per model call in each actor.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Rows per model call in each actor.")] = 2048,
     actors: Annotated[int, typer.Option(help="Actors in the pool, each holding a model or a client.")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="ONNX Runtime threads per actor (0: the node's cores divided among the actors).")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="Redo files whose output exists (default: skip them).")] = False,
     fail_on_error: Annotated[
-        bool, typer.Option(help="Stop at the first file that cannot be read as the schema (default: report, go on).")
+        bool,
+        typer.Option(
+            help="Refuse to start if any file cannot be read as the schema, and exit 2 if any row is refused "
+            "(default: report both and go on)."
+        ),
     ] = False,
-    limit: Annotated[int | None, typer.Option(help="At most this many rows per file: a dry run.")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many rows per file: a dry run (a later full run redoes them).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: a local Ray); --out must then be shared storage.")
+    ] = None,
     schema: SchemaOption = DEFAULT_SCHEMA_PATH,
 ) -> None:
     """Stamp GEM's knowledge (labels and adapted labels per task, embeddings, versions) onto
-    logged examples, as a Ray Data job. Resumable: finished files are skipped on a rerun."""
-    from serving.embed import EmbedConfig, run_embed
+    logged examples, as one Ray Data job over all files. Resumable: each file's output is
+    committed when complete, and a rerun skips committed files."""
+    from serving.embed import EmbedConfig, Listener, run_embed
 
     cfg = EmbedConfig(
         source=source, out=out, repository=repo, schema_path=schema, backend=backend, triton_url=triton_url,
-        batch_size=batch_size, actors=actors, overwrite=overwrite, fail_on_error=fail_on_error, limit=limit,
-        address=address,
+        batch_size=batch_size, actors=actors, threads=threads, overwrite=overwrite, fail_on_error=fail_on_error,
+        limit=limit, address=address,
     )  # fmt: skip
+
+    class Bar(Listener):
+        def planned(self, files) -> None:
+            pending = sum(f.rows_in for f in files if not f.skipped and not f.error)
+            self.task = progress.add_task("stamping knowledge", total=pending)
+
+        def rows(self, n: int) -> None:
+            progress.advance(self.task, n)
+
+        def file(self, result) -> None:
+            if result.skipped:
+                log.info("%s: skipped (committed before: %s rows)", result.path.name, f"{result.rows_out:,}")
+            elif result.error:
+                log.error("%s: %s", result.path.name, result.error)
+            else:
+                log.info("%s: %s rows out, %s refused, fm v%s, adapter v%s", result.path.name,
+                         f"{result.rows_out:,}", f"{result.error_rows:,}",
+                         ",".join(map(str, result.fm_versions)) or "-",
+                         ",".join(map(str, result.adapter_versions)) or "-")  # fmt: skip
+
     with _progress("rows") as progress:
-        task = progress.add_task("stamping knowledge", total=None)
-
-        def on_file(result) -> None:
-            progress.advance(task, result.rows_in)
-            state = "skipped (done before)" if result.skipped else result.error or f"{result.rows_out:,} rows"
-            log.info("%s: %s", result.path.name, state)
-
-        summary = run_embed(cfg, on_file)
+        summary = run_embed(cfg, Bar())
     table = Table(title=f"gem embed -> {out}")
     for col in ("files", "skipped", "failed", "rows in", "rows out", "error rows", "seconds", "rows/s"):
         table.add_column(col, justify="right")
-    done = [f for f in summary.files if not f.skipped and not f.error]
-    rate = sum(f.rows_in for f in done) / summary.seconds if summary.seconds else 0.0
+    rate = summary.rows_done_now / summary.seconds if summary.seconds else 0.0
     table.add_row(
         str(len(summary.files)), str(sum(f.skipped for f in summary.files)), str(len(summary.failed_files)),
         f"{summary.rows_in:,}", f"{summary.rows_out:,}", f"{summary.error_rows:,}", f"{summary.seconds:.1f}",
@@ -573,3 +689,169 @@ def embed_cmd(
     Console().print(table)
     if summary.failed_files:
         raise DataError("; ".join(f"{f.path.name}: {f.error}" for f in summary.failed_files))
+    if summary.error_rows and fail_on_error:
+        raise DataError(f"{summary.error_rows:,} rows refused (--fail-on-error); reasons in {out / '_errors'}")
+
+
+# -- the side trainer -----------------------------------------------------------------
+
+DEFAULT_STREAM = ARTIFACTS / "stream"
+DEFAULT_TRAINER_STATE = ARTIFACTS / "trainer"
+StateOption = Annotated[
+    Path, typer.Option("--state", help="The trainer's own checkpoint and ledger folder.", file_okay=False)
+]
+
+
+@data_app.command("stream")
+@friendly_errors
+def data_stream(
+    out: Annotated[Path, typer.Option(help="Folder the shards arrive in (what `gem trainer run --stream` reads).")] = (
+        DEFAULT_STREAM
+    ),
+    shards: Annotated[int, typer.Option(help="Shards to write, one every --every-s seconds.", min=1)] = 10,
+    rows_per_shard: Annotated[int, typer.Option(help="Rows per shard.", min=1)] = 20_000,
+    every_s: Annotated[float, typer.Option(help="Seconds between two shards.", min=0.0)] = 30.0,
+    drift: Annotated[
+        float, typer.Option(help="0 = stationary; 1 = preferences move fully from the first shard to the last.")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Same seed, same stream.")] = 0,
+    start: Annotated[int, typer.Option(help="First shard index to write (resume a stream).", min=0)] = 0,
+    schema: SchemaOption = DEFAULT_SCHEMA_PATH,
+) -> None:
+    """Play a stream of logged examples: write synthetic shards into a folder over time,
+    each renamed into place when complete (a trainer never sees half a shard)."""
+    from trainer.stream import StreamConfig, play_stream
+
+    cfg = StreamConfig(
+        out=out, shards=shards, rows_per_shard=rows_per_shard, every_s=every_s, drift=drift, seed=seed, start=start
+    )
+    play_stream(cfg, load_schema(schema), on_shard=lambda p: log.info("wrote %s", p))
+
+
+@trainer_app.command("run")
+@friendly_errors
+def trainer_run(
+    stream: Annotated[Path, typer.Option(help="Folder where Parquet shards arrive (taken in name order).")] = (
+        DEFAULT_STREAM
+    ),
+    repo: RepoOption = DEFAULT_REPO,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="FM to start from when --state has no checkpoint yet (default: a fresh --preset model)."),
+    ] = None,
+    state: StateOption = DEFAULT_TRAINER_STATE,
+    preset: PresetOption = "small",
+    procs: Annotated[
+        int, typer.Option(help="Training processes on this machine (torch.distributed; ignored under torchrun).")
+    ] = 1,
+    strategy: Annotated[
+        str, typer.Option(help="ddp (default; CPU gloo or GPU NCCL), fsdp2 or hsdp (GPUs: FSDP2 on the dense part).")
+    ] = "ddp",
+    triton_url: Annotated[
+        str | None, typer.Option(help="gRPC address of the Triton to load new versions into (default: publish only).")
+    ] = None,
+    keep: Annotated[int, typer.Option(help="Versions kept per model in the repository.")] = 3,
+    tolerance: Annotated[
+        float, typer.Option(help="Gate: refuse when a task's NE is worse than the served version's by more (relative).")
+    ] = 0.01,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (/metrics); default: none.")
+    ] = None,
+    poll_s: Annotated[float, typer.Option(help="Seconds between looks at the stream folder when idle.")] = 5.0,
+    max_cycles: Annotated[int | None, typer.Option(help="Stop after this many FM cycles (default: forever).")] = None,
+    exit_when_idle: Annotated[
+        bool, typer.Option(help="Stop once no cycle can run (fewer than two unprocessed shards).")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Examples per step on each process.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffling (and of a fresh model).")] = 0,
+    schema: SchemaOption = DEFAULT_SCHEMA_PATH,
+) -> None:
+    """Train the FM continuously on shards arriving in --stream: each cycle trains on the
+    oldest new shard, validates on the next (NE and AUC per task), gates against the served
+    version, refreshes the Student Adapter, publishes new versions atomically and loads them
+    into Triton. Exactly once: killed at any point, it resumes without skipping or
+    repeating a shard."""
+    from trainer.service import TrainerConfig, run
+
+    cfg = TrainerConfig(
+        stream=stream, repository=repo, state_dir=state, checkpoint=checkpoint, preset=preset, schema_path=schema,
+        procs=procs, strategy=strategy, triton_url=triton_url, keep=keep, tolerance=tolerance,
+        metrics_port=metrics_port, poll_s=poll_s, max_cycles=max_cycles, exit_when_idle=exit_when_idle,
+        batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    log.info("side trainer: stream %s -> %s (%d process(es), %s)", stream, repo, procs, strategy)
+    run(cfg)
+
+
+@trainer_app.command("status")
+@friendly_errors
+def trainer_status(state: StateOption = DEFAULT_TRAINER_STATE, repo: RepoOption = DEFAULT_REPO) -> None:
+    """What the trainer has done: cycles, trained/refused/quarantined shards, last gate and
+    publish, and the versions in the repository."""
+    from trainer.service import status
+
+    if not (state / "ledger.jsonl").exists():
+        raise FileNotFoundError(f"no trainer ledger in {state}; start one with `gem trainer run`")
+    s = status(state, repo)
+    table = Table(title=f"side trainer {state}")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("cycles", str(s["cycles"]))
+    table.add_row("shards trained / refused", f"{s['trained']} / {s['refused']}")
+    table.add_row("quarantined", ", ".join(s["quarantined"]) or "-")
+    if s["last_shard"]:
+        last = s["last_shard"]
+        table.add_row("last shard", f"{last['shard']} ({last['state']}): {last.get('reason', '')}")
+    if s["last_publish"]:
+        pub = s["last_publish"]
+        table.add_row(
+            "last publish",
+            f"cycle {pub['cycle']}: gem_fm {pub.get('gem_fm')}, student_adapter {pub.get('student_adapter')}"
+            + (f", error: {pub['error']}" if pub.get("error") else ""),
+        )
+    for model, versions in s["versions"].items():
+        table.add_row(f"{model} versions", ", ".join(map(str, versions)) or "-")
+    Console().print(table)
+
+
+@trainer_app.command("rollback")
+@friendly_errors
+def trainer_rollback(
+    to: Annotated[int, typer.Option("--to", help="The version to serve again.")],
+    repo: RepoOption = DEFAULT_REPO,
+    model: Annotated[str, typer.Option(help="gem_fm or student_adapter.")] = "gem_fm",
+    triton_url: Annotated[
+        str | None, typer.Option(help="gRPC address of a running Triton to reload the model on.")
+    ] = None,
+) -> None:
+    """Serve an older version again: the newer versions are moved to <model>/.rejected/
+    (their numbers are not reused), and Triton reloads the model when --triton-url is given."""
+    from trainer.service import rollback
+
+    moved = rollback(repo, model, to, triton_url)
+    log.info(
+        "%s: version %d is the latest%s; moved aside: %s",
+        model, to, f" and serving on {triton_url}" if triton_url else "", ", ".join(map(str, moved)) or "nothing",
+    )  # fmt: skip
+
+
+@trainer_app.command("health")
+def trainer_health(
+    port: Annotated[int, typer.Option(help="The trainer's --metrics-port.")] = 8091,
+    host: Annotated[str, typer.Option(help="Where the trainer runs.")] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.", min=0.0)] = 5.0,
+) -> None:
+    """Ask a running trainer's metrics endpoint once: exit 0 when it answers with the
+    trainer's metrics, 1 otherwise (the compose healthcheck of the trainer)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{host}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            ok = b"gem_trainer_examples_total" in r.read()
+        status = "the side trainer answers" if ok else "answers, but not with the trainer's metrics"
+    except (urllib.error.URLError, OSError) as e:
+        ok, status = False, f"no answer ({e})"
+    typer.echo(f"{url}: {status}", err=not ok)
+    raise typer.Exit(0 if ok else 1)

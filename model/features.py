@@ -79,6 +79,17 @@ def random_batch(schema: FeatureSchema, batch_size: int, seq_len: int, seed: int
     return batch
 
 
+def random_call(
+    schema: FeatureSchema, candidates: int, seq_len: int, seed: int = 0
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A ranker's call in the shared-user form: (per-candidate columns, the one user's
+    columns), random as in `random_batch` (surfaces mixed across candidates)."""
+    sample = random_batch(schema, candidates, seq_len, seed)
+    user_side = {s.name for s in input_specs(schema) if s.side == "user"}
+    shared = {k: v[:1] for k, v in sample.items() if k in user_side}
+    return {k: v for k, v in sample.items() if k not in user_side}, shared
+
+
 def zero_batch(schema: FeatureSchema) -> dict[str, np.ndarray]:
     """One all-zero example (surface 0, no events): valid for every schema, so a probe
     of what a served model returns (output widths, versions)."""

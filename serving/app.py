@@ -11,8 +11,10 @@ alone; then `@serve.batch` merges concurrent calls into one backend batch of up 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +30,7 @@ from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_
 from model.schema import load_schema
 from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend, sigmoid
 from serving.config import FrontendConfig
+from serving.metrics import FrontendMetrics
 from serving.triton.client import BackendError, BackendUnavailable, InvalidRequest
 from serving.validation import Limits, RequestError, assemble
 from serving.wire import WireError, decode_map, encode
@@ -76,6 +79,24 @@ def _rows_of(calls: list[Call]) -> int:
     return sum(c.rows for c in calls)
 
 
+def _observed(rpc):
+    """Counts every call of an RPC by its status code and times it, refusals included."""
+
+    @functools.wraps(rpc)
+    async def observed(self, request, grpc_context: RayServegRPCContext):
+        start, code, response = time.perf_counter(), grpc.StatusCode.INTERNAL, None
+        try:
+            response = await rpc(self, request, grpc_context)
+            code = grpc_context.code() or grpc.StatusCode.OK
+            return response
+        finally:
+            ok = code == grpc.StatusCode.OK and isinstance(response, pb.GenerateResponse)
+            examples = max((t.shape[0] for t in response.outputs.values()), default=0) if ok else 0
+            self.metrics.call(rpc.__name__, code.name, time.perf_counter() - start, examples)
+
+    return observed
+
+
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class KnowledgeIngress:
     def __init__(self, cfg: FrontendConfig | dict | None = None):
@@ -89,6 +110,7 @@ class KnowledgeIngress:
         )
         self._batched.set_max_batch_size(self.cfg.max_batch_examples)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.metrics = FrontendMetrics(self.backend.name)
         log.info("GEM knowledge ingress: backend %s, schema %s", self.backend.name, self.schema.name)
 
     def _authorized(self, context: RayServegRPCContext) -> bool:
@@ -104,6 +126,7 @@ class KnowledgeIngress:
         context.set_details(details)
         return response_type()
 
+    @_observed
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         if not self._authorized(grpc_context):
             return self._fail(grpc_context, UNAUTHENTICATED, NO_TOKEN, pb.GenerateResponse)
@@ -132,7 +155,11 @@ class KnowledgeIngress:
         outputs = tuple(dict.fromkeys(o for c in calls for o in c.outputs))
         try:
             merged = calls[0].batch if len(calls) == 1 else concat([c.batch for c in calls])
-            return _split(await self.backend.infer(merged, outputs), calls)
+            start = time.perf_counter()
+            knowledge = await self.backend.infer(merged, outputs)
+            self.metrics.batch(_rows_of(calls), time.perf_counter() - start, knowledge.fm_version,
+                               knowledge.adapter_version)  # fmt: skip
+            return _split(knowledge, calls)
         except BackendUnavailable as e:
             return [e] * len(calls)
         except BackendError as e:
@@ -147,6 +174,7 @@ class KnowledgeIngress:
         except BackendError as e:
             return [e]
 
+    @_observed
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext
     ) -> pb.GetModelInfoResponse:

@@ -120,8 +120,17 @@ def _reply(response: pb.GenerateResponse) -> Reply:
     return Reply(outputs, response.versions.fm, response.versions.adapter)
 
 
+def _sync_channel(address: str, options: list, interceptors: Sequence[Any]) -> grpc.Channel:
+    channel = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def _async_channel(address: str, options: list, interceptors: Sequence[Any]) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors) or None)
+
+
 class _Base:
-    # grpc.insecure_channel or grpc.aio.insecure_channel
+    # _sync_channel or _async_channel
     _make_channel: Any
 
     def __init__(
@@ -131,7 +140,10 @@ class _Base:
         timeout_s: float = 5.0,
         retries: int = 3,
         application: str | None = None,
+        interceptors: Sequence[Any] = (),
     ):
+        """`interceptors`: gRPC client interceptors (e.g. the load test's, which times
+        every call)."""
         self.address = address
         self.timeout_s = timeout_s
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -140,7 +152,7 @@ class _Base:
             self.metadata.append(("application", application))
         self._info: pb.GetModelInfoResponse | None = None
         self._schema: FeatureSchema | None = None
-        self._channel = type(self)._make_channel(address, options=channel_options(retries))
+        self._channel = type(self)._make_channel(address, channel_options(retries), interceptors)
         self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
     def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
@@ -152,7 +164,7 @@ class _Base:
 
 
 class KnowledgeClient(_Base):
-    _make_channel = staticmethod(grpc.insecure_channel)
+    _make_channel = staticmethod(_sync_channel)
 
     def info(self) -> pb.GetModelInfoResponse:
         reply = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)
@@ -182,7 +194,7 @@ class KnowledgeClient(_Base):
 
 
 class AsyncKnowledgeClient(_Base):
-    _make_channel = staticmethod(grpc.aio.insecure_channel)
+    _make_channel = staticmethod(_async_channel)
 
     async def info(self) -> pb.GetModelInfoResponse:
         reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.metadata)

@@ -6,10 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from serving.config import SERVICER_FUNCTIONS, FrontendConfig
+from serving.health import check
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +15,19 @@ APP_NAME = "gem_knowledge"
 
 
 def start(
-    cfg: FrontendConfig, grpc_port: int = 50051, http_port: int = 8080, replicas: int = 1, name: str = APP_NAME
+    cfg: FrontendConfig,
+    grpc_port: int = 50051,
+    http_port: int = 8080,
+    replicas: int = 1,
+    name: str = APP_NAME,
+    metrics_port: int | None = None,
 ) -> str:
     """Starts Ray (if needed), Serve's proxies and the application; returns the gRPC address.
 
     With several applications on one Serve instance, calls name theirs in the
-    `application` metadata key; with one, no metadata is needed."""
+    `application` metadata key; with one, no metadata is needed. Prometheus metrics
+    (`serving.metrics`, and Ray Serve's own) are served on `metrics_port` at /metrics
+    (None: a port Ray picks)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -31,7 +36,7 @@ def start(
 
     if not ray.is_initialized():
         # A Ray of our own: never attach to another process's cluster by accident.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)),
@@ -44,20 +49,13 @@ def start(
 def wait_healthy(address: str, timeout_s: float = 120.0, application: str | None = None) -> None:
     """Polls gRPC health checking until the service answers SERVING."""
     deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                metadata = [("application", application)] if application else None
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=metadata)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.RpcError as e:
-                last = f"{e.code().name}: {e.details()}"
+    serving, last = False, "no answer"
+    while not serving and time.monotonic() < deadline:
+        serving, last = check(address, 5.0, application)
+        if not serving:
             time.sleep(0.25)
-    raise TimeoutError(f"front end at {address} not serving after {timeout_s:.0f}s ({last})")
+    if not serving:
+        raise TimeoutError(f"front end at {address} not serving after {timeout_s:.0f}s ({last})")
 
 
 def stop() -> None:

@@ -24,6 +24,8 @@ class StackConfig:
     embedded: bool = False
     grpc_port: int = 50051
     http_port: int = 8080
+    # Prometheus: the front end's metrics (and Ray Serve's) at /metrics.
+    metrics_port: int = 8090
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
@@ -31,7 +33,11 @@ class StackConfig:
 
 def check_ports(cfg: StackConfig) -> None:
     """Fails before starting anything if a port the stack needs is taken."""
-    ports = {"--grpc-port": cfg.grpc_port, "the front end's HTTP port": cfg.http_port}
+    ports = {
+        "--grpc-port": cfg.grpc_port,
+        "the front end's HTTP port": cfg.http_port,
+        "--metrics-port": cfg.metrics_port,
+    }
     if not cfg.embedded:
         ports |= {
             "Triton's HTTP port": cfg.triton_http_port,
@@ -62,7 +68,9 @@ def local_stack(cfg: StackConfig) -> Iterator[str]:
             stack.enter_context(TritonServer(triton_cfg))
             frontend_cfg = FrontendConfig(triton_url=triton_cfg.grpc_url)
         log.info("starting Ray Serve (%s backend)", frontend_cfg.backend)
-        address = frontend.start(frontend_cfg, grpc_port=cfg.grpc_port, http_port=cfg.http_port)
+        address = frontend.start(
+            frontend_cfg, grpc_port=cfg.grpc_port, http_port=cfg.http_port, metrics_port=cfg.metrics_port
+        )
         stack.callback(frontend.stop)
         frontend.wait_healthy(address)
         yield address

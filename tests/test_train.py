@@ -84,7 +84,8 @@ def placeholders(tmp_path, synth_dir, schema, tiny):
             ["data", "synth", "--rows", "10", "--shards", "20", "--out", "{tmp}/x"],
             "shards (20) cannot exceed rows (10)",
         ),
-        (["up", "--checkpoint", "{corrupt}"], "model.pt is corrupt"),
+        # An empty repository of its own: `gem up` must export, and so load the checkpoint.
+        (["up", "--checkpoint", "{corrupt}", "--repo", "{tmp}/empty-repo"], "model.pt is corrupt"),
     ],
 )
 def test_cli_errors_are_one_line_without_traceback(args, message, placeholders):

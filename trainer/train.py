@@ -48,8 +48,10 @@ class TrainConfig:
     adapter_epochs: int = 3
 
 
-def to_tensors(batch: Batch, names: tuple[str, ...]) -> dict[str, Tensor]:
-    return {n: torch.from_numpy(batch[n]) for n in names}
+def to_tensors(batch: Batch, names: tuple[str, ...], device: torch.device | None = None) -> dict[str, Tensor]:
+    if device is None or device.type == "cpu":
+        return {n: torch.from_numpy(batch[n]) for n in names}
+    return {n: torch.from_numpy(batch[n]).to(device, non_blocking=True) for n in names}
 
 
 def labels_of(batch: Batch, schema: FeatureSchema) -> np.ndarray:
@@ -81,14 +83,18 @@ def train_steps(
     batch_size: int,
     rng: np.random.Generator,
     on_step: StepCallback | None = None,
+    device: torch.device | None = None,
 ) -> float:
-    """One pass over `batch` in shuffled minibatches; returns the mean loss."""
+    """One pass over `batch` in shuffled minibatches; returns the mean loss. `model` may
+    be wrapped for data parallelism (DDP, FSDP2): each rank passes its own rows."""
     names = input_names(schema)
     model.train()
     losses = []
     for _, mb in iter_minibatches(batch, batch_size, schema, rng):
         labels = torch.from_numpy(labels_of(mb, schema))
-        logits = model(to_tensors(mb, names))[LOGITS]
+        if device is not None:
+            labels = labels.to(device)
+        logits = model(to_tensors(mb, names, device))[LOGITS]
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / len(labels)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)

@@ -299,30 +299,41 @@ def write_shards(
     is written to a temporary name and renamed: a reader never sees half a shard.
     """
     check_schema_supported(schema)
-    out_dir.mkdir(parents=True, exist_ok=True)
     world = World(cfg, len(schema.surfaces))
+    return [write_shard(cfg, schema, world, out_dir, shard, on_rows=on_rows) for shard in range(cfg.shards)]
+
+
+def write_shard(
+    cfg: SynthConfig,
+    schema: FeatureSchema,
+    world: World,
+    out_dir: Path,
+    shard: int,
+    *,
+    on_rows: Callable[[int], None] | None = None,
+) -> Path:
+    """Writes shard `shard` of `cfg.shards` (see write_shards); the stream player
+    (trainer/stream.py) calls it one shard at a time."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, cfg.rows, cfg.shards + 1).astype(np.int64)
-    paths = []
-    for shard in range(cfg.shards):
-        rows = int(bounds[shard + 1] - bounds[shard])
-        rng = np.random.default_rng([cfg.seed, 1, shard])
-        t = (shard + np.sort(rng.random(rows))) / cfg.shards
-        path = shard_path(out_dir, shard)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        writer = None
-        try:
-            for lo in range(0, rows, cfg.chunk_rows):
-                chunk = generate_chunk(world, cfg, schema, rng, t[lo : lo + cfg.chunk_rows])
-                ids = np.arange(bounds[shard] + lo, bounds[shard] + lo + chunk.num_rows, dtype=np.int64)
-                chunk = chunk.add_column(0, "example_id", pa.array(ids))
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, chunk.schema, compression="zstd")
-                writer.write_table(chunk)
-                if on_rows:
-                    on_rows(chunk.num_rows)
-        finally:
-            if writer is not None:
-                writer.close()
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    rows = int(bounds[shard + 1] - bounds[shard])
+    rng = np.random.default_rng([cfg.seed, 1, shard])
+    t = (shard + np.sort(rng.random(rows))) / cfg.shards
+    path = shard_path(out_dir, shard)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = None
+    try:
+        for lo in range(0, rows, cfg.chunk_rows):
+            chunk = generate_chunk(world, cfg, schema, rng, t[lo : lo + cfg.chunk_rows])
+            ids = np.arange(bounds[shard] + lo, bounds[shard] + lo + chunk.num_rows, dtype=np.int64)
+            chunk = chunk.add_column(0, "example_id", pa.array(ids))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, chunk.schema, compression="zstd")
+            writer.write_table(chunk)
+            if on_rows:
+                on_rows(chunk.num_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, path)
+    return path

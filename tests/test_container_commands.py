@@ -1,0 +1,242 @@
+"""The `gem` commands docker-compose.yml's containers run, here without containers:
+`gem health` (the front end's healthcheck) against a tiny in-process gRPC health
+server, `gem bootstrap` (the one-shot that publishes a model) with training and export
+stubbed, and `gem tensorrt-script` (the plan build of the `gpu` profile) run by `sh`
+with a stand-in trtexec."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import onnx
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+import export.tensorrt
+from export.repository import ADAPTER_MODEL, FM_MODEL
+from export.tensorrt import container_build, container_command, serving_profile
+from export.triton_config import ServingConfig
+from gem import cli
+from model.schema import load_schema
+from serving.net import free_ports
+
+runner = CliRunner()
+
+
+# --- gem health -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def health_server():
+    """A gRPC server with only the standard health service; yields its address and servicer."""
+    (port,) = free_ports(1)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def gem(*args: str):
+    return runner.invoke(cli.app, list(args))
+
+
+def test_health_exits_0_when_serving(health_server):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    result = gem("health", "--address", address, "--timeout", "5")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"{address}: SERVING"
+
+
+def test_health_exits_1_when_not_serving(health_server):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    result = gem("health", "--address", address)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"{address}: NOT_SERVING"
+
+
+def test_health_exits_1_with_one_line_when_nothing_listens():
+    (port,) = free_ports(1)
+    result = gem("health", "--address", f"127.0.0.1:{port}", "--timeout", "2")
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit), "no traceback: a plain exit"
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"127.0.0.1:{port}: UNAVAILABLE: ")
+
+
+# --- gem bootstrap --------------------------------------------------------------------
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Stubs synthesis, training and export; records what `gem bootstrap`/`gem up` ran."""
+    done: list[tuple] = []
+
+    def synth(out: Path) -> None:
+        out.mkdir(parents=True)
+        (out / "part-00000.parquet").touch()
+        done.append(("synth", out))
+
+    def train(data, out, preset, *rest):
+        done.append(("train", data, out, preset))
+        return {}
+
+    def export(checkpoint, repo, data, keep):
+        done.append(("export", checkpoint, repo, data))
+
+    monkeypatch.setattr(cli, "data_synth", synth)
+    monkeypatch.setattr(cli, "run_training", train)
+    monkeypatch.setattr(cli, "run_export", export)
+    monkeypatch.setattr(cli, "metric_table", lambda metrics: "")
+    monkeypatch.setattr(cli, "parity_table", lambda report: "")
+    return done
+
+
+def paths(tmp_path: Path, published: bool, checkpoint: bool) -> tuple[Path, Path, Path]:
+    ckpt, data, repo = tmp_path / "ckpt", tmp_path / "data", tmp_path / "model_repo"
+    repo.mkdir()
+    if published:
+        (repo / FM_MODEL / "1").mkdir(parents=True)
+    if checkpoint:
+        ckpt.mkdir()
+        (ckpt / "manifest.json").write_text("{}")
+    return ckpt, data, repo
+
+
+def bootstrap(ckpt: Path, data: Path, repo: Path):
+    return gem("bootstrap", "--checkpoint", str(ckpt), "--data", str(data), "--repo", str(repo))
+
+
+def test_bootstrap_trains_and_exports_into_an_empty_repository(tmp_path, calls):
+    ckpt, data, repo = paths(tmp_path, published=False, checkpoint=False)
+    result = bootstrap(ckpt, data, repo)
+    assert result.exit_code == 0, result.output
+    assert calls == [("synth", data), ("train", data, ckpt, "small"), ("export", ckpt, repo, data)]
+
+
+def test_bootstrap_exports_an_existing_checkpoint(tmp_path, calls):
+    ckpt, data, repo = paths(tmp_path, published=False, checkpoint=True)
+    assert bootstrap(ckpt, data, repo).exit_code == 0
+    assert calls == [("export", ckpt, repo, None)]
+
+
+def test_bootstrap_does_nothing_on_a_published_repository(tmp_path, calls):
+    ckpt, data, repo = paths(tmp_path, published=True, checkpoint=False)
+    result = bootstrap(ckpt, data, repo)
+    assert result.exit_code == 0, result.output
+    assert calls == [], "no checkpoint, but a published model: nothing to train"
+
+
+def test_up_still_trains_a_missing_checkpoint_before_serving(tmp_path, calls, monkeypatch):
+    """`gem up` runs the same bootstrap, and as before also trains a missing checkpoint
+    when the repository is already published."""
+    import serving.stack
+
+    served = []
+
+    @contextlib.contextmanager
+    def stack(cfg):
+        served.append(cfg.repository)
+        yield "127.0.0.1:1"
+
+    monkeypatch.setattr(serving.stack, "local_stack", stack)
+    monkeypatch.setattr(cli, "_ready_message", lambda *args: None)
+    monkeypatch.setattr(cli, "_wait_for_ctrl_c", lambda: None)
+    ckpt, data, repo = paths(tmp_path, published=True, checkpoint=False)
+    result = gem("up", "--checkpoint", str(ckpt), "--data", str(data), "--repo", str(repo))
+    assert result.exit_code == 0, result.output
+    assert calls == [("synth", data), ("train", data, ckpt, "small")]
+    assert served == [repo]
+
+
+# --- gem tensorrt-script ----------------------------------------------------------------
+
+
+def _graph(path: Path, inputs: list, outputs: list) -> None:
+    """A one-node graph with the given signature (Identity of the first input)."""
+    nodes = [helper.make_node("Identity", [inputs[0].name], [outputs[0].name])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", inputs, outputs)), path)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """Version 2 of the FM (a sequence input) and version 1 of the adapter."""
+    root = tmp_path / "model_repo"
+    seq = helper.make_tensor_value_info("hist_item_id", TensorProto.INT64, ["B", "L"])
+    user = helper.make_tensor_value_info("user_id", TensorProto.INT64, ["B"])
+    _graph(root / FM_MODEL / "1" / "model.onnx", [user], [helper.make_tensor_value_info("o", TensorProto.INT64, ["B"])])
+    _graph(
+        root / FM_MODEL / "2" / "model.onnx",
+        [seq, user],
+        [helper.make_tensor_value_info("o", TensorProto.INT64, ["B", "L"])],
+    )
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 2])
+    _graph(
+        root / ADAPTER_MODEL / "1" / "model.onnx",
+        [logits],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["B", 2])],
+    )
+    return root
+
+
+def fake_trtexec(path: Path, fail: bool) -> Path:
+    """Writes --saveEngine's file, like trtexec, or fails."""
+    body = "exit 3" if fail else 'for a; do case "$a" in --saveEngine=*) echo plan > "${a#--saveEngine=}";; esac; done'
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_tensorrt_script_is_the_export_build_for_each_model(repo, tmp_path):
+    out = tmp_path / "scripts" / "build-plans.sh"
+    result = gem("tensorrt-script", "--repo", str(repo), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    script = out.read_text()
+    profile = serving_profile(load_schema(), ServingConfig().max_batch_size)
+    fm, adapter = repo / FM_MODEL / "2", repo / ADAPTER_MODEL / "1"
+    for version_dir in (fm, adapter):
+        build = container_build(repo, version_dir, profile)
+        assert f"{build} || exit 1" in script.splitlines()
+        # The very command `gem export --tensorrt` prints where there is no trtexec.
+        assert f"sh -c '{build}'" in container_command(repo, version_dir, profile)
+    assert f"hist_item_id:{profile.max_batch}x{profile.max_seq}" in script, "the schema's longest sequence"
+    assert "/models/gem_fm/2/model.onnx" in script and "/models/gem_fm/1/" not in script, "the latest version"
+    assert subprocess.run(["sh", "-n", str(out)]).returncode == 0
+
+
+def test_tensorrt_script_builds_the_plans_and_stops_at_a_failure(repo, tmp_path, monkeypatch):
+    """Run by sh, with the repository mounted where it is and a stand-in trtexec."""
+    for fail in (False, True):
+        monkeypatch.setattr(export.tensorrt, "CONTAINER_TRTEXEC", str(fake_trtexec(tmp_path / "trtexec", fail)))
+        result = gem("tensorrt-script", "--repo", str(repo), "--mount", str(repo.resolve()))
+        assert result.exit_code == 0, result.output
+        run = subprocess.run(["sh", "-c", result.stdout], capture_output=True, text=True, env=os.environ)
+        plans = [repo / FM_MODEL / "2" / "model.plan", repo / ADAPTER_MODEL / "1" / "model.plan"]
+        if fail:
+            assert run.returncode == 1
+        else:
+            assert run.returncode == 0, run.stderr
+            assert all(p.read_text() == "plan\n" for p in plans)
+            assert not list(repo.rglob(".model.plan.tmp")), "renamed into place"
+            for p in plans:
+                p.unlink()
+    assert not any(p.exists() for p in plans), "a failed FM build stops before the adapter's"
+
+
+def test_tensorrt_script_needs_a_published_model(tmp_path):
+    result = gem("tensorrt-script", "--repo", str(tmp_path))
+    assert result.exit_code == 2
+    assert "has no version to build a plan for" in " ".join(result.output.split())  # rich wraps lines

@@ -1,0 +1,135 @@
+"""The Locust load test against the real local stack (Triton + Ray Serve), and the front
+end's Prometheus metrics it leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.report import slo_violations
+from serving.client import KnowledgeClient
+from serving.metrics import CALLS, DOCUMENTED, EXAMPLES_SERVED, MODEL_VERSION
+from serving.net import free_ports
+from serving.stack import StackConfig, local_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUST = Path(sys.executable).with_name("locust")
+LOCUSTFILE, CONF = ROOT / "loadtests" / "locustfile.py", ROOT / "loadtests" / "locust.conf"
+
+
+@pytest.fixture(scope="module")
+def stack(published_repo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loadtest-stack")
+    shutil.copytree(published_repo, tmp / "repo")
+    grpc_port, http, metrics, triton_http, triton_grpc, triton_metrics = free_ports(6)
+    cfg = StackConfig(repository=tmp / "repo", triton_work_dir=tmp / "triton", grpc_port=grpc_port, http_port=http,
+                      metrics_port=metrics, triton_http_port=triton_http, triton_grpc_port=triton_grpc,
+                      triton_metrics_port=triton_metrics)  # fmt: skip
+    with local_stack(cfg) as address:
+        yield address, f"http://127.0.0.1:{metrics}/metrics"
+
+
+def locust(address: str, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    args = [str(LOCUST), "-f", str(LOCUSTFILE), "--config", str(CONF), "--host", address, "--csv", str(out / "gem"),
+            "--html", str(out / "report.html"), "--summary-file", str(out / "summary.json"), *flags]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=out)
+    return done, json.loads((out / "summary.json").read_text())
+
+
+def scrape(url: str) -> dict[str, list]:
+    """Samples by name, from the front end's Prometheus endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def total(samples: dict[str, list], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def poll(url: str, check, deadline_s: float = 60.0) -> dict[str, list]:
+    """Ray's metrics agent exports every few seconds: scrape until `check` holds."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        samples = scrape(url)
+        if check(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)
+
+
+def test_headless_run_with_two_worker_processes(stack, tmp_path):
+    """Zero failures, the summary has the figures, the SLO (generous) holds, and the
+    examples Locust counted over two processes equal those the front end counted."""
+    address, metrics_url = stack
+    done, summary = locust(address, tmp_path, "--run-time", "12s", "--users", "4", "--rate", "6", "--processes", "2",
+                           "--slo-p99-ms", "60000", "--slo-error-rate", "0")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary["calls"] > 10 and summary["failures"] == 0 and summary["slo"]["violations"] == []
+    assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+    assert summary["examples"] >= 16 * summary["calls"] and summary["examples_per_s"] > summary["calls_per_s"]
+    with (tmp_path / "gem_stats.csv").open() as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    assert int(rows["Generate"]["Request Count"]) == summary["calls"] and rows["Generate"]["Failure Count"] == "0"
+    assert (tmp_path / "report.html").stat().st_size > 0
+    served = EXAMPLES_SERVED.exported
+    samples = poll(metrics_url, lambda s: total(s, served, method="Generate") >= summary["examples"])
+    assert total(samples, served, method="Generate") == summary["examples"]
+
+
+def test_slo_mode_fails_on_an_impossible_bound(stack, tmp_path):
+    address, _ = stack
+    done, summary = locust(address, tmp_path, "--run-time", "4s", "--users", "2", "--rate", "4",
+                           "--slo-p99-ms", "0.001")  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "SLO violated: p99" in done.stderr and summary["slo"]["violations"]
+
+
+def test_metrics_endpoint_exposes_the_documented_metrics(stack):
+    address, metrics_url = stack
+    with KnowledgeClient(address) as client:
+        client.info()
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate({"ad_id": np.arange(3), "no_such_feature": np.zeros(3, np.float32)})
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    calls = CALLS.exported
+    samples = poll(metrics_url, lambda s: total(s, calls, method="Generate", code="INVALID_ARGUMENT") >= 1)
+    assert total(samples, calls, method="Generate", code="INVALID_ARGUMENT") == 1
+    for metric in DOCUMENTED:
+        names = {metric.exported, f"{metric.exported}_bucket", f"{metric.exported}_count"}
+        assert names & samples.keys(), f"{metric.exported} is not exported"
+    assert total(samples, MODEL_VERSION.exported, model="fm") == 1
+    assert {s.labels["backend"] for s in samples["ray_gem_backend_latency_ms_count"]} == {"triton"}
+
+
+def test_readme_documents_every_metric():
+    readme = (ROOT / "README.md").read_text()
+    missing = [m.exported for m in DOCUMENTED if m.exported not in readme]
+    assert not missing, f"README.md does not document {missing}"
+
+
+@pytest.mark.parametrize(
+    ("result", "p99_ms", "error_rate", "broken"),
+    [
+        ({"calls": 10, "p99_ms": 40, "error_rate": 0.0}, 50, 0.0, []),
+        ({"calls": 10, "p99_ms": 60, "error_rate": 0.0}, 50, -1, ["p99 60.0 ms > 50 ms"]),
+        ({"calls": 10, "p99_ms": 60, "error_rate": 0.2}, 0, 0.1, ["error rate 0.2000 > 0.1"]),
+        ({"calls": 0, "p99_ms": 0, "error_rate": 0.0}, 0, -1, ["no calls were made"]),
+    ],
+)
+def test_slo_verdict(result, p99_ms, error_rate, broken):
+    assert slo_violations(result, p99_ms, error_rate) == broken

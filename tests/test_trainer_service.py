@@ -1,0 +1,222 @@
+"""The side trainer end to end: kill -9 during training and during a publish, then a
+restart (exactly once, no half version); a regression refused by the gate; a cycle that
+rolls a new version out to a real Triton while a client calls it without one failure."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.publish import ExportConfig, export_checkpoint
+from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
+from model.checkpoint import load_checkpoint
+from model.features import random_batch
+from serving.net import free_ports
+from serving.triton.client import TritonClient
+from serving.triton.server import TritonConfig, TritonServer
+from tests.trainer_support import (
+    gem,
+    kill_group,
+    ledger,
+    make_stream,
+    shard_lines,
+    shuffle_labels,
+    start_gem,
+    wait_for,
+)
+from trainer import distributed as D
+from trainer.service import HOLD_ENV, Trainer, TrainerConfig
+from trainer.train import TrainConfig, train
+
+
+def _trainer_args(stream: Path, repo: Path, state: Path, *extra: str) -> list[str]:
+    return [
+        "trainer", "run", "--stream", str(stream), "--repo", str(repo), "--state", str(state), "--preset", "tiny",
+        "--batch-size", "256", "--tolerance", "0.05", "--poll-s", "0.2", *extra,
+    ]  # fmt: skip
+
+
+def _assert_repository_whole(repo: Path) -> None:
+    """Every version folder is complete and loadable; nothing half-written is left."""
+    for model in (FM_MODEL, ADAPTER_MODEL):
+        assert not list((repo / model).glob(".staging-*")), f"{model}: a staging folder is left"
+        for v in ModelRepository(repo).versions(model):
+            folder = repo / model / str(v)
+            assert (folder / "model.py").exists(), f"{model} v{v} lacks model.py"
+            onnx.checker.check_model(onnx.load(str(folder / "model.onnx")))
+
+
+def test_kill_9_during_training_and_during_publish_then_restart_is_exactly_once(schema, tmp_path):
+    stream, repo, state = tmp_path / "stream", tmp_path / "repo", tmp_path / "state"
+    make_stream(stream, schema, shards=3, rows=3_000)
+    args = _trainer_args(stream, repo, state)
+    held = state / "held"
+
+    # 1. Killed in the middle of cycle 2's training (cycle 1 is committed and published).
+    log = tmp_path / "run1.log"
+    proc = start_gem(*args, cwd=tmp_path, env={HOLD_ENV: "train:2"}, log=log)
+    wait_for(held.exists, 240, "the trainer to reach cycle 2's training", proc, log)
+    kill_group(proc)
+    held.unlink()
+    assert [e["shard"] for e in shard_lines(state)] == ["part-00000.parquet"]
+    assert ModelRepository(repo).versions(FM_MODEL) == [1]
+
+    # 2. Restarted, killed inside cycle 2's publish: the FM version is staged, not renamed.
+    log = tmp_path / "run2.log"
+    proc = start_gem(*args, cwd=tmp_path, env={HOLD_ENV: "staged:2"}, log=log)
+    wait_for(held.exists, 240, "the trainer to stage cycle 2's FM version", proc, log)
+    assert list((repo / FM_MODEL).glob(".staging-2-*")), "killed with a half-published version on disk"
+    kill_group(proc)
+    held.unlink()
+    assert [e["shard"] for e in shard_lines(state)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert ModelRepository(repo).versions(FM_MODEL) == [1], "the staged version never became visible"
+
+    # 3. Restarted: repairs the publish, then finds nothing more to train on.
+    result = gem(*args, "--exit-when-idle", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "committed but not published" in " ".join((result.stdout + result.stderr).split())
+    lines = shard_lines(state)
+    assert [(e["shard"], e["cycle"], e["state"]) for e in lines] == [
+        ("part-00000.parquet", 1, "trained"),
+        ("part-00001.parquet", 2, "trained"),
+    ], "no shard skipped, none trained twice"
+    publishes = [e for e in ledger(state) if e["kind"] == "publish"]
+    assert sorted(e["cycle"] for e in publishes) == [1, 2], "each cycle published once"
+    assert ModelRepository(repo).versions(FM_MODEL) == [1, 2]
+    _assert_repository_whole(repo)
+    ckpt = load_checkpoint(state / "checkpoint", expect_schema=schema)
+    assert ckpt.metrics["trainer"]["processed"] == {"part-00000.parquet": "trained", "part-00001.parquet": "trained"}
+
+    status = gem("trainer", "status", "--state", str(state), "--repo", str(repo), cwd=tmp_path)
+    assert status.returncode == 0 and "1, 2" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "ckpt"
+    return train(TrainConfig(data=synth_dir, out=out, preset="tiny", batch_size=256, adapter_epochs=1)).checkpoint
+
+
+def test_a_shard_of_shuffled_labels_is_refused_and_serving_stays(schema, trained_tiny, tmp_path):
+    repo, stream, state = tmp_path / "repo", tmp_path / "stream", tmp_path / "state"
+    export_checkpoint(load_checkpoint(trained_tiny), ExportConfig(repository=repo))
+    # Shards 4 and 5: other rows than synth_dir's 0-3, which the served model learned from.
+    make_stream(stream, schema, shards=6, rows=6_000, start=4)
+    shuffle_labels(stream / "part-00004.parquet", schema)
+    cfg = TrainerConfig(
+        stream=stream, repository=repo, state_dir=state, checkpoint=trained_tiny, tolerance=0.005,
+        batch_size=128, exit_when_idle=True,
+    )  # fmt: skip
+    trainer = Trainer(cfg, D.Runtime())
+    before = {k: v.clone() for k, v in trainer.plain.state_dict().items()}
+    trainer.run()
+
+    (line,) = shard_lines(state)
+    assert line["shard"] == "part-00004.parquet" and line["state"] == "refused", line
+    assert "regression beyond tolerance" in line["reason"] and line["serving_version"] == 1
+    r = ModelRepository(repo)
+    assert r.versions(FM_MODEL) == [1], "the served FM stays"
+    assert r.versions(ADAPTER_MODEL) == [1, 2], "the adapter is still refreshed, alone"
+    after = trainer.plain.state_dict()
+    assert all(
+        (before[k] == after[k]).all() for k in before
+    ), "the refused weights are dropped"  # fmt: skip
+    ckpt = load_checkpoint(state / "checkpoint")
+    assert ckpt.metrics["trainer"]["processed"] == {"part-00004.parquet": "refused"}
+    m = trainer.metrics
+    assert m.failures.labels("gate")._value.get() == 1 and m.cycles.labels("refused")._value.get() == 1
+
+
+def test_a_cycle_rolls_out_to_triton_while_a_client_calls_it_without_a_failure(
+    schema, published_repo, tiny_checkpoint, tmp_path
+):
+    repo = tmp_path / "repo"
+    shutil.copytree(published_repo, repo)
+    stream, state = tmp_path / "stream", tmp_path / "state"
+    make_stream(stream, schema, shards=2, rows=3_000)
+    http, grpc, metrics, trainer_metrics = free_ports(4)
+    cfg = TritonConfig(
+        repository=repo, work_dir=tmp_path / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics
+    )
+    batch = random_batch(schema, 16, 8)
+
+    async def scenario(server: TritonServer):
+        seen, failures, stop = [], [], asyncio.Event()
+
+        async def caller(client: TritonClient):
+            while not stop.is_set():
+                try:
+                    out = await client.infer(batch, outputs=("fm_version",))
+                    seen.append((int(out["fm_version"][0, 0]), int(out["adapter_version"][0, 0])))
+                except Exception as e:  # counted: the test asserts there are none
+                    failures.append(e)
+                # A short pause: calls all along, yet cores left for the trainer's export.
+                await asyncio.sleep(0.02)
+
+        async with TritonClient(server.cfg.grpc_url) as client:
+            callers = [asyncio.create_task(caller(client)) for _ in range(2)]
+            while len(seen) < 10:  # serving before the trainer starts
+                await asyncio.sleep(0.05)
+            log = tmp_path / "trainer.log"
+            proc = start_gem(
+                *_trainer_args(stream, repo, state, "--checkpoint", str(tiny_checkpoint), "--max-cycles", "1",
+                               "--triton-url", server.cfg.grpc_url, "--metrics-port", str(trainer_metrics)),
+                cwd=tmp_path, log=log,
+            )  # fmt: skip
+            scraped = ""
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                if "gem_trainer_serving_version" not in scraped:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{trainer_metrics}/metrics", timeout=2) as r:
+                            scraped = r.read().decode()
+                    except OSError:
+                        pass
+                await asyncio.sleep(0.2)
+            assert proc.returncode == 0, log.read_text()[-3000:]
+            switched = len(seen)
+            while len(seen) < switched + 10:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*callers)
+            return seen, failures, " ".join(log.read_text().split()), scraped
+
+    with TritonServer(cfg) as server:
+        seen, failures, log, scraped = asyncio.run(scenario(server))
+    assert failures == [], failures[:3]
+    assert seen[0] == (1, 1) and seen[-1] == (2, 2), (seen[0], seen[-1])
+    fm_versions = [fm for fm, _ in seen]
+    assert fm_versions == sorted(fm_versions), "once switched, calls never go back to the old version"
+    assert "published" in log and "gem_fm v2" in log
+    assert "gem_trainer_examples_total" in scraped, "the trainer's metrics endpoint answered while it ran"
+    assert ModelRepository(repo).versions(FM_MODEL) == [1, 2]
+
+
+def test_one_new_shard_refreshes_the_adapter_alone_while_the_fm_waits_for_its_gate(
+    schema, published_repo, tiny_checkpoint, tmp_path
+):
+    repo, stream, state = tmp_path / "repo", tmp_path / "stream", tmp_path / "state"
+    shutil.copytree(published_repo, repo)
+    make_stream(stream, schema, shards=1, rows=2_000)
+    cfg = TrainerConfig(
+        stream=stream, repository=repo, state_dir=state, checkpoint=tiny_checkpoint, exit_when_idle=True
+    )
+    before = load_checkpoint(tiny_checkpoint).adapter.state_dict()
+    Trainer(cfg, D.Runtime()).run()
+    r = ModelRepository(repo)
+    assert r.versions(FM_MODEL) == [1] and r.versions(ADAPTER_MODEL) == [1, 2]
+    assert shard_lines(state) == [], "no FM cycle without a next shard to validate on"
+    assert [(e["kind"], e["shard"], e["adapter_version"]) for e in ledger(state)] == [
+        ("adapter", "part-00000.parquet", 2)
+    ]
+    ckpt = load_checkpoint(state / "checkpoint")
+    assert ckpt.metrics["trainer"]["adapter_shard"] == "part-00000.parquet"
+    assert any(not (before[k] == v).all() for k, v in ckpt.adapter.state_dict().items()), "the adapter learned"
+    Trainer(cfg, D.Runtime()).run()  # restarted: the same shard is not fitted twice
+    assert r.versions(ADAPTER_MODEL) == [1, 2] and len(ledger(state)) == 1

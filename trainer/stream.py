@@ -1,0 +1,122 @@
+"""The stream of logged examples: Parquet shards arriving in a folder over time.
+
+A producer (the logging pipeline, or `gem data stream`) writes each shard under a
+hidden temporary name and renames it into place as `*.parquet`, so a visible shard is
+complete. Shards are taken in name order (producers name them by time slice:
+part-00000.parquet, part-00001.parquet, ...). A shard that cannot be read as the schema
+is moved to `<stream>/.quarantine/<name>` with `<name>.reason` beside it, and the
+trainer goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from model.data.reader import Batch, DataError, check_columns, read_batch
+from model.data.synth import SynthConfig, World, check_schema_supported, write_shard
+from model.schema import SURFACE_INPUT, FeatureSchema
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = ".quarantine"
+
+
+def discover(stream: Path, done: set[str]) -> list[Path]:
+    """Complete shards not yet processed, oldest first. Hidden files (a producer's
+    temporary names, the quarantine) are not shards."""
+    if not stream.is_dir():
+        return []
+    return sorted(p for p in stream.glob("*.parquet") if p.is_file() and p.name not in done)
+
+
+def check_footer(path: Path, schema: FeatureSchema) -> None:
+    """Columns and types from the Parquet footer, before any row is read."""
+    try:
+        columns = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"not a readable Parquet file: {e}") from None
+    check_columns(columns, schema, labels=True)
+
+
+def load_shard(path: Path, schema: FeatureSchema, max_seq_len: int) -> Batch:
+    """The shard's rows with labels; DataError (the reason) if it does not fit the schema."""
+    check_footer(path, schema)
+    batch = read_batch(path, schema, max_seq_len=max_seq_len, labels=True)
+    if len(batch[SURFACE_INPUT]) == 0:
+        raise DataError("the shard has no rows")
+    for task in schema.tasks:
+        if not np.isin(batch[task.label_column], (0.0, 1.0)).all():
+            raise DataError(f"column {task.label_column!r}: labels must be 0 or 1")
+    return batch
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Moves a bad shard aside with its reason; a later shard of the same name is new."""
+    folder = path.parent / QUARANTINE
+    folder.mkdir(exist_ok=True)
+    target = folder / path.name
+    if target.exists():
+        target = folder / f"{path.stem}.{time.time_ns()}{path.suffix}"
+    os.replace(path, target)
+    target.with_name(target.name + ".reason").write_text(reason.strip() + "\n")
+    log.error("quarantined %s: %s", path.name, reason)
+    return target
+
+
+# -- the stream player ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    out: Path
+    shards: int = 10
+    rows_per_shard: int = 20_000
+    every_s: float = 30.0
+    drift: float = 0.5
+    seed: int = 0
+    # Write shards from this index on (a restarted player resumes; earlier ones exist).
+    start: int = 0
+    users: int = 20_000
+    ads: int = 5_000
+
+    def synth(self) -> SynthConfig:
+        # One time range over the whole stream, so drift moves across shards.
+        return SynthConfig(
+            rows=self.rows_per_shard * self.shards,
+            shards=self.shards,
+            seed=self.seed,
+            drift=self.drift,
+            users=self.users,
+            ads=self.ads,
+            days=float(self.shards),
+        )
+
+
+def play_stream(
+    cfg: StreamConfig,
+    schema: FeatureSchema,
+    on_shard: Callable[[Path], None] = lambda _: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Path]:
+    """Writes shard i of the synthetic stream at start + i * every_s (atomically)."""
+    check_schema_supported(schema)
+    synth = cfg.synth()
+    world = World(synth, len(schema.surfaces))
+    begin = time.monotonic()
+    paths = []
+    for i in range(cfg.start, cfg.shards):
+        wait = begin + (i - cfg.start) * cfg.every_s - time.monotonic()
+        if wait > 0:
+            sleep(wait)
+        paths.append(write_shard(synth, schema, world, cfg.out, i))
+        on_shard(paths[-1])
+    return paths
