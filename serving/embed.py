@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from export.onnx_export import ADAPTER_OUTPUT
-from model.data.reader import DataError, check_columns, resolve_paths, table_to_batch
+from model.data.reader import DataError, check_footer, resolve_paths, table_to_batch
 from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_batch
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
 from serving.backends import OnnxBackend, TritonBackend, published_graphs, sigmoid
@@ -226,18 +226,14 @@ class KnowledgeStamper:
         return pa.Table.from_pylist(receipts)
 
 
-def _check_file(path: Path, schema: FeatureSchema) -> int:
+def _check_file(path: Path, schema: FeatureSchema) -> tuple[int, pa.Schema]:
     """A file whose columns do not fit the schema is refused from its footer, before any
-    work; returns its row count."""
-    try:
-        meta = pq.read_metadata(path)
-        columns = meta.schema.to_arrow_schema()
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"not a readable Parquet file: {e}") from None
-    check_columns(columns, schema)
+    work; returns its row count and Arrow schema."""
+    meta = check_footer(path, schema)
+    columns = meta.schema.to_arrow_schema()
     if KEY_COLUMNS[0] not in columns.names:
         raise DataError(f"missing column {KEY_COLUMNS[0]!r} (the key of the output rows)")
-    return meta.num_rows
+    return meta.num_rows, columns
 
 
 def _committed(target: Path, cfg: EmbedConfig) -> dict | None:
@@ -250,9 +246,10 @@ def _committed(target: Path, cfg: EmbedConfig) -> dict | None:
     return done if done.get("limit") in (None, cfg.limit) else None
 
 
-def plan(cfg: EmbedConfig, schema: FeatureSchema) -> list[FileResult]:
+def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dict[Path, pa.Schema]]:
     """Every input file: skipped (committed before), refused (with the reason) or pending
-    (with the rows it will stamp)."""
+    (with the rows it will stamp); and the Arrow schema of each pending file, read once
+    from its footer here."""
     paths = [p for p in resolve_paths(cfg.source) if not p.resolve().is_relative_to(cfg.out.resolve())]
     if not paths:
         raise DataError(f"no Parquet files at {cfg.source} (outside the output folder)")
@@ -260,7 +257,7 @@ def plan(cfg: EmbedConfig, schema: FeatureSchema) -> list[FileResult]:
     for path in paths:
         if (other := stems.setdefault(path.stem, path)) != path:
             raise DataError(f"{other} and {path} would both write {cfg.out / path.stem}: rename one")
-    results = []
+    results, footers = [], {}
     for path in paths:
         result = FileResult(path.resolve())
         done = None if cfg.overwrite else _committed(cfg.out / path.stem, cfg)
@@ -270,12 +267,12 @@ def plan(cfg: EmbedConfig, schema: FeatureSchema) -> list[FileResult]:
                 setattr(result, key, done[key])
         else:
             try:
-                rows = _check_file(path, schema)
+                rows, footers[result.path] = _check_file(path, schema)
                 result.rows_in = rows if cfg.limit is None else min(rows, cfg.limit)
             except DataError as e:
                 result.error = str(e)
         results.append(result)
-    return results
+    return results, footers
 
 
 def _commit(result: FileResult, cfg: EmbedConfig) -> None:
@@ -344,13 +341,14 @@ class Listener:
         """A file committed, skipped or failed."""
 
 
-def _stamp(live: dict[str, FileResult], cfg: EmbedConfig, schema: FeatureSchema, listener: Listener) -> None:
-    """One pipeline over files that share a Parquet schema: read -> actor pool -> the
-    driver counts receipts and commits each file when all its rows are written."""
+def _stamp(
+    live: dict[str, FileResult], names: list[str], cfg: EmbedConfig, schema: FeatureSchema, listener: Listener
+) -> None:
+    """One pipeline over files that share a Parquet schema (with columns `names`): read ->
+    actor pool -> the driver counts receipts and commits each file when all its rows are
+    written."""
     import ray
 
-    with pq.ParquetFile(next(iter(live.values())).path) as first:
-        names = first.schema_arrow.names
     columns = list(dict.fromkeys(
         [k for k in KEY_COLUMNS if k in names] + [s.name for s in input_specs(schema) if s.kind != "length"]
     ))  # fmt: skip
@@ -402,7 +400,8 @@ def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
     if cfg.backend == "onnxruntime":
         published_graphs(cfg.repository)  # no model: say so now, not from every actor
     schema = load_schema(cfg.schema_path)
-    summary = Summary(plan(cfg, schema))
+    files, footers = plan(cfg, schema)
+    summary = Summary(files)
     listener.planned(summary.files)
     for result in summary.files:
         if result.skipped or result.error:
@@ -410,20 +409,19 @@ def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
     pending = [r for r in summary.files if not r.skipped and not r.error]
     if summary.failed_files and cfg.fail_on_error:
         pending = []
-    groups: dict[str, dict[str, FileResult]] = {}
+    groups: dict[pa.Schema, dict[str, FileResult]] = {}
     for result in pending:
         shutil.rmtree(cfg.out / STAGING / result.path.stem, ignore_errors=True)
         if result.done:  # an empty file
             _commit(result, cfg)
             listener.file(result)
         else:
-            key = str(pq.read_schema(result.path).remove_metadata())
-            groups.setdefault(key, {})[str(result.path)] = result
+            groups.setdefault(footers[result.path].remove_metadata(), {})[str(result.path)] = result
     if groups and not ray.is_initialized():
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    for live in groups.values():
-        _stamp(live, cfg, schema, listener)
+    for columns, live in groups.items():
+        _stamp(live, columns.names, cfg, schema, listener)
     if (cfg.out / STAGING).exists() and not any((cfg.out / STAGING).iterdir()):
         (cfg.out / STAGING).rmdir()
     summary.seconds = time.perf_counter() - start

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from model.data.reader import Batch, DataError, check_columns, read_batch
+from model.data.reader import Batch, DataError, check_footer, read_batch
 from model.data.synth import SynthConfig, World, check_schema_supported, write_shard
 from model.schema import SURFACE_INPUT, FeatureSchema
 
@@ -38,18 +36,9 @@ def discover(stream: Path, done: set[str]) -> list[Path]:
     return sorted(p for p in stream.glob("*.parquet") if p.is_file() and p.name not in done)
 
 
-def check_footer(path: Path, schema: FeatureSchema) -> None:
-    """Columns and types from the Parquet footer, before any row is read."""
-    try:
-        columns = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"not a readable Parquet file: {e}") from None
-    check_columns(columns, schema, labels=True)
-
-
 def load_shard(path: Path, schema: FeatureSchema, max_seq_len: int) -> Batch:
     """The shard's rows with labels; DataError (the reason) if it does not fit the schema."""
-    check_footer(path, schema)
+    check_footer(path, schema, labels=True)
     batch = read_batch(path, schema, max_seq_len=max_seq_len, labels=True)
     if len(batch[SURFACE_INPUT]) == 0:
         raise DataError("the shard has no rows")

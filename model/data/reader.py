@@ -104,6 +104,18 @@ def check_columns(columns: pa.Schema, schema: FeatureSchema, labels: bool = Fals
             raise DataError(f"column {spec.name!r}: expected {expected}, got {found}")
 
 
+def check_footer(path: str | Path, schema: FeatureSchema, labels: bool = False) -> pq.FileMetaData:
+    """`check_columns` on a Parquet file's footer (no row is read); returns the footer
+    (row count, `.schema.to_arrow_schema()`) for the caller's own checks."""
+    try:
+        meta = pq.read_metadata(path)
+        columns = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"not a readable Parquet file: {e}") from None
+    check_columns(columns, schema, labels)
+    return meta
+
+
 def table_to_batch(
     table: pa.Table, schema: FeatureSchema, *, max_seq_len: int | None = None, labels: bool = True
 ) -> Batch:
