@@ -11,10 +11,13 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
 
 WORKDIR /app
 
-# The dependencies alone first, so that a code change does not download them again.
+# The client package (no registry has it), then the other dependencies alone, so that
+# a code change does not download them again.
+COPY client ./client
+RUN pip install --no-cache-dir ./client
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not d.startswith('gem-knowledge-client')))" > /tmp/requirements.txt \
     && pip install --no-cache-dir --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 

@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	# The client package first: the server depends on it, and no registry has it.
+	$(VENV)/bin/pip install --quiet -e ./client -e ".[dev]"
 	touch $(STAMP)
 
 up: setup
@@ -24,7 +25,7 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q
 
-# Regenerate gem/knowledge/ from protos/ (committed; tests/test_api.py checks it is current).
+# Regenerate client/gem/knowledge/v1 from protos/ (committed; tests/test_api.py checks it is current).
 protos: setup
 	$(VENV)/bin/python protos/generate.py
 

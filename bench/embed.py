@@ -23,6 +23,7 @@ from rich.table import Table
 
 from bench.common import RESULTS
 from export.publish import ExportConfig, export_checkpoint
+from jobs.embed import MODEL_OUTPUTS, EmbedConfig, run_embed
 from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
@@ -31,7 +32,6 @@ from model.data.synth import SynthConfig, write_shards
 from model.gem import GEM
 from model.schema import load_schema
 from serving.backends import OnnxBackend
-from serving.embed import MODEL_OUTPUTS, EmbedConfig, run_embed
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+from gem.knowledge import AsyncKnowledgeClient
 from rich.console import Console
 from rich.table import Table
 
@@ -35,9 +36,8 @@ from model.config import PRESETS, preset
 from model.features import input_specs, random_batch
 from model.gem import GEM
 from model.schema import load_schema
-from serving import frontend
+from serving import launcher
 from serving.backends import OnnxBackend
-from serving.client import AsyncKnowledgeClient
 from serving.config import FrontendConfig
 from serving.net import free_ports
 from serving.triton.client import TritonClient
@@ -146,20 +146,20 @@ def main() -> None:
         http, grpc_port, metrics, fe_grpc, fe_http = free_ports(5)
         triton = TritonServer(TritonConfig(tmp / "repo", tmp / "triton", http, grpc_port, metrics)).start()
         try:
-            address = frontend.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton")
+            address = launcher.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton")
             from ray import serve
 
-            from serving.app import KnowledgeIngress
+            from serving.ingress import KnowledgeIngress
 
             embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
             serve.run(embedded.bind(FrontendConfig(backend="onnxruntime", repository=tmp / "repo")), name="embedded",
                       route_prefix="/embedded", blocking=False)  # fmt: skip
             for app in APPS:
-                frontend.wait_healthy(address, application=app)
+                launcher.wait_healthy(address, application=app)
             with console.status("measuring"):
                 timings = asyncio.run(run(args, schema, tmp / "repo", triton.cfg.grpc_url, address))
         finally:
-            frontend.stop()
+            launcher.stop()
             triton.stop()
     _report(args, timings)
 

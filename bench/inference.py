@@ -22,8 +22,8 @@ import torch
 from rich.console import Console
 
 from bench.common import Timing, summarize, table, time_async, time_sync, write_json
+from export.contract import ENSEMBLE_MODEL, FM_MODEL, KNOWLEDGE_OUTPUTS
 from export.publish import ExportConfig, export_checkpoint
-from export.repository import ENSEMBLE_MODEL, FM_MODEL, KNOWLEDGE_OUTPUTS
 from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset

@@ -43,15 +43,15 @@ from bench.common import RESULTS
 from export.publish import ExportConfig, export_checkpoint
 from model.checkpoint import load_checkpoint
 from model.config import PRESETS
-from model.features import random_batch
+from model.features import random_batch, sigmoid
 from model.gem import GEM
 from model.schema import SURFACE_INPUT, load_schema
 from serving.net import free_ports
 from serving.triton.client import TritonClient
 from serving.triton.server import TritonConfig, TritonServer
 from trainer import distributed as D
+from trainer.evaluation import log_loss
 from trainer.gate import task_metrics
-from trainer.metrics import log_loss, sigmoid
 from trainer.service import Trainer, TrainerConfig, fit_refresh
 from trainer.stream import StreamConfig, load_shard, play_stream
 from trainer.train import TrainConfig, labels_of, make_optimizers, predict, train, train_steps

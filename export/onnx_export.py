@@ -20,15 +20,15 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from model.adapter import StudentAdapter
 from model.features import FM_OUTPUTS, input_specs, random_batch
+from model.files import atomic_path
 from model.gem import GEM
-from model.schema import SURFACE_INPUT, FeatureSchema
+from model.schema import FeatureSchema
 
 log = logging.getLogger(__name__)
 
-ADAPTER_INPUTS = ("fm_logits", SURFACE_INPUT)
-ADAPTER_OUTPUT = "adapted_logits"
 # Opset 18 keeps attention as MatMul/Softmax (no fused Attention op) for TensorRT.
 OPSET = 18
 # Ops TensorRT's ONNX parser cannot run, or that hide per-row control flow.
@@ -94,9 +94,8 @@ def _name_outputs(proto: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelP
 
 
 def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, tmp)
 
 
 # Largest batch the exported graphs accept; the batch axis is dynamic below it.

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.contract import ADAPTER_INPUTS, ADAPTER_MODEL, FM_MODEL
 from export.onnx_export import (
-    ADAPTER_INPUTS,
     FP16_PARITY_TOLERANCE,
     Parity,
     check_adapter_parity,
@@ -27,7 +27,7 @@ from export.onnx_export import (
     export_adapter,
     export_fm,
 )
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository, Published, RepositoryError
+from export.repository import ModelRepository, Published, RepositoryError
 from export.triton_config import ServingConfig
 from model.adapter import StudentAdapter
 from model.checkpoint import Checkpoint

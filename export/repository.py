@@ -1,16 +1,9 @@
 """The Triton model repository: publishing versions atomically, keeping a few.
 
-Layout (Triton's):
-
-  model_repo/
-    gem_fm/            config.pbtxt, configs/<flavour>.pbtxt, <version>/{model.onnx, model.py}
-    student_adapter/   same
-    gem_knowledge/     config.pbtxt (ensemble: gem_fm -> student_adapter), 1/
-
-A version is assembled in a hidden staging folder beside the versions and renamed into
-place in one step, so Triton never sees half a version. Version numbers only grow: a
-version Triton refused is moved to `.rejected/<version>` with the reason and its number
-is not reused.
+Layout and names: `export.contract`. A version is assembled in a hidden staging folder
+beside the versions and renamed into place in one step, so Triton never sees half a
+version. Version numbers only grow: a version Triton refused is moved to
+`.rejected/<version>` with the reason and its number is not reused.
 
 Each published graph gets one extra output, `<model>_version` (int64 [B, 1]), a
 constant holding its version number, so every reply says which versions made it,
@@ -30,11 +23,22 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.onnx_export import ADAPTER_INPUTS, ADAPTER_OUTPUT
-from export.triton_config import (
+from export.contract import (
+    ADAPTER_INPUTS,
+    ADAPTER_MODEL,
     DEFAULT_FLAVOUR,
+    ENSEMBLE_MODEL,
     FLAVOURS,
+    FM_MODEL,
+    FP16_FILENAME,
     ONNX_FILENAME,
+    PYTHON_MODEL_FILENAME,
+    REJECTED,
+    VERSION_OUTPUTS,
+    latest_version,
+    published_versions,
+)
+from export.triton_config import (
     ServingConfig,
     Step,
     config_filename,
@@ -44,19 +48,13 @@ from export.triton_config import (
     model_config,
     to_pbtxt,
 )
-from model.features import FM_OUTPUTS, LOGITS
+from model.features import LOGITS
+from model.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-FM_MODEL = "gem_fm"
-ADAPTER_MODEL = "student_adapter"
-ENSEMBLE_MODEL = "gem_knowledge"
-FM_VERSION = "fm_version"
-ADAPTER_VERSION = "adapter_version"
-VERSION_OUTPUTS = {FM_MODEL: FM_VERSION, ADAPTER_MODEL: ADAPTER_VERSION}
-PYTHON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "serving" / "triton" / "python_model" / "model.py"
-REJECTED = ".rejected"
-FP16_FILENAME = "model.fp16.onnx"
+# The python-backend model (ONNX Runtime inside Triton), copied into every version.
+PYTHON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "serving/triton/python_model" / PYTHON_MODEL_FILENAME
 
 
 class RepositoryError(RuntimeError):
@@ -102,13 +100,6 @@ def stamp_version(proto: onnx.ModelProto, output: str, version: int) -> onnx.Mod
     return stamped
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 @dataclass(frozen=True)
 class Published:
     model: str
@@ -127,14 +118,10 @@ class ModelRepository:
         self.on_staged = on_staged
 
     def versions(self, model: str) -> list[int]:
-        folder = self.root / model
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+        return published_versions(self.root, model)
 
     def latest(self, model: str) -> int | None:
-        versions = self.versions(model)
-        return versions[-1] if versions else None
+        return latest_version(self.root, model)
 
     def _next_version(self, model: str) -> int:
         rejected = self.root / model / REJECTED
@@ -157,7 +144,9 @@ class ModelRepository:
         stamped = stamp_version(proto, VERSION_OUTPUTS[model], version)
         for flavour in FLAVOURS:
             config = model_config(model, stamped, flavour, self.serving)
-            _write_atomic(folder / config_filename(flavour), to_pbtxt(config))
+            target = folder / config_filename(flavour)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, to_pbtxt(config))
         staging = folder / f".staging-{version}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -166,7 +155,7 @@ class ModelRepository:
             onnx.save(
                 stamp_version(onnx.load(str(fp16_path)), VERSION_OUTPUTS[model], version), staging / FP16_FILENAME
             )
-        shutil.copy2(PYTHON_MODEL_SOURCE, staging / "model.py")
+        shutil.copy2(PYTHON_MODEL_SOURCE, staging / PYTHON_MODEL_FILENAME)
         if self.on_staged is not None:
             self.on_staged(staging)
         staging.rename(folder / str(version))
@@ -190,7 +179,8 @@ class ModelRepository:
         config = ensemble_config(ENSEMBLE_MODEL, fm_in, fm_out + ad_out, steps, self.serving)
         folder = self.root / ENSEMBLE_MODEL
         (folder / "1").mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "config.pbtxt", to_pbtxt(config))
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / "config.pbtxt", to_pbtxt(config))
 
     def clean_staging(self) -> list[Path]:
         """Removes staging folders a killed publisher left behind (never a version:
@@ -219,7 +209,3 @@ class ModelRepository:
         if old:
             log.info("pruned %s versions %s", model, old)
         return old
-
-
-# Everything one call to the ensemble returns.
-KNOWLEDGE_OUTPUTS = (*FM_OUTPUTS, ADAPTER_OUTPUT, FM_VERSION, ADAPTER_VERSION)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import onnx
 
-from export.repository import ADAPTER_MODEL, FM_MODEL, FP16_FILENAME, ModelRepository, RepositoryError
-from export.triton_config import ONNX_FILENAME, PLAN_FILENAME
+from export.contract import ADAPTER_MODEL, CONTAINER_REPOSITORY, FM_MODEL, FP16_FILENAME, ONNX_FILENAME, PLAN_FILENAME
+from export.repository import ModelRepository, RepositoryError
+from model.files import atomic_path
 from model.schema import FeatureSchema
 
 
@@ -36,8 +37,6 @@ class TensorRTUnavailable(RuntimeError):
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 # Where that image keeps trtexec (outside PATH).
 CONTAINER_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
-# The repository's path inside the Triton container (`docker run -v` and docker-compose.yml).
-CONTAINER_REPOSITORY = Path("/models")
 # Every model that gets a `configs/tensorrt.pbtxt`, so needs a plan (the ensemble has none).
 PLAN_MODELS = (FM_MODEL, ADAPTER_MODEL)
 
@@ -177,12 +176,10 @@ def build_plan(version_dir: Path, cfg: ProfileConfig, fp16: bool = False) -> Pat
         )
     onnx_path = version_dir / _source(version_dir, fp16)
     plan = version_dir / PLAN_FILENAME
-    tmp = plan.with_name(f".{plan.name}.tmp")
-    args = trtexec_command(onnx_path, tmp, profiles(onnx.load(str(onnx_path), load_external_data=False), cfg))
-    result = subprocess.run([trtexec, *args[1:]], capture_output=True, text=True)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(result.stdout.splitlines()[-15:])
-        raise RuntimeError(f"trtexec failed for {onnx_path} (exit {result.returncode}):\n{tail}")
-    tmp.replace(plan)
+    with atomic_path(plan) as tmp:
+        args = trtexec_command(onnx_path, tmp, profiles(onnx.load(str(onnx_path), load_external_data=False), cfg))
+        result = subprocess.run([trtexec, *args[1:]], capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stdout.splitlines()[-15:])
+            raise RuntimeError(f"trtexec failed for {onnx_path} (exit {result.returncode}):\n{tail}")
     return plan

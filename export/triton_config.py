@@ -22,10 +22,7 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-FLAVOURS = ("onnxruntime", "python", "tensorrt")
-DEFAULT_FLAVOUR = "onnxruntime"
-PLAN_FILENAME = "model.plan"
-ONNX_FILENAME = "model.onnx"
+from export.contract import DEFAULT_FLAVOUR, FLAVOURS, ONNX_FILENAME, PLAN_FILENAME
 
 _TRITON_DTYPES = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32,

@@ -30,13 +30,13 @@ import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
+from gem.knowledge import KnowledgeClient
 from locust import User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.report import slo_violations
 from model.features import random_call
 from model.schema import schema_from_yaml
-from serving.client import KnowledgeClient
 
 # gRPC's C core must yield to gevent's loop, or one call blocks every user of a process.
 grpc_gevent.init_gevent()

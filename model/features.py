@@ -60,6 +60,12 @@ USER_EMBEDDING = "user_embedding"
 FM_OUTPUTS = (LOGITS, EMBEDDING, USER_EMBEDDING)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Labels are probabilities: the sigmoid of the logits, in their dtype, without
+    overflow for large negative logits (exp(-logaddexp(0, -x)))."""
+    return np.exp(-np.logaddexp(0, -logits))
+
+
 def random_batch(schema: FeatureSchema, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A valid input batch of random values: ids over the whole int64 range (hashing
     must cope), sequence lengths from 0 to `seq_len`. For parity checks and tests."""

@@ -1,4 +1,5 @@
-"""Generates the Python gRPC code for protos/ into gem/knowledge/... (committed).
+"""Generates the Python gRPC code for protos/ into the client package,
+client/gem/knowledge/... (committed).
 
     .venv/bin/python protos/generate.py          # or: make protos
 
@@ -15,6 +16,7 @@ from grpc_tools import protoc
 
 PROTOS = Path(__file__).resolve().parent
 ROOT = PROTOS.parent
+CLIENT = ROOT / "client"
 
 
 def proto_files() -> list[Path]:
@@ -43,5 +45,5 @@ def generate(out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    written = generate(ROOT)
+    written = generate(CLIENT)
     print("\n".join(str(p.relative_to(ROOT)) for p in written), file=sys.stderr)

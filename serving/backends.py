@@ -15,9 +15,16 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from export.onnx_export import ADAPTER_INPUTS, ADAPTER_OUTPUT
-from export.repository import ADAPTER_MODEL, ADAPTER_VERSION, FM_MODEL, FM_VERSION, ModelRepository
-from export.triton_config import ONNX_FILENAME
+from export.contract import (
+    ADAPTER_INPUTS,
+    ADAPTER_MODEL,
+    ADAPTER_OUTPUT,
+    ADAPTER_VERSION,
+    FM_MODEL,
+    FM_VERSION,
+    ONNX_FILENAME,
+)
+from export.repository import ModelRepository
 from model.features import LOGITS
 from serving.triton.client import BackendUnavailable, TritonClient
 
@@ -37,11 +44,6 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Labels are probabilities: float32 sigmoid of the logits."""
-    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
 def _versions(out: dict[str, np.ndarray]) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving import frontend
+from serving import launcher
 from serving.config import FrontendConfig
 from serving.net import port_in_use
 from serving.triton.server import TritonConfig, TritonServer
@@ -68,9 +68,9 @@ def local_stack(cfg: StackConfig) -> Iterator[str]:
             stack.enter_context(TritonServer(triton_cfg))
             frontend_cfg = FrontendConfig(triton_url=triton_cfg.grpc_url)
         log.info("starting Ray Serve (%s backend)", frontend_cfg.backend)
-        address = frontend.start(
+        address = launcher.start(
             frontend_cfg, grpc_port=cfg.grpc_port, http_port=cfg.http_port, metrics_port=cfg.metrics_port
         )
-        stack.callback(frontend.stop)
-        frontend.wait_healthy(address)
+        stack.callback(launcher.stop)
+        launcher.wait_healthy(address)
         yield address

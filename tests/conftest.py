@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,9 +16,10 @@ from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
 from model.data.synth import SynthConfig, write_shards
-from model.features import input_names
 from model.gem import GEM
 from model.schema import FeatureSchema, load_schema
+from serving.net import free_ports
+from serving.triton.server import TritonConfig
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +35,34 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema) -
     return out
 
 
-def to_torch(batch: dict[str, np.ndarray], schema: FeatureSchema) -> dict[str, torch.Tensor]:
-    return {n: torch.from_numpy(batch[n]) for n in input_names(schema)}
+@pytest.fixture(scope="session")
+def gem_bin() -> Path:
+    """The installed `gem` script: what users run."""
+    return Path(sys.executable).with_name("gem")
+
+
+@pytest.fixture(scope="session")
+def gem(gem_bin: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs the `gem` command line as a user would: a subprocess, wide output, captured."""
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+        full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+        return subprocess.run(
+            [str(gem_bin), *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def triton_config() -> Callable[[Path, Path], TritonConfig]:
+    """A local Triton's config on free ports, for a repository and a work folder."""
+
+    def make(repo: Path, work: Path) -> TritonConfig:
+        http, grpc, metrics = free_ports(3)
+        return TritonConfig(repository=repo, work_dir=work, http_port=http, grpc_port=grpc, metrics_port=metrics)
+
+    return make
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from gem.knowledge.v1 import knowledge_pb2 as pb
+from gem.knowledge.wire import WireError, decode, encode
+
 from model.features import input_specs, random_batch
 from serving.validation import Limits, RequestError, assemble
-from serving.wire import WireError, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_generated_code_is_current(tmp_path):
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     for fresh in generate.generate(tmp_path):
-        committed = ROOT / fresh.relative_to(tmp_path)
+        committed = ROOT / "client" / fresh.relative_to(tmp_path)
         assert committed.exists(), f"{committed} is missing: run `make protos`"
         assert committed.read_text() == fresh.read_text(), f"{committed} is stale: run `make protos`"
 

@@ -6,10 +6,10 @@ import torch
 
 from model.adapter import StudentAdapter
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.features import LOGITS, random_batch
+from model.features import LOGITS, input_names, random_batch
 from model.gem import GEM
 from model.schema import schema_from_yaml
-from tests.conftest import to_torch
+from trainer.train import to_tensors
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def saved(tmp_path, schema, tiny):
 def test_round_trip_gives_identical_outputs(saved, schema):
     path, model, adapter = saved
     ckpt = load_checkpoint(path, expect_schema=schema)
-    batch = to_torch(random_batch(schema, 7, 9), schema)
+    batch = to_tensors(random_batch(schema, 7, 9), input_names(schema))
     with torch.no_grad():
         a, b = model(batch), ckpt.model(batch)
         for k in a:

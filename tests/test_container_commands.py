@@ -12,6 +12,7 @@ import stat
 import subprocess
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import onnx
@@ -21,7 +22,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 import export.tensorrt
-from export.repository import ADAPTER_MODEL, FM_MODEL
+from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.tensorrt import container_build, container_command, serving_profile
 from export.triton_config import ServingConfig
 from gem import cli
@@ -81,26 +82,36 @@ def test_health_exits_1_with_one_line_when_nothing_listens():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Stubs synthesis, training and export; records what `gem bootstrap`/`gem up` ran."""
+    """Stubs synthesis, training and export where trainer.bootstrap calls them; records
+    what `gem bootstrap`/`gem up` ran."""
+    import export.publish
+    import model.checkpoint
+    import model.data.synth
+    import trainer.train
+    from gem.cli import export as export_cli
+    from gem.cli import train as train_cli
+
     done: list[tuple] = []
 
-    def synth(out: Path) -> None:
+    def synth(cfg, schema, out: Path, on_rows=None) -> None:
         out.mkdir(parents=True)
         (out / "part-00000.parquet").touch()
         done.append(("synth", out))
 
-    def train(data, out, preset, *rest):
-        done.append(("train", data, out, preset))
-        return {}
+    def train(cfg, on_step=None, on_model=None):
+        done.append(("train", cfg.data, cfg.out, cfg.preset))
+        return SimpleNamespace(metrics={})
 
-    def export(checkpoint, repo, data, keep):
-        done.append(("export", checkpoint, repo, data))
+    def publish(checkpoint, cfg):
+        done.append(("export", checkpoint, cfg.repository, cfg.data))
+        return SimpleNamespace()
 
-    monkeypatch.setattr(cli, "data_synth", synth)
-    monkeypatch.setattr(cli, "run_training", train)
-    monkeypatch.setattr(cli, "run_export", export)
-    monkeypatch.setattr(cli, "metric_table", lambda metrics: "")
-    monkeypatch.setattr(cli, "parity_table", lambda report: "")
+    monkeypatch.setattr(model.data.synth, "write_shards", synth)
+    monkeypatch.setattr(trainer.train, "train", train)
+    monkeypatch.setattr(model.checkpoint, "load_checkpoint", lambda path: path)
+    monkeypatch.setattr(export.publish, "export_checkpoint", publish)
+    monkeypatch.setattr(train_cli, "metric_table", lambda metrics: "")
+    monkeypatch.setattr(export_cli, "parity_table", lambda report: "")
     return done
 
 
@@ -152,8 +163,10 @@ def test_up_still_trains_a_missing_checkpoint_before_serving(tmp_path, calls, mo
         yield "127.0.0.1:1"
 
     monkeypatch.setattr(serving.stack, "local_stack", stack)
-    monkeypatch.setattr(cli, "_ready_message", lambda *args: None)
-    monkeypatch.setattr(cli, "_wait_for_ctrl_c", lambda: None)
+    from gem.cli import serve
+
+    monkeypatch.setattr(serve, "_ready_message", lambda *args: None)
+    monkeypatch.setattr(serve, "wait_for_ctrl_c", lambda: None)
     ckpt, data, repo = paths(tmp_path, published=True, checkpoint=False)
     result = gem("up", "--checkpoint", str(ckpt), "--data", str(data), "--repo", str(repo))
     assert result.exit_code == 0, result.output

@@ -17,12 +17,14 @@ import pytest
 import ray
 import torch
 
+from jobs.embed import EmbedConfig, run_embed
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
-from serving.embed import EmbedConfig, run_embed
 from serving.net import free_ports
 from serving.triton.server import TritonConfig, TritonServer
-from tests.test_triton_server import GEM_BIN
+
+# Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,14 +111,14 @@ def test_rerun_skips_finished_files(embedded, logged, published_repo):
     assert all(f.skipped for f in summary.files if f.path.name != "wrong-type.parquet")
 
 
-def test_killed_midway_and_rerun_equals_an_uninterrupted_run(embedded, synth_dir, published_repo, tmp_path):
+def test_killed_midway_and_rerun_equals_an_uninterrupted_run(gem_bin, embedded, synth_dir, published_repo, tmp_path):
     """One file committed by an earlier run; the job over all files is killed (SIGKILL,
     Ray and all) while parts are being written; the rerun skips the committed file,
     discards the staged parts and ends equal to an uninterrupted run."""
     reference, _ = embedded
     out, first = tmp_path / "out", resolve_paths(synth_dir)[0]
     run_embed(EmbedConfig(source=str(first), out=out, repository=published_repo))
-    args = [str(GEM_BIN), "embed", str(synth_dir), "--out", str(out), "--repo", str(published_repo),
+    args = [str(gem_bin), "embed", str(synth_dir), "--out", str(out), "--repo", str(published_repo),
             "--actors", "2", "--batch-size", "256"]  # fmt: skip
     job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
@@ -173,16 +175,16 @@ def test_fail_on_error_refuses_to_start_and_names_the_file(logged, published_rep
     assert summary.rows_out == 0 and not out.exists()
 
 
-def test_cli_says_what_is_wrong_without_a_traceback(logged, published_repo, tmp_path):
-    args = [str(GEM_BIN), "embed", str(logged), "--out", str(tmp_path / "out"), "--repo", str(published_repo),
+def test_cli_says_what_is_wrong_without_a_traceback(gem_bin, logged, published_repo, tmp_path):
+    args = [str(gem_bin), "embed", str(logged), "--out", str(tmp_path / "out"), "--repo", str(published_repo),
             "--fail-on-error"]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "wrong-type.parquet" in done.stderr and "ad_id" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_no_published_model_is_one_line_before_any_work(logged, tmp_path):
-    args = [str(GEM_BIN), "embed", str(logged), "--out", str(tmp_path / "out"), "--repo", str(tmp_path / "empty")]
+def test_no_published_model_is_one_line_before_any_work(gem_bin, logged, tmp_path):
+    args = [str(gem_bin), "embed", str(logged), "--out", str(tmp_path / "out"), "--repo", str(tmp_path / "empty")]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "no published model" in done.stderr and "Traceback" not in done.stderr

@@ -6,15 +6,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.onnx_export import (
-    ADAPTER_INPUTS,
-    ADAPTER_OUTPUT,
-    ExportError,
-    check_fm_parity,
-    export_adapter,
-    export_fm,
-    forbidden_ops,
-)
+from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
+from export.onnx_export import ExportError, check_fm_parity, export_adapter, export_fm, forbidden_ops
 from model.adapter import StudentAdapter
 from model.config import preset
 from model.data.reader import read_batch, resolve_paths

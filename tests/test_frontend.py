@@ -18,22 +18,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from ray import serve
-
-from export.repository import FM_MODEL
+from gem.knowledge.client import AsyncKnowledgeClient, KnowledgeClient
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
+from gem.knowledge.wire import decode, encode
+from ray import serve
+
+from export.contract import FM_MODEL
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
-from model.features import input_specs, random_batch
-from serving import frontend
-from serving.app import KnowledgeIngress
-from serving.client import AsyncKnowledgeClient, KnowledgeClient
+from model.features import input_specs, random_batch, sigmoid
+from serving import launcher
 from serving.config import SERVICER_FUNCTIONS, FrontendConfig
+from serving.ingress import KnowledgeIngress
 from serving.net import free_ports
 from serving.triton.server import TritonServer
-from serving.wire import decode, encode
-from tests.test_triton_server import GEM_BIN, triton_config
+
+# Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("triton", "embedded")
@@ -41,7 +43,7 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def stack(published_repo, tmp_path_factory):
+def stack(triton_config, published_repo, tmp_path_factory):
     """Triton on a copy of the repository, and one Serve instance with two applications:
     `triton` (the default backend) and `embedded` (in-process ONNX Runtime)."""
     work = tmp_path_factory.mktemp("stack")
@@ -51,7 +53,7 @@ def stack(published_repo, tmp_path_factory):
     grpc_port, http_port = free_ports(2)
     try:
         cfg = FrontendConfig(triton_url=triton.cfg.grpc_url, max_examples_per_call=1000, max_batch_examples=2048)
-        address = frontend.start(cfg, grpc_port=grpc_port, http_port=http_port, name="triton")
+        address = launcher.start(cfg, grpc_port=grpc_port, http_port=http_port, name="triton")
         embedded = FrontendConfig(backend="onnxruntime", repository=repo, max_examples_per_call=1000)
         secured = FrontendConfig(backend="onnxruntime", repository=repo, auth_token=TOKEN)
         # Replicas reserve a CPU by default; three applications on two cores need less.
@@ -59,10 +61,10 @@ def stack(published_repo, tmp_path_factory):
         serve.run(light.bind(embedded), name="embedded", route_prefix="/embedded", blocking=False)
         serve.run(light.bind(secured), name="secured", route_prefix="/secured", blocking=False)
         for app in APPS:
-            frontend.wait_healthy(address, application=app)
+            launcher.wait_healthy(address, application=app)
         yield address, triton, repo
     finally:
-        frontend.stop()
+        launcher.stop()
         triton.stop()
 
 
@@ -78,10 +80,6 @@ def generate(address, app, features, shared=None, outputs=(), timeout=60):
     )
     reply = stub(address).Generate(request, timeout=timeout, metadata=[("application", app)])
     return {k: decode(k, v) for k, v in reply.outputs.items()}, reply.versions
-
-
-def sigmoid(x):
-    return 1 / (1 + np.exp(-x))
 
 
 @pytest.mark.parametrize("app", APPS)
@@ -191,7 +189,7 @@ def test_triton_down_is_unavailable_and_recovers_without_restart(stack, schema):
         assert generate(address, "embedded", batch)[0]["labels"].shape == (3, 2)
     finally:
         triton.start()
-    frontend.wait_healthy(address, timeout_s=30, application="triton")
+    launcher.wait_healthy(address, timeout_s=30, application="triton")
     out, _ = generate(address, "triton", batch)
     assert out["labels"].shape == (3, 2)
 
@@ -290,10 +288,10 @@ def test_client_retries_unavailable(failures, retries, ok, schema, tiny_checkpoi
         server.stop(None)
 
 
-def test_gem_query_prints_labels(stack):
+def test_gem_query_prints_labels(gem_bin, stack):
     address, _, _ = stack
     result = subprocess.run(
-        [str(GEM_BIN), "query", "--address", address, "--application", "triton", "--candidates", "3"],
+        [str(gem_bin), "query", "--address", address, "--application", "triton", "--candidates", "3"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -306,7 +304,7 @@ def test_serve_config_file_is_valid_and_matches_the_code():
     config = ServeDeploySchema(**yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text()))
     assert tuple(config.grpc_options.grpc_servicer_functions) == SERVICER_FUNCTIONS
     (app,) = config.applications
-    assert app.import_path == "serving.app:app_builder"
+    assert app.import_path == "serving.ingress:app_builder"
     FrontendConfig.from_args(app.args)  # every arg is a known setting
     assert app.deployments[0].max_ongoing_requests >= 512
 

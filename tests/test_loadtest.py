@@ -15,13 +15,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from gem.knowledge import KnowledgeClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.report import slo_violations
-from serving.client import KnowledgeClient
-from serving.metrics import CALLS, DOCUMENTED, EXAMPLES_SERVED, MODEL_VERSION
 from serving.net import free_ports
+from serving.prometheus import CALLS, DOCUMENTED, EXAMPLES_SERVED, MODEL_VERSION
 from serving.stack import StackConfig, local_stack
+
+# Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUST = Path(sys.executable).with_name("locust")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.metrics import auc, binary_metrics, normalized_entropy
+from trainer.evaluation import auc, binary_metrics, normalized_entropy
 
 
 def _brute_force_auc(labels, scores):

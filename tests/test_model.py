@@ -7,15 +7,15 @@ import torch
 from model.adapter import StudentAdapter
 from model.baselines import build_models
 from model.config import PRESETS, GEMConfig
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, random_batch
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_names, random_batch
 from model.gem import GEM
-from tests.conftest import to_torch
+from trainer.train import to_tensors
 
 
 def _outputs(model, batch, schema):
     model.eval()
     with torch.no_grad():
-        return model(to_torch(batch, schema))
+        return model(to_tensors(batch, input_names(schema)))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -43,7 +43,7 @@ def test_empty_and_full_sequences_give_finite_outputs_and_gradients(schema, tiny
     model = GEM(schema, tiny)
     batch = random_batch(schema, 4, tiny.seq_len)
     batch["user_history_length"] = np.array([0, 0, tiny.seq_len, 1])
-    tensors = to_torch(batch, schema)
+    tensors = to_tensors(batch, input_names(schema))
     out = model(tensors)
     assert all(torch.isfinite(t).all() for t in out.values())
     (out[LOGITS].sum() + out[EMBEDDING].sum() + out[USER_EMBEDDING].sum()).backward()
@@ -57,7 +57,7 @@ def test_empty_and_full_sequences_give_finite_outputs_and_gradients(schema, tiny
 
 def test_gradients_reach_every_parameter_of_every_model(schema, tiny):
     torch.manual_seed(0)
-    batch = to_torch(random_batch(schema, 16, 12), schema)
+    batch = to_tensors(random_batch(schema, 16, 12), input_names(schema))
     for name, model in build_models(schema, tiny, baselines=True).items():
         model(batch)[LOGITS].sum().backward()
         missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

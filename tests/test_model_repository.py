@@ -9,18 +9,10 @@ import onnxruntime as ort
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.contract import ADAPTER_MODEL, ENSEMBLE_MODEL, FLAVOURS, FM_MODEL, FM_VERSION, FP16_FILENAME
 from export.onnx_export import FP16_PARITY_TOLERANCE, forbidden_ops
 from export.publish import ExportConfig, export_checkpoint
-from export.repository import (
-    ADAPTER_MODEL,
-    ENSEMBLE_MODEL,
-    FM_MODEL,
-    FM_VERSION,
-    FP16_FILENAME,
-    ModelRepository,
-    RepositoryError,
-    stamp_version,
-)
+from export.repository import ModelRepository, RepositoryError, stamp_version
 from export.tensorrt import (
     ProfileConfig,
     TensorRTUnavailable,
@@ -29,7 +21,7 @@ from export.tensorrt import (
     profiles,
     trtexec_command,
 )
-from export.triton_config import FLAVOURS, config_filename, from_pbtxt
+from export.triton_config import config_filename, from_pbtxt
 from model.checkpoint import load_checkpoint
 from model.features import FM_OUTPUTS, input_specs, random_batch
 

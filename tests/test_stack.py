@@ -1,27 +1,74 @@
 """`gem up --embedded` end to end, as a user runs it: a process that exports a
-checkpoint, brings up Ray Serve, answers `gem query`, and stops cleanly on Ctrl-C."""
+checkpoint, brings up Ray Serve, answers `gem query` and a ranker that installed the
+client package alone (a fresh venv without torch or Ray), and stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from serving.net import free_ports
-from tests.test_triton_server import GEM_BIN
+
+# Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A ranker's call built from GetModelInfo alone (no schema code): one user, shared, and
+# three candidates; prints what came back.
+RANKER = """
+import importlib.util, json, sys
+import numpy as np
+from gem.knowledge import KnowledgeClient
+
+missing = [m for m in ("torch", "ray", "tritonclient", "yaml") if importlib.util.find_spec(m) is None]
+with KnowledgeClient(sys.argv[1], timeout_s=60) as client:
+    info = client.info()
+    features, shared = {}, {}
+    for spec in info.inputs:
+        rows = 1 if spec.side == "user" else 3
+        dtype = np.int64 if spec.dtype == 1 else np.float32
+        value = np.full((rows, 4) if len(spec.shape) == 2 else rows, 4 if spec.kind == "length" else 1, dtype)
+        (shared if spec.side == "user" else features)[spec.name] = value
+    reply = client.generate(features, shared=shared)
+print(json.dumps({"missing": missing, "fm": reply.fm_version,
+                  "shapes": {k: list(v.shape) for k, v in reply.outputs.items()},
+                  "finite": all(bool(np.isfinite(v).all()) for v in reply.outputs.values())}))
+"""
 
 
-def test_gem_up_serves_until_ctrl_c(tiny_checkpoint, synth_dir, tmp_path):
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory) -> Path:
+    """A fresh venv with only the client package (and what it declares) installed."""
+    venv = tmp_path_factory.mktemp("client-venv")
+    # A copy: building the package writes build/ beside its sources.
+    source = shutil.copytree(ROOT / "client", tmp_path_factory.mktemp("client-src") / "client")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", str(source)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return venv
+
+
+def test_gem_up_serves_until_ctrl_c(gem_bin, client_venv, tiny_checkpoint, synth_dir, tmp_path):
     (grpc_port,) = free_ports(1)
     address = f"127.0.0.1:{grpc_port}"
     env = {**os.environ, "COLUMNS": "200"}
     log = tmp_path / "up.log"
     with log.open("w") as out:
         up = subprocess.Popen(
-            [str(GEM_BIN), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_dir),
+            [str(gem_bin), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_dir),
              "--repo", str(tmp_path / "repo"), "--grpc-port", str(grpc_port)],
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
         )  # fmt: skip
@@ -31,11 +78,20 @@ def test_gem_up_serves_until_ctrl_c(tiny_checkpoint, synth_dir, tmp_path):
             time.sleep(0.5)
         assert up.poll() is None and "serving gRPC at" in log.read_text(), log.read_text()[-3000:]
         query = subprocess.run(
-            [str(GEM_BIN), "query", "--address", address, "--candidates", "2"],
+            [str(gem_bin), "query", "--address", address, "--candidates", "2"],
             capture_output=True, text=True, env=env, timeout=120,
         )  # fmt: skip
         assert query.returncode == 0, query.stderr
         assert "fm v1" in query.stdout
+        ranker = subprocess.run(
+            [str(client_venv / "bin" / "python"), "-c", RANKER, address],
+            cwd=client_venv, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert ranker.returncode == 0, ranker.stderr[-3000:]
+        reply = json.loads(ranker.stdout.splitlines()[-1])
+        assert reply["missing"] == ["torch", "ray", "tritonclient", "yaml"], "the client pulled in server packages"
+        assert reply["fm"] == 1 and reply["finite"]
+        assert reply["shapes"]["labels"] == [3, 2] and reply["shapes"]["user_embedding"][0] == 3
         os.killpg(up.pid, signal.SIGINT)
         up.wait(timeout=120)
     finally:
@@ -47,14 +103,14 @@ def test_gem_up_serves_until_ctrl_c(tiny_checkpoint, synth_dir, tmp_path):
     assert (tmp_path / "repo" / "gem_fm" / "1" / "model.onnx").exists()
 
 
-def test_gem_up_refuses_a_taken_port_before_starting_anything(tiny_checkpoint, published_repo, tmp_path):
+def test_gem_up_refuses_a_taken_port_before_starting_anything(gem_bin, tiny_checkpoint, published_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(published_repo, repo)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [str(GEM_BIN), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo),
+            [str(gem_bin), "up", "--embedded", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo),
              "--grpc-port", str(port)],
             cwd=tmp_path, capture_output=True, text=True, timeout=120,
         )  # fmt: skip

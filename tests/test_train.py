@@ -1,10 +1,5 @@
 """End to end: train tiny GEM and its baselines on synthetic data, and the CLI."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,8 +7,6 @@ from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.gem import GEM
 from trainer.train import TrainConfig, train
-
-GEM_BIN = Path(sys.executable).with_name("gem")
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +41,11 @@ def test_checkpoint_loads_and_predicts(trained, schema):
     assert ckpt.metrics["gem"]["click"]["overall"]["auc"] == trained.metrics["gem"]["click"]["overall"]["auc"]
 
 
-def _gem(*args, cwd=None):
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([str(GEM_BIN), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-
-
-def test_cli_synth_and_train(tmp_path):
-    r = _gem("data", "synth", "--out", str(tmp_path / "d"), "--rows", "6000", "--shards", "3", "--seed", "1")
+def test_cli_synth_and_train(gem, tmp_path):
+    r = gem("data", "synth", "--out", str(tmp_path / "d"), "--rows", "6000", "--shards", "3", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "d").glob("part-*.parquet"))) == 3
-    r = _gem("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "c"), "--preset", "tiny")
+    r = gem("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "c"), "--preset", "tiny")
     assert r.returncode == 0, r.stderr
     assert "click AUC" in r.stdout and "gem" in r.stdout
     assert (tmp_path / "c" / "manifest.json").exists()
@@ -88,8 +76,8 @@ def placeholders(tmp_path, synth_dir, schema, tiny):
         (["up", "--checkpoint", "{corrupt}", "--repo", "{tmp}/empty-repo"], "model.pt is corrupt"),
     ],
 )
-def test_cli_errors_are_one_line_without_traceback(args, message, placeholders):
-    r = _gem(*(a.format(**placeholders) for a in args))
+def test_cli_errors_are_one_line_without_traceback(gem, args, message, placeholders):
+    r = gem(*(a.format(**placeholders) for a in args))
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in " ".join(r.stderr.split()), r.stderr
     assert "Traceback" not in r.stderr

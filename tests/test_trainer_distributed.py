@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
+from export.contract import ADAPTER_MODEL, FM_MODEL
+from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.config import preset
 from model.gem import GEM

@@ -13,8 +13,9 @@ from pathlib import Path
 import onnx
 import pytest
 
+from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.publish import ExportConfig, export_checkpoint
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
+from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.features import random_batch
 from serving.net import free_ports
@@ -129,7 +130,7 @@ def test_a_shard_of_shuffled_labels_is_refused_and_serving_stays(schema, trained
     ), "the refused weights are dropped"  # fmt: skip
     ckpt = load_checkpoint(state / "checkpoint")
     assert ckpt.metrics["trainer"]["processed"] == {"part-00004.parquet": "refused"}
-    m = trainer.metrics
+    m = trainer.evaluation
     assert m.failures.labels("gate")._value.get() == 1 and m.cycles.labels("refused")._value.get() == 1
 
 

@@ -10,14 +10,15 @@ import urllib.request
 import numpy as np
 import pytest
 
+from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.publish import ExportConfig, export_adapter_only
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
+from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from serving.net import free_ports
 from trainer import distributed as D
 from trainer.gate import GateConfig, decide, onnx_logits, task_metrics
 from trainer.ledger import REFUSED, TRAINED, Ledger, ShardId, TrainerRecord
-from trainer.observability import TrainerMetrics
+from trainer.prometheus import TrainerMetrics
 from trainer.service import rollback
 from trainer.stream import QUARANTINE, discover, load_shard, quarantine
 

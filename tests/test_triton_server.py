@@ -5,10 +5,7 @@ a corrupt version, and the `gem triton` / `gem export` commands."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,20 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
+from export.contract import ADAPTER_MODEL, FM_MODEL
+from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.features import FM_OUTPUTS, random_batch
 from serving.net import free_ports
 from serving.triton.client import BackendUnavailable, InvalidRequest, TritonClient
 from serving.triton.rollout import roll_out
-from serving.triton.server import TritonConfig, TritonError, TritonServer
+from serving.triton.server import TritonError, TritonServer
 
-GEM_BIN = Path(sys.executable).with_name("gem")
-
-
-def triton_config(repo: Path, work: Path) -> TritonConfig:
-    http, grpc, metrics = free_ports(3)
-    return TritonConfig(repository=repo, work_dir=work, http_port=http, grpc_port=grpc, metrics_port=metrics)
+# Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture
@@ -40,7 +34,7 @@ def repo(published_repo, tmp_path) -> ModelRepository:
 
 
 @pytest.fixture
-def server(repo, tmp_path):
+def server(triton_config, repo, tmp_path):
     with TritonServer(triton_config(repo.root, tmp_path / "triton")) as server:
         yield server
 
@@ -153,7 +147,7 @@ async def _roll_out(server, repo):
         return await roll_out(client, repo, FM_MODEL, keep=3)
 
 
-def test_stopped_server_is_unavailable_and_start_refuses_a_taken_port(repo, tmp_path, schema):
+def test_stopped_server_is_unavailable_and_start_refuses_a_taken_port(triton_config, repo, tmp_path, schema):
     cfg = triton_config(repo.root, tmp_path / "triton")
     with TritonServer(cfg) as server:
         with pytest.raises(TritonError, match="already answers"):
@@ -164,19 +158,14 @@ def test_stopped_server_is_unavailable_and_start_refuses_a_taken_port(repo, tmp_
         run(infer(server, random_batch(schema, 2, 2)))
 
 
-def test_start_fails_fast_with_the_log_when_a_model_cannot_load(repo, tmp_path):
+def test_start_fails_fast_with_the_log_when_a_model_cannot_load(triton_config, repo, tmp_path):
     (repo.root / ADAPTER_MODEL / "1" / "model.onnx").write_bytes(b"broken")
     with pytest.raises(TritonError, match="exited with code") as e:
         TritonServer(triton_config(repo.root, tmp_path / "triton")).start()
     assert "student_adapter" in str(e.value)
 
 
-def gem(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([str(GEM_BIN), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def test_gem_triton_up_status_down(repo, tmp_path):
+def test_gem_triton_up_status_down(gem, repo, tmp_path):
     http, grpc, metrics = free_ports(3)
     ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     up = gem("triton", "up", "--repo", str(repo.root), *ports, cwd=tmp_path)
@@ -192,7 +181,7 @@ def test_gem_triton_up_status_down(repo, tmp_path):
     assert after.returncode == 2 and "Traceback" not in after.stderr
 
 
-def test_gem_export_publishes_and_loads_into_a_running_triton(server, repo, tiny_checkpoint, tmp_path):
+def test_gem_export_publishes_and_loads_into_a_running_triton(gem, server, repo, tiny_checkpoint, tmp_path):
     result = gem(
         "export", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo.root), "--load", server.cfg.grpc_url,
         cwd=tmp_path,
@@ -204,7 +193,7 @@ def test_gem_export_publishes_and_loads_into_a_running_triton(server, repo, tiny
     assert (out["fm_version"] == 2).all() and (out["adapter_version"] == 2).all()
 
 
-def test_gem_export_of_a_corrupt_checkpoint_is_one_line(tiny_checkpoint, tmp_path):
+def test_gem_export_of_a_corrupt_checkpoint_is_one_line(gem, tiny_checkpoint, tmp_path):
     broken = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "model.pt").write_bytes(b"nope")

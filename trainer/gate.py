@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.repository import FM_MODEL, ModelRepository
-from export.triton_config import ONNX_FILENAME
+from export.contract import FM_MODEL, ONNX_FILENAME
+from export.repository import ModelRepository
 from model.data.reader import Batch, iter_minibatches, take
-from model.features import LOGITS, input_names
+from model.features import LOGITS, input_names, sigmoid
 from model.schema import SURFACE_INPUT, FeatureSchema
-from trainer.metrics import auc, normalized_entropy, sigmoid
+from trainer.evaluation import auc, normalized_entropy
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.onnx_export import ExportError
 from export.publish import ExportConfig, export_adapter_only, export_checkpoint
-from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository, RepositoryError
+from export.repository import ModelRepository, RepositoryError
 from model.adapter import StudentAdapter
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.config import GEMConfig, preset
@@ -50,7 +51,7 @@ from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load
 from trainer import distributed as D
 from trainer.gate import GateConfig, GateResult, gate, serving_logits
 from trainer.ledger import REFUSED, TRAINED, Ledger, ShardId, TrainerRecord
-from trainer.observability import TrainerMetrics, cycle_line
+from trainer.prometheus import TrainerMetrics, cycle_line
 from trainer.stream import discover, load_shard, quarantine
 from trainer.train import fit_adapter, labels_of, make_optimizers, predict, train_steps
 

@@ -24,7 +24,7 @@ from model.config import preset
 from model.data.reader import Batch, DataError, concat, iter_minibatches, read_batch, resolve_paths
 from model.features import LOGITS, input_names
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
-from trainer.metrics import evaluate
+from trainer.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from gem.knowledge.columns import pad_lists, surface_codes
 
 from model.features import input_specs
 from model.schema import SURFACE_INPUT, FeatureSchema
@@ -40,38 +40,11 @@ def resolve_paths(source: str | Path) -> list[Path]:
     return paths
 
 
-def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """list<int64> -> (zero-padded [n, L] int64, lengths [n] int64), keeping the
-    first `max_len` elements (the newest events) of each list."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    lengths = np.diff(offsets)
-    if max_len is not None:
-        lengths = np.minimum(lengths, max_len)
-    width = int(lengths.max()) if len(lengths) else 0
-    positions = np.arange(width)
-    valid = positions[None, :] < lengths[:, None]
-    padded = np.zeros((len(lengths), width), dtype=np.int64)
-    padded[valid] = values[(offsets[:-1, None] + positions[None, :])[valid]]
-    return padded, lengths
-
-
 def surface_index(column: pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    if pa.types.is_integer(column.type):
-        index = column.to_numpy().astype(np.int64)
-        bad = (index < 0) | (index >= len(schema.surfaces))
-        if bad.any():
-            raise DataError(f"column 'surface': index {index[bad][0]} out of range [0, {len(schema.surfaces)})")
-        return index
-    index = pc.index_in(column, value_set=pa.array(schema.surfaces))
-    if index.null_count:
-        unknown = pc.filter(column, pc.is_null(index))[0].as_py()
-        raise DataError(f"column 'surface': unknown surface {unknown!r} (known: {', '.join(schema.surfaces)})")
-    return index.to_numpy().astype(np.int64)
+    try:
+        return surface_codes(column, schema.surfaces)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 # What each kind of input accepts in Parquet, and how the error names it.

@@ -21,7 +21,6 @@ list<int64> from flat values and offsets.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.files import atomic_path
 from model.schema import FeatureSchema
 
 N_CATEGORIES = 32
@@ -320,9 +320,8 @@ def write_shard(
     rng = np.random.default_rng([cfg.seed, 1, shard])
     t = (shard + np.sort(rng.random(rows))) / cfg.shards
     path = shard_path(out_dir, shard)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = None
-    try:
+    with atomic_path(path) as tmp:
         for lo in range(0, rows, cfg.chunk_rows):
             chunk = generate_chunk(world, cfg, schema, rng, t[lo : lo + cfg.chunk_rows])
             ids = np.arange(bounds[shard] + lo, bounds[shard] + lo + chunk.num_rows, dtype=np.int64)
@@ -332,8 +331,6 @@ def write_shard(
             writer.write_table(chunk)
             if on_rows:
                 on_rows(chunk.num_rows)
-    finally:
         if writer is not None:
             writer.close()
-    os.replace(tmp, path)
     return path

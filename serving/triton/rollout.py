@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
 from serving.triton.client import ModelLoadError, TritonClient
 
@@ -42,3 +43,26 @@ async def roll_out(client: TritonClient, repo: ModelRepository, model: str, keep
     repo.prune(model, keep)
     log.info("%s version %d is serving", model, version)
     return Rollout(model, version, loaded=True)
+
+
+async def roll_out_published(
+    url: str, repo: ModelRepository, versions: dict[str, int | None], keep: int, timeout_s: float = 30.0
+) -> list[Rollout]:
+    """Has the Triton at `url` load freshly published versions, the FM before the
+    adapter (`versions`: model -> the version just published, None: none). An adapter
+    fitted on an FM version that Triton refused must not serve with the old FM: it is
+    rejected too, with that reason. One Rollout per published model."""
+    results: list[Rollout] = []
+    async with TritonClient(url, timeout_s=timeout_s) as client:
+        for model in (FM_MODEL, ADAPTER_MODEL):
+            version = versions.get(model)
+            if not version:
+                continue
+            fm = next((r for r in results if r.model == FM_MODEL), None)
+            if model == ADAPTER_MODEL and fm is not None and not fm.loaded:
+                reason = "its FM version was refused by Triton"
+                repo.reject(model, version, reason)
+                results.append(Rollout(model, version, loaded=False, reason=reason))
+                continue
+            results.append(await roll_out(client, repo, model, keep))
+    return results

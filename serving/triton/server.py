@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from importlib import util
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from export.contract import MODELS
 
-DEFAULT_MODELS = ("gem_fm", "student_adapter", "gem_knowledge")
+log = logging.getLogger(__name__)
 
 
 class TritonError(RuntimeError):
@@ -50,7 +50,7 @@ class TritonConfig:
     # Which configs/<name>.pbtxt each model uses; the wheel's server needs `python`.
     model_config_name: str = "python"
     # Loaded at start when they have a version; more are loaded through the client.
-    models: tuple[str, ...] = DEFAULT_MODELS
+    models: tuple[str, ...] = MODELS
     startup_timeout_s: float = 180.0
     stop_timeout_s: float = 30.0
     extra_args: tuple[str, ...] = field(default_factory=tuple)

@@ -19,31 +19,34 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from gem.knowledge.outputs import OUTPUT_NAMES
+from gem.knowledge.v1 import knowledge_pb2 as pb
+from gem.knowledge.wire import WireError, decode_map, encode
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
-from export.onnx_export import ADAPTER_OUTPUT
-from gem.knowledge.v1 import knowledge_pb2 as pb
+from export.contract import ADAPTER_OUTPUT
 from model.data.reader import concat
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_batch
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, sigmoid, zero_batch
 from model.schema import load_schema
-from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend, sigmoid
+from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend
 from serving.config import FrontendConfig
-from serving.metrics import FrontendMetrics
+from serving.prometheus import FrontendMetrics
 from serving.triton.client import BackendError, BackendUnavailable, InvalidRequest
 from serving.validation import Limits, RequestError, assemble
-from serving.wire import WireError, decode_map, encode
 
 log = logging.getLogger("ray.serve")
 
-# API output -> (model output, transform).
-OUTPUTS = {
-    pb.OUTPUT_LABELS: ("labels", LOGITS),
-    pb.OUTPUT_ADAPTED_LABELS: ("adapted_labels", ADAPTER_OUTPUT),
-    pb.OUTPUT_EMBEDDING: ("embedding", EMBEDDING),
-    pb.OUTPUT_USER_EMBEDDING: ("user_embedding", USER_EMBEDDING),
+# API output name -> the model output it is made from.
+MODEL_OUTPUT = {
+    "labels": LOGITS,
+    "adapted_labels": ADAPTER_OUTPUT,
+    "embedding": EMBEDDING,
+    "user_embedding": USER_EMBEDDING,
 }
+# API output code -> (API name, model output).
+OUTPUTS = {code: (name, MODEL_OUTPUT[name]) for name, code in OUTPUT_NAMES.items()}
 PROBABILITIES = {"labels", "adapted_labels"}
 FLOAT32 = pb.DATA_TYPE_FLOAT32
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -230,5 +233,5 @@ class KnowledgeIngress:
 
 
 def app_builder(args: dict) -> serve.Application:
-    """`serve run serving.app:app_builder backend=onnxruntime ...` / the Serve config file."""
+    """`serve run serving.ingress:app_builder backend=onnxruntime ...` / the Serve config file."""
     return KnowledgeIngress.bind(FrontendConfig.from_args(args))

@@ -1,5 +1,7 @@
 """The client library for rankers: `KnowledgeClient` (sync) and `AsyncKnowledgeClient`.
 
+    from gem.knowledge import KnowledgeClient
+
     with KnowledgeClient("127.0.0.1:50051") as client:
         reply = client.generate(ads, shared=user)     # numpy dict, pandas or pyarrow
         reply.outputs["labels"], reply.fm_version
@@ -20,21 +22,14 @@ from typing import Any
 
 import grpc
 import numpy as np
-import pyarrow as pa
-
+from gem.knowledge.outputs import OUTPUT_NAMES
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
-from model.data.reader import pad_lists, surface_index
-from model.schema import FeatureSchema, schema_from_yaml
-from serving.wire import DTYPES, decode, encode
+from gem.knowledge.wire import DTYPES, decode, encode
 
-OUTPUT_NAMES = {
-    "labels": pb.OUTPUT_LABELS,
-    "adapted_labels": pb.OUTPUT_ADAPTED_LABELS,
-    "embedding": pb.OUTPUT_EMBEDDING,
-    "user_embedding": pb.OUTPUT_USER_EMBEDDING,
-}
-Columns = Mapping[str, Any] | pa.Table | Any  # Any: a pandas DataFrame
+# A mapping of numpy arrays, a pyarrow Table or a pandas DataFrame (the last two need
+# the `arrow` / `pandas` extra; neither is imported unless such columns arrive).
+Columns = Mapping[str, Any] | Any
 
 
 @dataclass(frozen=True)
@@ -67,15 +62,20 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
     ]
 
 
-def _table(data: Columns) -> pa.Table | None:
+def _table(data: Columns) -> Any:
+    """A pyarrow Table for Arrow or pandas input, None for a mapping of arrays."""
+    if isinstance(data, Mapping):
+        return None
+    import pyarrow as pa  # the `arrow` extra: only Tables and DataFrames need it
+
     if isinstance(data, pa.Table):
         return data
     if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas, without importing it
         return pa.Table.from_pandas(data, preserve_index=False)
-    return None
+    raise TypeError(f"columns must be a mapping of arrays, a pyarrow Table or a pandas DataFrame, got {type(data)}")
 
 
-def to_columns(data: Columns, info: pb.GetModelInfoResponse, schema: FeatureSchema) -> dict[str, np.ndarray]:
+def to_columns(data: Columns, info: pb.GetModelInfoResponse) -> dict[str, np.ndarray]:
     """Any supported input -> numpy columns with the dtypes and shapes the server wants."""
     specs = {i.name: i for i in info.inputs}
     table = _table(data)
@@ -83,11 +83,14 @@ def to_columns(data: Columns, info: pb.GetModelInfoResponse, schema: FeatureSche
     if table is None:
         columns = {k: np.asarray(v) for k, v in data.items()}
     else:
+        import pyarrow as pa
+        from gem.knowledge.columns import pad_lists, surface_codes
+
         for name in table.column_names:
             column = table.column(name)
             spec = specs.get(name)
             if spec is not None and spec.kind == "surface" and not pa.types.is_integer(column.type):
-                columns[name] = surface_index(column, schema)
+                columns[name] = surface_codes(column, info.surfaces)
             elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
                 padded, lengths = pad_lists(column, spec.max_length if spec else None)
                 columns[name] = padded
@@ -151,16 +154,15 @@ class _Base:
             # Routes the call to one application when a Serve instance runs several.
             self.metadata.append(("application", application))
         self._info: pb.GetModelInfoResponse | None = None
-        self._schema: FeatureSchema | None = None
         self._channel = type(self)._make_channel(address, channel_options(retries), interceptors)
         self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
     def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
-        self._info, self._schema = info, schema_from_yaml(info.schema_yaml, source=f"{self.address} GetModelInfo")
+        self._info = info
         return info
 
     def _columns(self, data: Columns | None) -> dict[str, np.ndarray]:
-        return {} if data is None else to_columns(data, self._info, self._schema)
+        return {} if data is None else to_columns(data, self._info)
 
 
 class KnowledgeClient(_Base):

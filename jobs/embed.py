@@ -34,11 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from export.onnx_export import ADAPTER_OUTPUT
+from export.contract import ADAPTER_OUTPUT
 from model.data.reader import DataError, check_footer, resolve_paths, table_to_batch
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, zero_batch
+from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, sigmoid, zero_batch
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
-from serving.backends import OnnxBackend, TritonBackend, published_graphs, sigmoid
+from serving.backends import OnnxBackend, TritonBackend, published_graphs
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ def start(
 
     With several applications on one Serve instance, calls name theirs in the
     `application` metadata key; with one, no metadata is needed. Prometheus metrics
-    (`serving.metrics`, and Ray Serve's own) are served on `metrics_port` at /metrics
+    (`serving.prometheus`, and Ray Serve's own) are served on `metrics_port` at /metrics
     (None: a port Ray picks)."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from serving.app import KnowledgeIngress
+    from serving.ingress import KnowledgeIngress
 
     if not ray.is_initialized():
         # A Ray of our own: never attach to another process's cluster by accident.

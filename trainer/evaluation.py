@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.features import sigmoid
 from model.schema import FeatureSchema
 
 EPS = 1e-7
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -7,7 +7,6 @@ Decoding is one `np.frombuffer` per column (a view on the request's bytes), so a
 from __future__ import annotations
 
 import numpy as np
-
 from gem.knowledge.v1 import knowledge_pb2 as pb
 
 DTYPES = {pb.DATA_TYPE_INT64: np.dtype("<i8"), pb.DATA_TYPE_FLOAT32: np.dtype("<f4")}

@@ -1,0 +1,41 @@
+"""The `gem` application: the command groups and top-level commands, registered from
+the modules that hold them (one module per group)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from gem.cli import data, embed, export, serve, train, trainer
+from gem.cli.common import console
+
+app = typer.Typer(
+    help="GEM knowledge serving: data, training, export and serving of an ads foundation model.", no_args_is_help=True
+)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+app.add_typer(data.data_app, name="data")
+app.add_typer(data.schema_app, name="schema")
+app.command("train")(train.train_cmd)
+app.command("export")(export.export_cmd)
+app.command("tensorrt-script")(export.tensorrt_script)
+app.add_typer(export.triton_app, name="triton")
+app.command("bootstrap")(serve.bootstrap_cmd)
+app.command("up")(serve.up)
+app.command("serve")(serve.serve_cmd)
+app.command("query")(serve.query)
+app.command("health")(serve.health)
+app.command("embed")(embed.embed_cmd)
+app.add_typer(trainer.trainer_app, name="trainer")

@@ -1,0 +1,126 @@
+"""What every command group shares: the console, default paths, option types, the
+error policy and progress display.
+
+Kept light: `gem health` is the compose healthcheck (every 15 s), so nothing here
+imports torch, Ray or Triton; commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from model.config import PRESETS
+
+console = Console(stderr=True)
+log = logging.getLogger("gem")
+
+ARTIFACTS = Path("artifacts")
+DEFAULT_DATA = ARTIFACTS / "data" / "synth"
+DEFAULT_CHECKPOINT = ARTIFACTS / "checkpoints" / "gem-small"
+DEFAULT_REPO = Path("model_repo")
+TRITON_WORK_DIR = ARTIFACTS / "triton"
+DEFAULT_STREAM = ARTIFACTS / "stream"
+DEFAULT_TRAINER_STATE = ARTIFACTS / "trainer"
+
+SchemaOption = Annotated[Path, typer.Option("--schema", help="Feature schema YAML.", dir_okay=False)]
+RepoOption = Annotated[Path, typer.Option("--repo", help="Triton model repository to publish into.", file_okay=False)]
+PresetOption = Annotated[str, typer.Option(help=f"Model size: {', '.join(PRESETS)}.")]
+MetricsPortOption = Annotated[
+    int, typer.Option(help="Prometheus port of the front end (its metrics and Ray Serve's, at /metrics).")
+]
+
+# Errors the user can fix, by module. An exception can only be raised once its module
+# is loaded, so the check looks only at loaded modules and never imports one (some
+# import torch, which a healthcheck must not pay for).
+_USER_ERRORS = {
+    "model.schema": "SchemaError",
+    "model.data.reader": "DataError",
+    "model.checkpoint": "CheckpointError",
+    "export.onnx_export": "ExportError",
+    "export.repository": "RepositoryError",
+    "export.tensorrt": "TensorRTUnavailable",
+    "serving.triton.server": "TritonError",
+    "serving.triton.client": "BackendError",
+}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    loaded = (getattr(sys.modules[m], name) for m, name in _USER_ERRORS.items() if m in sys.modules)
+    return (*loaded, ValueError, OSError, TimeoutError)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Errors the user can fix become one red line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not isinstance(e, user_errors()):
+                raise
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a task since it started, e.g. `12,345 rows/s` (an average:
+    work that arrives in bursts makes rich's windowed speed jump)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.completed / task.elapsed if task.elapsed else None
+        return Text(f"{speed:>9,.0f} {self.unit}/s" if speed else "", style="cyan")
+
+
+def progress(unit: str) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def wait_for_ctrl_c() -> None:
+    """Blocks until SIGINT or SIGTERM. Installed after Ray started, which sets handlers
+    of its own; a timed wait lets Python run the handler promptly."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down")

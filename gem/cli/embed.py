@@ -1,0 +1,92 @@
+"""`gem embed`: knowledge stamped onto logged examples, a Ray Data job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gem.cli.common import DEFAULT_REPO, RepoOption, SchemaOption, friendly_errors, log, progress
+from model.schema import DEFAULT_SCHEMA_PATH
+
+
+@friendly_errors
+def embed_cmd(
+    source: Annotated[
+        str, typer.Argument(help="Parquet file, folder or glob of logged examples (the schema's format).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder: one subfolder per input file, errors in _errors/.")],
+    repo: RepoOption = DEFAULT_REPO,
+    backend: Annotated[str, typer.Option(help="onnxruntime (in the Ray actors) or triton.")] = "onnxruntime",
+    triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
+    batch_size: Annotated[int, typer.Option(help="Rows per model call in each actor.")] = 2048,
+    actors: Annotated[int, typer.Option(help="Actors in the pool, each holding a model or a client.")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="ONNX Runtime threads per actor (0: the node's cores divided among the actors).")
+    ] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Redo files whose output exists (default: skip them).")] = False,
+    fail_on_error: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse to start if any file cannot be read as the schema, and exit 2 if any row is refused "
+            "(default: report both and go on)."
+        ),
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many rows per file: a dry run (a later full run redoes them).")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: a local Ray); --out must then be shared storage.")
+    ] = None,
+    schema: SchemaOption = DEFAULT_SCHEMA_PATH,
+) -> None:
+    """Stamp GEM's knowledge (labels and adapted labels per task, embeddings, versions) onto
+    logged examples, as one Ray Data job over all files. Resumable: each file's output is
+    committed when complete, and a rerun skips committed files."""
+    from jobs.embed import EmbedConfig, Listener, run_embed
+    from model.data.reader import DataError
+
+    cfg = EmbedConfig(
+        source=source, out=out, repository=repo, schema_path=schema, backend=backend, triton_url=triton_url,
+        batch_size=batch_size, actors=actors, threads=threads, overwrite=overwrite, fail_on_error=fail_on_error,
+        limit=limit, address=address,
+    )  # fmt: skip
+
+    class Bar(Listener):
+        def planned(self, files) -> None:
+            pending = sum(f.rows_in for f in files if not f.skipped and not f.error)
+            self.task = bar.add_task("stamping knowledge", total=pending)
+
+        def rows(self, n: int) -> None:
+            bar.advance(self.task, n)
+
+        def file(self, result) -> None:
+            if result.skipped:
+                log.info("%s: skipped (committed before: %s rows)", result.path.name, f"{result.rows_out:,}")
+            elif result.error:
+                log.error("%s: %s", result.path.name, result.error)
+            else:
+                log.info("%s: %s rows out, %s refused, fm v%s, adapter v%s", result.path.name,
+                         f"{result.rows_out:,}", f"{result.error_rows:,}",
+                         ",".join(map(str, result.fm_versions)) or "-",
+                         ",".join(map(str, result.adapter_versions)) or "-")  # fmt: skip
+
+    with progress("rows") as bar:
+        summary = run_embed(cfg, Bar())
+    table = Table(title=f"gem embed -> {out}")
+    for col in ("files", "skipped", "failed", "rows in", "rows out", "error rows", "seconds", "rows/s"):
+        table.add_column(col, justify="right")
+    rate = summary.rows_done_now / summary.seconds if summary.seconds else 0.0
+    table.add_row(
+        str(len(summary.files)), str(sum(f.skipped for f in summary.files)), str(len(summary.failed_files)),
+        f"{summary.rows_in:,}", f"{summary.rows_out:,}", f"{summary.error_rows:,}", f"{summary.seconds:.1f}",
+        f"{rate:,.0f}",
+    )  # fmt: skip
+    Console().print(table)
+    if summary.failed_files:
+        raise DataError("; ".join(f"{f.path.name}: {f.error}" for f in summary.failed_files))
+    if summary.error_rows and fail_on_error:
+        raise DataError(f"{summary.error_rows:,} rows refused (--fail-on-error); reasons in {out / '_errors'}")

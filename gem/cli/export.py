@@ -1,0 +1,222 @@
+"""`gem export`, `gem tensorrt-script` and `gem triton`: the model repository and the
+local Triton that serves it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from export.contract import CONTAINER_REPOSITORY
+from gem.cli.common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    DEFAULT_REPO,
+    TRITON_WORK_DIR,
+    RepoOption,
+    SchemaOption,
+    console,
+    friendly_errors,
+    log,
+)
+from model.schema import DEFAULT_SCHEMA_PATH, load_schema
+
+triton_app = typer.Typer(
+    help="The local Triton server (the nvidia-pytriton wheel's tritonserver).", no_args_is_help=True
+)
+
+
+def parity_table(report) -> Table:
+    table = Table(title="ONNX Runtime vs PyTorch: max abs difference")
+    table.add_column("model", no_wrap=True)
+    table.add_column("version", justify="right")
+    table.add_column("output")
+    table.add_column("max |diff|", justify="right")
+    rows = [("gem_fm", report.fm, report.fm_parity), ("student_adapter", report.adapter, report.adapter_parity)]
+    if report.fp16_parity is not None:
+        rows.append(("gem_fm fp16", report.fm, report.fp16_parity))
+    for name, published, parity in rows:
+        for output, diff in parity.max_abs_diff.items():
+            table.add_row(name, str(published.version), output, f"{diff:.2e}")
+    return table
+
+
+def run_export(
+    checkpoint: Path,
+    repo: Path,
+    data: Path | None,
+    keep: int,
+    tensorrt: bool = False,
+    triton_url: str | None = None,
+    fp16: bool = False,
+):
+    import asyncio
+
+    from export.publish import ExportConfig, export_checkpoint
+    from export.repository import ModelRepository
+    from export.tensorrt import build_plan, serving_profile
+    from model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ExportConfig(repository=repo, data=data, keep_versions=keep, fp16=fp16)
+    with console.status("exporting") as status:
+        report = export_checkpoint(ckpt, cfg, on_stage=lambda stage: status.update(stage))
+        if tensorrt:
+            status.update("building the TensorRT plan")
+            build_plan(report.fm.path, serving_profile(ckpt.schema, cfg.serving.max_batch_size), fp16)
+    if triton_url:
+        from serving.triton.client import BackendError
+        from serving.triton.rollout import roll_out_published
+
+        versions = {report.fm.model: report.fm.version, report.adapter.model: report.adapter.version}
+        repository = ModelRepository(repo, cfg.serving)
+        for r in asyncio.run(roll_out_published(triton_url, repository, versions, keep)):
+            if not r.loaded:
+                raise BackendError(f"Triton refused {r.model} version {r.version}: {r.reason}")
+            log.info("Triton at %s serves %s version %d", triton_url, r.model, r.version)
+    return report
+
+
+@friendly_errors
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint folder (from `gem train`).")] = DEFAULT_CHECKPOINT,
+    repo: RepoOption = DEFAULT_REPO,
+    data: Annotated[
+        Path | None, typer.Option(help="Logged rows for the parity check (its last file); default: the synthetic set.")
+    ] = None,
+    keep: Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")] = 3,
+    tensorrt: Annotated[
+        bool, typer.Option(help="Also build a TensorRT plan for the new FM version (needs trtexec and a GPU).")
+    ] = False,
+    load: Annotated[
+        str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")
+    ] = None,
+    fp16: Annotated[
+        bool,
+        typer.Option(help="Also publish a half-precision FM graph (model.fp16.onnx); with --tensorrt, an FP16 plan."),
+    ] = False,
+) -> None:
+    """Export a checkpoint to ONNX (parity-checked against PyTorch) and publish it as new
+    versions of gem_fm and student_adapter in the Triton model repository."""
+    if data is None and any(DEFAULT_DATA.glob("*.parquet")):
+        data = DEFAULT_DATA
+    report = run_export(checkpoint, repo, data, keep, tensorrt, load, fp16)
+    Console().print(parity_table(report))
+
+
+@friendly_errors
+def tensorrt_script(
+    repo: Annotated[
+        Path, typer.Option("--repo", help="Triton model repository whose latest versions get plans.", file_okay=False)
+    ] = DEFAULT_REPO,
+    out: Annotated[Path | None, typer.Option(help="Script file to write (default: print it).", dir_okay=False)] = None,
+    mount: Annotated[
+        Path, typer.Option(help="Where the Triton container mounts the repository.")
+    ] = CONTAINER_REPOSITORY,
+    fp16: Annotated[bool, typer.Option(help="Build the FM's plan from its half-precision graph.")] = False,
+    schema: SchemaOption = DEFAULT_SCHEMA_PATH,
+) -> None:
+    """Write the shell script that builds the TensorRT plans of the latest gem_fm and
+    student_adapter versions with trtexec, inside the NGC Triton image (the same build
+    `gem export --tensorrt` runs or prints); docker-compose.yml's `tensorrt-build` runs it."""
+    from export.tensorrt import build_script, serving_profile
+    from export.triton_config import ServingConfig
+
+    script = build_script(repo, serving_profile(load_schema(schema), ServingConfig().max_batch_size), fp16, mount)
+    if out is None:
+        typer.echo(script, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(script)
+        log.info("wrote %s", out)
+
+
+def _triton_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int):
+    from serving.triton.server import TritonConfig
+
+    return TritonConfig(
+        repository=repo, work_dir=TRITON_WORK_DIR, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+    )
+
+
+PortOption = Annotated[int, typer.Option()]
+MetricsPortOption = Annotated[
+    int, typer.Option(help="Prometheus port of the front end (its metrics and Ray Serve's, at /metrics).")
+]
+
+
+@triton_app.command("up")
+@friendly_errors
+def triton_up(
+    repo: RepoOption = DEFAULT_REPO,
+    http_port: PortOption = 8000,
+    grpc_port: PortOption = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics of Triton itself.")] = 8002,
+    foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C stops the server.")] = False,
+) -> None:
+    """Start the local Triton on the model repository (explicit model control, the
+    `python` config flavour) and wait until it is ready."""
+    from serving.triton.server import TritonServer
+
+    if not repo.is_dir():
+        raise FileNotFoundError(f"no model repository at {repo}; run `gem export` first")
+    cfg = _triton_config(repo, http_port, grpc_port, metrics_port)
+    with console.status("starting tritonserver"):
+        server = TritonServer(cfg).start(detach=not foreground)
+    log.info(
+        "Triton ready: gRPC %s, HTTP %s, metrics :%d, log %s", cfg.grpc_url, cfg.http_url, metrics_port, cfg.log_file
+    )
+    if foreground:
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            log.info("stopping Triton")
+        finally:
+            server.stop()
+    else:
+        log.info("stop it with `gem triton down`")
+
+
+@triton_app.command("down")
+@friendly_errors
+def triton_down() -> None:
+    """Stop the Triton that `gem triton up` left running."""
+    from serving.triton.server import stop_detached
+
+    pid = stop_detached(TRITON_WORK_DIR)
+    if pid is None:
+        log.info("no Triton was started from %s", TRITON_WORK_DIR)
+    else:
+        log.info("stopped Triton (pid %d)", pid)
+
+
+@triton_app.command("status")
+@friendly_errors
+def triton_status(
+    url: Annotated[str | None, typer.Option(help="gRPC address; default: the server `gem triton up` started.")] = None,
+) -> None:
+    """Show every model version Triton knows and its state."""
+    import asyncio
+
+    from serving.triton.client import TritonClient
+    from serving.triton.server import TritonError, detached_config
+
+    if url is None:
+        cfg = detached_config(TRITON_WORK_DIR)
+        if cfg is None:
+            raise TritonError("no Triton was started with `gem triton up`; pass --url to ask another one")
+        url = cfg.grpc_url
+
+    async def versions():
+        async with TritonClient(url, timeout_s=5) as client:
+            return await client.versions()
+
+    table = Table(title=f"Triton at {url}")
+    for col in ("model", "version", "state", "reason"):
+        table.add_column(col)
+    for v in asyncio.run(versions()):
+        table.add_row(v.model, str(v.version), v.state, v.reason.splitlines()[0] if v.reason else "")
+    Console().print(table)

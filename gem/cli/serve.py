@@ -1,0 +1,198 @@
+"""`gem bootstrap`, `gem up`, `gem serve`, `gem query` and `gem health`: the serving
+stack and its clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gem.cli.common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    DEFAULT_REPO,
+    TRITON_WORK_DIR,
+    MetricsPortOption,
+    RepoOption,
+    console,
+    friendly_errors,
+    progress,
+    wait_for_ctrl_c,
+)
+
+
+def _ready_message(address: str, metrics_port: int) -> None:
+    console.print(
+        f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)\n"
+        f"  query it:   .venv/bin/gem query --address {address}\n"
+        f"  describe:   grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo\n"
+        f"  health:     grpcurl -plaintext {address} grpc.health.v1.Health/Check\n"
+        f"  metrics:    curl -s 127.0.0.1:{metrics_port}/metrics | grep ray_gem_\n"
+        f"  load test:  .venv/bin/locust -f loadtests/locustfile.py --config loadtests/locust.conf --host {address}\n",
+        highlight=False,
+    )
+
+
+BootstrapDataOption = Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")]
+
+
+def bootstrap(checkpoint: Path, data: Path, repo: Path, train_when_published: bool = False) -> None:
+    """trainer.bootstrap with progress bars, and the tables of what it trained and published."""
+    from gem.cli.export import parity_table
+    from gem.cli.train import metric_table
+    from trainer.bootstrap import BootstrapConfig, Listener
+    from trainer.bootstrap import bootstrap as run_bootstrap
+
+    cfg = BootstrapConfig(checkpoint, data, repo, train_when_published=train_when_published)
+    with progress("examples") as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_rows(n: int) -> None:
+            tasks.setdefault("rows", bar.add_task("synthesizing rows", total=None))
+            bar.advance(tasks["rows"], n)
+
+        def on_model(name: str, total: int) -> None:
+            tasks["model"] = bar.add_task(f"training {name}", total=total)
+
+        listener = Listener(on_rows, on_model, lambda n, _loss: bar.advance(tasks["model"], n))
+        with console.status("bootstrapping"):
+            result = run_bootstrap(cfg, listener)
+    if result.metrics is not None:
+        Console().print(metric_table(result.metrics))
+    if result.export is not None:
+        Console().print(parity_table(result.export))
+
+
+@friendly_errors
+def bootstrap_cmd(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint to publish; trained on synthetic data if missing.")
+    ] = DEFAULT_CHECKPOINT,
+    data: BootstrapDataOption = DEFAULT_DATA,
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """Publish a model if the model repository has none: train the `small` model on
+    synthetic data (unless the checkpoint exists) and export it; do nothing when the
+    repository has a model. What `gem up` does before it serves, and the one-shot
+    `bootstrap` service of docker-compose.yml."""
+    bootstrap(checkpoint, data, repo)
+
+
+@friendly_errors
+def up(
+    checkpoint: Annotated[
+        Path, typer.Option(help="Checkpoint to serve; trained on synthetic data if missing.")
+    ] = DEFAULT_CHECKPOINT,
+    data: BootstrapDataOption = DEFAULT_DATA,
+    repo: RepoOption = DEFAULT_REPO,
+    embedded: Annotated[bool, typer.Option(help="In-process ONNX Runtime instead of Triton.")] = False,
+    grpc_port: Annotated[int, typer.Option(help="The front end's gRPC port.")] = 50051,
+    metrics_port: MetricsPortOption = 8090,
+) -> None:
+    """The local stack: train the `small` model if there is no checkpoint, export it if
+    the model repository is empty, start Triton and the Ray Serve gRPC front end, and
+    serve until Ctrl-C."""
+    from serving.stack import StackConfig, local_stack
+
+    bootstrap(checkpoint, data, repo, train_when_published=True)
+    with local_stack(
+        StackConfig(
+            repository=repo,
+            triton_work_dir=TRITON_WORK_DIR,
+            embedded=embedded,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+        )
+    ) as address:
+        _ready_message(address, metrics_port)
+        wait_for_ctrl_c()
+
+
+@friendly_errors
+def serve_cmd(
+    backend: Annotated[str, typer.Option(help="triton, or onnxruntime (embedded, no Triton).")] = "triton",
+    triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
+    repo: RepoOption = DEFAULT_REPO,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port of the front end.")] = 50051,
+    replicas: Annotated[int, typer.Option(help="Ingress replicas.")] = 1,
+    metrics_port: MetricsPortOption = 8090,
+) -> None:
+    """Only the Ray Serve front end, on a Triton already running (or embedded). For a
+    cluster, use `serve deploy serving/serve_config.yaml`."""
+    from serving import launcher
+    from serving.config import FrontendConfig
+
+    address = launcher.start(
+        FrontendConfig(backend=backend, triton_url=triton_url, repository=repo),
+        grpc_port=grpc_port,
+        replicas=replicas,
+        metrics_port=metrics_port,
+    )
+    try:
+        launcher.wait_healthy(address)
+        _ready_message(address, metrics_port)
+        wait_for_ctrl_c()
+    finally:
+        launcher.stop()
+
+
+@friendly_errors
+def query(
+    address: Annotated[str, typer.Option(help="The front end's gRPC address.")] = "127.0.0.1:50051",
+    candidates: Annotated[int, typer.Option(help="Candidate ads for the one sample user.")] = 8,
+    token: Annotated[
+        str | None, typer.Option(envvar="GEM_AUTH_TOKEN", help="Bearer token, if the server wants one.")
+    ] = None,
+    application: Annotated[str | None, typer.Option(help="Serve application, when several run.")] = None,
+) -> None:
+    """Send one sample call (a user and candidate ads, shared-user form) and print the reply."""
+    import time
+
+    import grpc
+    from gem.knowledge.client import KnowledgeClient
+
+    from model.features import random_call
+    from model.schema import schema_from_yaml
+
+    with KnowledgeClient(address, token=token, timeout_s=30, application=application) as client:
+        try:
+            info = client.info()
+            schema = schema_from_yaml(info.schema_yaml)
+            ads, shared = random_call(schema, candidates, 16, seed=int(time.time()))
+            start = time.perf_counter()
+            reply = client.generate(ads, shared=shared)
+            ms = (time.perf_counter() - start) * 1e3
+        except grpc.RpcError as e:
+            raise ConnectionError(f"{address}: {e.code().name}: {e.details()}") from None
+    table = Table(
+        title=f"{candidates} candidates, fm v{reply.fm_version}, adapter v{reply.adapter_version}, {ms:.1f} ms"
+    )
+    table.add_column("row", justify="right")
+    for task in info.tasks:
+        table.add_column(f"{task} label", justify="right")
+        table.add_column(f"{task} adapted", justify="right")
+    table.add_column("embedding[:3]", no_wrap=True)
+    for i in range(candidates):
+        cells = [str(i)]
+        for t in range(len(info.tasks)):
+            cells += [f"{reply.outputs['labels'][i, t]:.4f}", f"{reply.outputs['adapted_labels'][i, t]:.4f}"]
+        cells.append(" ".join(f"{x:+.3f}" for x in reply.outputs["embedding"][i, :3]))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def health(
+    address: Annotated[str, typer.Option(help="gRPC address of the server to ask.")] = "127.0.0.1:50051",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.", min=0.0)] = 5.0,
+) -> None:
+    """Ask a server's standard gRPC health service (grpc.health.v1) once: exit 0 when it
+    answers SERVING, 1 otherwise, with a one-line reason. The compose healthcheck of the
+    front end."""
+    from serving.health import check
+
+    serving, status = check(address, timeout)
+    typer.echo(f"{address}: {status}", err=not serving)
+    raise typer.Exit(0 if serving else 1)
