@@ -70,7 +70,7 @@ def test_gem_trainer_with_two_processes_quarantines_bad_shards_and_publishes(sch
 
     result = gem(
         "trainer", "run", "--stream", str(stream), "--repo", str(repo), "--state", str(state), "--preset", "tiny",
-        "--procs", "2", "--exit-when-idle", "--batch-size", "256", "--tolerance", "0.05",
+        "--procs", "2", "--exit-when-idle", "--batch-size", "256", "--tolerance", "0.05", "--poll-s", "0.5",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

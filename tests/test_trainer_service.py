@@ -218,12 +218,12 @@ def test_a_ledger_without_its_checkpoint_refuses_to_start_over_in_one_line(schem
         assert result.returncode == 2, result.stdout + result.stderr
         text = " ".join(result.stderr.split())
         assert "holds no complete checkpoint" in text and "refusing to start over" in text, result.stderr
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
     # A corrupt line in the middle of the ledger: one line and exit 2 under --procs 2 too.
     (state / "ledger.jsonl").write_text('{"kind": "shard"}\nnot json\n{"kind": "publish", "cycle": 1}\n')
     result = gem(*args, "--procs", "2", cwd=tmp_path)
     assert result.returncode == 2 and "line 2 is not JSON" in " ".join(result.stderr.split()), result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
     # A torn last line (a kill during an append) is skipped by `status`, not repaired.
     torn = b'{"kind": "shard", "shard": "p", "cycle": 1, "state": "trained"}\n{"kind": "pub'
     (state / "ledger.jsonl").write_bytes(torn)
