@@ -9,6 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 
 from export.publish import ExportConfig, export_adapter_only
 from export.repository import ADAPTER_MODEL, FM_MODEL, ModelRepository
@@ -222,3 +223,48 @@ def test_metrics_endpoint_serves_the_trainer_metrics():
         'gem_trainer_failures_total{stage="gate"} 1.0',
     ):
         assert line in body, line
+
+
+def test_resuming_with_the_optimizer_state_of_the_checkpoint_is_bit_identical(synth_dir, schema, tmp_path):
+    """What a restart does (trainer/loop.py): weights and optimizer state from the
+    checkpoint, the same shuffling; it ends where the uninterrupted run ends, bit for bit."""
+    from model.adapter import StudentAdapter
+    from model.checkpoint import CheckpointStore
+    from model.config import preset
+    from model.gem import GEM
+    from trainer.train import make_optimizers, train_steps
+
+    tiny, rt = preset("tiny"), D.Runtime()
+    shard = load_shard(sorted(synth_dir.glob("*.parquet"))[0], schema, tiny.seq_len)
+    a, b = ({k: v[s] for k, v in shard.items()} for s in (slice(0, 600), slice(600, 1200)))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = GEM(schema, tiny)
+        return model, make_optimizers(model, 2e-3, 0.05)
+
+    def cycle(model, optimizers, batch, n):
+        train_steps(model, optimizers, batch, schema, 128, np.random.default_rng([0, n, 0]))
+
+    model, optimizers = fresh()
+    cycle(model, optimizers, a, 1)
+    cycle(model, optimizers, b, 2)
+    uninterrupted = model.state_dict()
+
+    model, optimizers = fresh()
+    cycle(model, optimizers, a, 1)
+    store = CheckpointStore(tmp_path)
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces))
+    store.save(1, schema, tiny, model, adapter, {}, D.full_optimizer_state(model, optimizers, rt))
+    del model, optimizers  # killed
+
+    results = {}
+    for with_state in (True, False):
+        ckpt = load_checkpoint(store.pointer)
+        optimizers = make_optimizers(ckpt.model, 2e-3, 0.05)
+        if with_state:
+            D.load_optimizer_state(ckpt.model, optimizers, ckpt.optimizer, rt)
+        cycle(ckpt.model, optimizers, b, 2)
+        results[with_state] = ckpt.model.state_dict()
+    assert all(torch.equal(uninterrupted[k], v) for k, v in results[True].items()), "bit-identical"
+    assert not all(torch.equal(uninterrupted[k], v) for k, v in results[False].items()), "fresh optimizers differ"
