@@ -83,6 +83,9 @@ def test_gem_trainer_with_two_processes_quarantines_bad_shards_and_publishes(sch
         assert why in (stream / QUARANTINE / f"{name}.reason").read_text()
         assert name in log, "the quarantine is logged"
     assert "cycle 1 part-00000.parquet -> eval part-00002.parquet" in log, "one compact line per cycle"
+    assert log.count("publishing gem_fm and student_adapter") == 1 and log.count("published gem_fm v1") == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) < 60, "one line as a publish starts and one as it ends, no ONNX exporter noise without -v"
     r = ModelRepository(repo)
     published = [e for e in shard_lines(state) if e["state"] == "trained"]
     assert r.versions(FM_MODEL)[-1] == len(published) and r.latest(ADAPTER_MODEL) >= len(published)

@@ -107,7 +107,8 @@ def _assert_nothing_left(root: Path) -> None:
     state, repo = root / "state", root / "repo"
     left = [
         *(state / "checkpoints").glob(".*"), *state.glob(".checkpoint*"), *repo.glob("*/.staging-*"),
-        *repo.glob("*/.pruned-*"), *repo.glob("*/.*.tmp"), *(root / "tmp").glob("*"),
+        *repo.glob("*/.pruned-*"), *repo.glob("*/.*.tmp"), *(root / "tmp").glob("gem-export-*"),
+        *(p for p in (root / "tmp").iterdir() if p.is_dir()),
         *((state / "tmp").glob("*") if (state / "tmp").exists() else []),
     ]  # fmt: skip
     assert left == [], f"temporaries left behind: {left}"
