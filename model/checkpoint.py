@@ -99,7 +99,6 @@ def save_checkpoint(
     model: GEM,
     adapter: StudentAdapter,
     metrics: dict[str, Any],
-    optimizer: list[dict[str, Any]] | None = None,
 ) -> Path:
     """A checkpoint at `path` (`gem train --out`): written aside, then swapped in. An older
     checkpoint there is moved aside for the instant of the swap; a process that must
@@ -108,7 +107,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, schema, config, model, adapter, metrics, optimizer)
+    write_checkpoint(tmp, schema, config, model, adapter, metrics)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
