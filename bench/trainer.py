@@ -50,9 +50,11 @@ from serving.net import free_ports
 from serving.triton.client import TritonClient
 from serving.triton.server import TritonConfig, TritonServer
 from trainer import distributed as D
+from trainer.config import TrainerConfig
+from trainer.coordinator import fit_refresh
 from trainer.evaluation import log_loss
 from trainer.gate import task_metrics
-from trainer.service import Trainer, TrainerConfig, fit_refresh
+from trainer.loop import Trainer
 from trainer.stream import StreamConfig, load_shard, play_stream
 from trainer.train import TrainConfig, labels_of, make_optimizers, predict, train, train_steps
 

@@ -52,8 +52,10 @@ class ExportConfig:
     # Also publish a half-precision FM graph (model.fp16.onnx) for a TensorRT FP16 plan.
     fp16: bool = False
     serving: ServingConfig = field(default_factory=ServingConfig)
-    # See ModelRepository.on_staged.
-    on_staged: Callable[[Path], None] | None = None
+    # Model name -> what its new version is exported from (ModelRepository.source).
+    sources: dict[str, str] = field(default_factory=dict)
+    # Where the ONNX files are exported before publishing (default: the system's temp folder).
+    work_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ def export_checkpoint(
 ) -> ExportReport:
     """Exports the FM and the adapter, checks both, publishes both, prunes old versions."""
     start = time.perf_counter()
-    repo = ModelRepository(cfg.repository, cfg.serving, cfg.on_staged)
-    with tempfile.TemporaryDirectory(prefix="gem-export-") as tmp:
+    repo = ModelRepository(cfg.repository, cfg.serving)
+    with tempfile.TemporaryDirectory(prefix="gem-export-", dir=cfg.work_dir) as tmp:
         fm_path, adapter_path = Path(tmp) / "gem_fm.onnx", Path(tmp) / "student_adapter.onnx"
         on_stage("exporting the FM to ONNX")
         export_fm(ckpt.model, ckpt.schema, fm_path)
@@ -106,8 +108,8 @@ def export_checkpoint(
             export_fm(ckpt.model, ckpt.schema, fp16_path, fp16=True)
             fp16_parity = check_fm_parity(ckpt.model, fp16_path, batches, FP16_PARITY_TOLERANCE)
         on_stage("publishing to the model repository")
-        fm = repo.publish(FM_MODEL, fm_path, fp16_path)
-        adapter = repo.publish(ADAPTER_MODEL, adapter_path)
+        fm = repo.publish(FM_MODEL, fm_path, fp16_path, cfg.sources.get(FM_MODEL))
+        adapter = repo.publish(ADAPTER_MODEL, adapter_path, source=cfg.sources.get(ADAPTER_MODEL))
     for model in (FM_MODEL, ADAPTER_MODEL):
         repo.prune(model, cfg.keep_versions)
     report = ExportReport(fm, adapter, fm_parity, adapter_parity, time.perf_counter() - start, fp16_parity)
@@ -137,16 +139,16 @@ def export_adapter_only(
 ) -> tuple[Published, Parity]:
     """Publishes a new Student Adapter version alone (the FM stays as served): the side
     trainer refreshes the adapter when the FM is gated or slow. Same checks as above."""
-    repo = ModelRepository(cfg.repository, cfg.serving, cfg.on_staged)
+    repo = ModelRepository(cfg.repository, cfg.serving)
     if repo.latest(FM_MODEL) is None:
         raise RepositoryError(f"{cfg.repository} has no {FM_MODEL} version for the adapter to follow")
-    with tempfile.TemporaryDirectory(prefix="gem-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gem-export-", dir=cfg.work_dir) as tmp:
         path = Path(tmp) / "student_adapter.onnx"
         export_adapter(adapter, path)
         parity = check_adapter_parity(
             adapter, path, adapter_parity_batches(adapter.n_tasks, adapter.n_surfaces, fm_logits)
         )
-        published = repo.publish(ADAPTER_MODEL, path)
+        published = repo.publish(ADAPTER_MODEL, path, source=cfg.sources.get(ADAPTER_MODEL))
     repo.prune(ADAPTER_MODEL, cfg.keep_versions)
     log.info("published %s v%d alone (parity %.1e)", ADAPTER_MODEL, published.version, parity.worst)
     return published, parity

@@ -2,8 +2,12 @@
 
 Layout and names: `export.contract`. A version is assembled in a hidden staging folder
 beside the versions and renamed into place in one step, so Triton never sees half a
-version. Version numbers only grow: a version Triton refused is moved to
-`.rejected/<version>` with the reason and its number is not reused.
+version; pruning renames a version to `.pruned-<version>` before deleting it, for the
+same reason. Version numbers only grow:
+a version Triton refused (or one rolled back) is moved to `.rejected/<version>` with
+the reason and its number is not reused. A version may carry `SOURCE`: what it was
+exported from (the side trainer writes its checkpoint's weight digests there, so that a
+restarted publish does not publish the same weights twice).
 
 Each published graph gets one extra output, `<model>_version` (int64 [B, 1]), a
 constant holding its version number, so every reply says which versions made it,
@@ -15,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # The python-backend model (ONNX Runtime inside Triton), copied into every version.
 PYTHON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "serving/triton/python_model" / PYTHON_MODEL_FILENAME
+# A version set aside for deletion (pruning), and a version's record of its source.
+PRUNED = ".pruned-"
+SOURCE_FILENAME = "SOURCE"
 
 
 class RepositoryError(RuntimeError):
@@ -108,14 +114,9 @@ class Published:
 
 
 class ModelRepository:
-    def __init__(
-        self, root: Path, serving: ServingConfig | None = None, on_staged: Callable[[Path], None] | None = None
-    ):
+    def __init__(self, root: Path, serving: ServingConfig | None = None):
         self.root = Path(root)
         self.serving = serving or ServingConfig()
-        # Called with the complete staging folder just before its rename: the one moment
-        # a crash leaves a half-published version behind (the side trainer's crash tests).
-        self.on_staged = on_staged
 
     def versions(self, model: str) -> list[int]:
         return published_versions(self.root, model)
@@ -128,10 +129,20 @@ class ModelRepository:
         used = self.versions(model) + [int(p.name) for p in rejected.glob("*") if p.name.isdigit()]
         return max(used, default=0) + 1
 
-    def publish(self, model: str, onnx_path: Path, fp16_path: Path | None = None) -> Published:
+    def source(self, model: str, version: int | None) -> str | None:
+        """What `version` was exported from (its SOURCE file), if it says."""
+        if version is None:
+            return None
+        path = self.root / model / str(version) / SOURCE_FILENAME
+        return path.read_text().strip() if path.is_file() else None
+
+    def publish(
+        self, model: str, onnx_path: Path, fp16_path: Path | None = None, source: str | None = None
+    ) -> Published:
         """Stamps the graph with its version, writes configs for every flavour and
         renames the new version folder into place. `fp16_path`: a half-precision graph
-        of the same model, kept beside it for a TensorRT FP16 plan."""
+        of the same model, kept beside it for a TensorRT FP16 plan; `source`: written to
+        the version's SOURCE file."""
         if model not in VERSION_OUTPUTS:
             raise RepositoryError(f"unknown model {model!r}; one of {', '.join(VERSION_OUTPUTS)}")
         try:
@@ -156,9 +167,9 @@ class ModelRepository:
                 stamp_version(onnx.load(str(fp16_path)), VERSION_OUTPUTS[model], version), staging / FP16_FILENAME
             )
         shutil.copy2(PYTHON_MODEL_SOURCE, staging / PYTHON_MODEL_FILENAME)
-        if self.on_staged is not None:
-            self.on_staged(staging)
-        staging.rename(folder / str(version))
+        if source is not None:
+            (staging / SOURCE_FILENAME).write_text(source + "\n")
+        self._install(staging, folder / str(version))
         log.info("published %s version %d", model, version)
         self._write_ensemble()
         return Published(model, version, folder / str(version))
@@ -182,13 +193,24 @@ class ModelRepository:
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / "config.pbtxt", to_pbtxt(config))
 
-    def clean_staging(self) -> list[Path]:
-        """Removes staging folders a killed publisher left behind (never a version:
-        those only appear by rename, complete); returns what it removed."""
-        stale = [p for p in self.root.glob("*/.staging-*") if p.is_dir()]
+    def _install(self, staging: Path, target: Path) -> None:
+        """The one rename that makes a version visible."""
+        staging.rename(target)
+
+    def clean(self) -> list[Path]:
+        """Removes what a killed publisher or pruner left (staging folders, versions
+        set aside for deletion, config temporaries), never a version: those only appear
+        by rename, complete, and only disappear by rename. Returns what it removed."""
+        stale = [
+            *self.root.glob("*/.staging-*"), *self.root.glob(f"*/{PRUNED}*"), *self.root.glob("*/.*.tmp-*"),
+            *self.root.glob("*/configs/.*.tmp-*"),
+        ]  # fmt: skip
         for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
-            log.warning("removed the half-published staging folder %s", p)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+            log.warning("removed %s (left by an interrupted publish or prune)", p)
         return stale
 
     def reject(self, model: str, version: int, reason: str) -> Path:
@@ -201,11 +223,28 @@ class ModelRepository:
         log.warning("rejected %s version %d: %s", model, version, reason)
         return target
 
+    def rollback(self, model: str, to: int) -> list[int]:
+        """Makes `to` the latest version of `model`: the newer ones are moved aside as
+        rejected (their numbers are never reused). Returns the versions moved."""
+        versions = self.versions(model)
+        if to not in versions:
+            raise RepositoryError(f"{model} has no version {to} in {self.root} (versions: {versions or 'none'})")
+        newer = [v for v in versions if v > to]
+        for v in newer:
+            self.reject(model, v, f"rolled back to version {to}")
+        return newer
+
+    def _set_aside(self, model: str, version: int) -> Path:
+        aside = self.root / model / f"{PRUNED}{version}"
+        (self.root / model / str(version)).rename(aside)
+        return aside
+
     def prune(self, model: str, keep: int) -> list[int]:
-        """Deletes all but the newest `keep` versions; returns the deleted ones."""
+        """Deletes all but the newest `keep` versions (each renamed aside first, so that
+        no incomplete version is ever visible); returns the deleted ones."""
         old = self.versions(model)[:-keep] if keep > 0 else []
         for v in old:
-            shutil.rmtree(self.root / model / str(v))
+            shutil.rmtree(self._set_aside(model, v))
         if old:
             log.info("pruned %s versions %s", model, old)
         return old

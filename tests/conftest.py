@@ -87,3 +87,62 @@ def published_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
     repo = tmp_path_factory.mktemp("repo") / "model_repo"
     export_checkpoint(load_checkpoint(tiny_checkpoint), ExportConfig(repository=repo, data=synth_dir))
     return repo
+
+
+# Fault injection for the side trainer's crash tests. A `sitecustomize` on PYTHONPATH of
+# the trainer's processes wraps one function (`module:Qualified.name`) so that its Nth
+# call in a process (on rank 0) writes GEM_TEST_HOLD_FILE and waits there to be killed,
+# `before` or `after` the call: production code carries no hook.
+HOLD_SITECUSTOMIZE = """
+import os
+
+_spec = os.environ.get("GEM_TEST_HOLD")
+if _spec:
+    import functools
+    import importlib
+    import time
+
+    _module, _qualname, _when, _nth = _spec.split(":")
+    _owner = importlib.import_module(_module)
+    *_path, _attr = _qualname.split(".")
+    for _part in _path:
+        _owner = getattr(_owner, _part)
+    _original = getattr(_owner, _attr)
+    _calls = [0]
+
+    def _hold():
+        held = os.environ["GEM_TEST_HOLD_FILE"]
+        with open(held + ".tmp", "w") as f:
+            f.write(f"{_spec} {os.getpid()}\\n")
+        os.replace(held + ".tmp", held)
+        while True:
+            time.sleep(60)
+
+    @functools.wraps(_original)
+    def _held(*args, **kwargs):
+        hit = False
+        if os.environ.get("RANK", "0") == "0":
+            _calls[0] += 1
+            hit = _calls[0] == int(_nth)
+        if hit and _when == "before":
+            _hold()
+        result = _original(*args, **kwargs)
+        if hit and _when == "after":
+            _hold()
+        return result
+
+    setattr(_owner, _attr, _held)
+"""
+
+
+@pytest.fixture(scope="session")
+def hold_env(tmp_path_factory: pytest.TempPathFactory):
+    """env(point, held_file) -> the environment that makes a trainer process hold at
+    `point` ("module:Qualified.name:before|after:N") and write `held_file` there."""
+    folder = tmp_path_factory.mktemp("hold_hooks")
+    (folder / "sitecustomize.py").write_text(HOLD_SITECUSTOMIZE)
+
+    def env(point: str, held: Path) -> dict[str, str]:
+        return {"PYTHONPATH": str(folder), "GEM_TEST_HOLD": point, "GEM_TEST_HOLD_FILE": str(held)}
+
+    return env

@@ -1,11 +1,12 @@
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 
 from model.adapter import StudentAdapter
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, save_checkpoint
 from model.features import LOGITS, input_names, random_batch
 from model.gem import GEM
 from model.schema import schema_from_yaml
@@ -72,3 +73,38 @@ def test_schema_mismatch_names_the_difference(saved, schema):
     other = schema_from_yaml(text)
     with pytest.raises(CheckpointError, match="does not match the schema 'ads_v1': sparse: has 'user_gender'"):
         load_checkpoint(path, expect_schema=other)
+
+
+def test_the_store_always_has_a_complete_checkpoint_and_tidies_what_a_kill_left(tmp_path, schema, tiny):
+    torch.manual_seed(0)
+    model, adapter = GEM(schema, tiny), StudentAdapter(len(schema.tasks), len(schema.surfaces))
+    store = CheckpointStore(tmp_path)
+    assert store.newest() is None and store.next_number() == 1
+    first = store.save(1, schema, tiny, model, adapter, {"n": 1}, optimizer=[{"state": {}, "param_groups": []}])
+    assert store.pointer.resolve() == first.resolve() and load_checkpoint(store.pointer).metrics == {"n": 1}
+    assert load_checkpoint(first).optimizer == [{"state": {}, "param_groups": []}]
+    second = store.save(2, schema, tiny, model, adapter, {"n": 2})
+    assert store.numbers() == [2] and store.pointer.resolve() == second.resolve()
+    assert load_checkpoint(second).optimizer is None
+    # A kill after the rename, before the pointer moved (and an older one not yet retired,
+    # and a staged one never renamed): the newest complete one is the truth.
+    third = tmp_path / "checkpoints" / "3"
+    shutil.copytree(second, third)
+    shutil.copytree(second, tmp_path / "checkpoints" / ".tmp-4")
+    shutil.copytree(second, tmp_path / "checkpoints" / ".old-1")
+    assert store.newest() == third
+    removed = store.tidy()
+    assert {p.name for p in removed} == {"2", ".tmp-4", ".old-1"}
+    assert store.numbers() == [3] and store.pointer.resolve() == third.resolve()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+
+
+def test_the_store_adopts_a_checkpoint_of_the_old_layout_killed_between_its_renames(tmp_path, schema, tiny):
+    model, adapter = GEM(schema, tiny), StudentAdapter(len(schema.tasks), len(schema.surfaces))
+    # The old save moved `checkpoint` aside and was killed before renaming the new one in.
+    save_checkpoint(tmp_path / ".checkpoint.tmp-77", schema, tiny, model, adapter, {"new": True})
+    save_checkpoint(tmp_path / ".checkpoint.old-77", schema, tiny, model, adapter, {"new": False})
+    store = CheckpointStore(tmp_path)
+    store.tidy()
+    assert load_checkpoint(store.pointer).metrics == {"new": True}
+    assert not list(tmp_path.glob(".checkpoint*")) and store.numbers() == [1]

@@ -20,6 +20,9 @@ from trainer import distributed as D
 from trainer.stream import QUARANTINE, load_shard
 from trainer.train import make_optimizers, train_steps
 
+# Starts the side trainer's processes (and Triton): `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
+
 
 def _train_worker(shard: str, out: str) -> None:
     """One rank: DDP over gloo, three passes over its rows of the shard."""
@@ -71,7 +74,7 @@ def test_gem_trainer_with_two_processes_quarantines_bad_shards_and_publishes(sch
 
     result = gem(
         "trainer", "run", "--stream", str(stream), "--repo", str(repo), "--state", str(state), "--preset", "tiny",
-        "--procs", "2", "--exit-when-idle", "--batch-size", "256", "--tolerance", "0.05",
+        "--procs", "2", "--exit-when-idle", "--batch-size", "256", "--tolerance", "0.05", "--poll-s", "0.5",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -84,6 +87,9 @@ def test_gem_trainer_with_two_processes_quarantines_bad_shards_and_publishes(sch
         assert why in (stream / QUARANTINE / f"{name}.reason").read_text()
         assert name in log, "the quarantine is logged"
     assert "cycle 1 part-00000.parquet -> eval part-00002.parquet" in log, "one compact line per cycle"
+    assert log.count("publishing gem_fm and student_adapter") == 1 and log.count("published gem_fm v1") == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) < 60, "one line as a publish starts and one as it ends, no ONNX exporter noise without -v"
     r = ModelRepository(repo)
     published = [e for e in shard_lines(state) if e["state"] == "trained"]
     assert r.versions(FM_MODEL)[-1] == len(published) and r.latest(ADAPTER_MODEL) >= len(published)

@@ -1,6 +1,7 @@
-"""The side trainer end to end: kill -9 during training and during a publish, then a
-restart (exactly once, no half version); a regression refused by the gate; a cycle that
-rolls a new version out to a real Triton while a client calls it without one failure."""
+"""The side trainer end to end: a regression refused by the gate; a cycle that rolls a new
+version out to a real Triton while a client calls it without one failure; the adapter
+alone; a quarantined name delivered again; a state folder that cannot be resumed; one-line
+errors under --procs 2. (Kills at every commit point: tests/test_trainer_faults.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import onnx
 import pytest
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
@@ -21,19 +21,15 @@ from model.features import random_batch
 from serving.net import free_ports
 from serving.triton.client import TritonClient
 from serving.triton.server import TritonConfig, TritonServer
-from tests.trainer_support import (
-    gem,
-    kill_group,
-    ledger,
-    make_stream,
-    shard_lines,
-    shuffle_labels,
-    start_gem,
-    wait_for,
-)
+from tests.trainer_support import gem, ledger, make_stream, shard_lines, shuffle_labels, start_gem
 from trainer import distributed as D
-from trainer.service import HOLD_ENV, Trainer, TrainerConfig
+from trainer.config import TrainerConfig
+from trainer.loop import Trainer
+from trainer.stream import QUARANTINE
 from trainer.train import TrainConfig, train
+
+# Starts the side trainer's processes (and Triton): `pytest -m "not stack"` leaves it out.
+pytestmark = pytest.mark.stack
 
 
 def _trainer_args(stream: Path, repo: Path, state: Path, *extra: str) -> list[str]:
@@ -41,61 +37,6 @@ def _trainer_args(stream: Path, repo: Path, state: Path, *extra: str) -> list[st
         "trainer", "run", "--stream", str(stream), "--repo", str(repo), "--state", str(state), "--preset", "tiny",
         "--batch-size", "256", "--tolerance", "0.05", "--poll-s", "0.2", *extra,
     ]  # fmt: skip
-
-
-def _assert_repository_whole(repo: Path) -> None:
-    """Every version folder is complete and loadable; nothing half-written is left."""
-    for model in (FM_MODEL, ADAPTER_MODEL):
-        assert not list((repo / model).glob(".staging-*")), f"{model}: a staging folder is left"
-        for v in ModelRepository(repo).versions(model):
-            folder = repo / model / str(v)
-            assert (folder / "model.py").exists(), f"{model} v{v} lacks model.py"
-            onnx.checker.check_model(onnx.load(str(folder / "model.onnx")))
-
-
-def test_kill_9_during_training_and_during_publish_then_restart_is_exactly_once(schema, tmp_path):
-    stream, repo, state = tmp_path / "stream", tmp_path / "repo", tmp_path / "state"
-    make_stream(stream, schema, shards=3, rows=3_000)
-    args = _trainer_args(stream, repo, state)
-    held = state / "held"
-
-    # 1. Killed in the middle of cycle 2's training (cycle 1 is committed and published).
-    log = tmp_path / "run1.log"
-    proc = start_gem(*args, cwd=tmp_path, env={HOLD_ENV: "train:2"}, log=log)
-    wait_for(held.exists, 240, "the trainer to reach cycle 2's training", proc, log)
-    kill_group(proc)
-    held.unlink()
-    assert [e["shard"] for e in shard_lines(state)] == ["part-00000.parquet"]
-    assert ModelRepository(repo).versions(FM_MODEL) == [1]
-
-    # 2. Restarted, killed inside cycle 2's publish: the FM version is staged, not renamed.
-    log = tmp_path / "run2.log"
-    proc = start_gem(*args, cwd=tmp_path, env={HOLD_ENV: "staged:2"}, log=log)
-    wait_for(held.exists, 240, "the trainer to stage cycle 2's FM version", proc, log)
-    assert list((repo / FM_MODEL).glob(".staging-2-*")), "killed with a half-published version on disk"
-    kill_group(proc)
-    held.unlink()
-    assert [e["shard"] for e in shard_lines(state)] == ["part-00000.parquet", "part-00001.parquet"]
-    assert ModelRepository(repo).versions(FM_MODEL) == [1], "the staged version never became visible"
-
-    # 3. Restarted: repairs the publish, then finds nothing more to train on.
-    result = gem(*args, "--exit-when-idle", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "committed but not published" in " ".join((result.stdout + result.stderr).split())
-    lines = shard_lines(state)
-    assert [(e["shard"], e["cycle"], e["state"]) for e in lines] == [
-        ("part-00000.parquet", 1, "trained"),
-        ("part-00001.parquet", 2, "trained"),
-    ], "no shard skipped, none trained twice"
-    publishes = [e for e in ledger(state) if e["kind"] == "publish"]
-    assert sorted(e["cycle"] for e in publishes) == [1, 2], "each cycle published once"
-    assert ModelRepository(repo).versions(FM_MODEL) == [1, 2]
-    _assert_repository_whole(repo)
-    ckpt = load_checkpoint(state / "checkpoint", expect_schema=schema)
-    assert ckpt.metrics["trainer"]["processed"] == {"part-00000.parquet": "trained", "part-00001.parquet": "trained"}
-
-    status = gem("trainer", "status", "--state", str(state), "--repo", str(repo), cwd=tmp_path)
-    assert status.returncode == 0 and "1, 2" in status.stdout, status.stdout + status.stderr
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +71,7 @@ def test_a_shard_of_shuffled_labels_is_refused_and_serving_stays(schema, trained
     ), "the refused weights are dropped"  # fmt: skip
     ckpt = load_checkpoint(state / "checkpoint")
     assert ckpt.metrics["trainer"]["processed"] == {"part-00004.parquet": "refused"}
-    m = trainer.evaluation
+    m = trainer.coordinator.metrics
     assert m.failures.labels("gate")._value.get() == 1 and m.cycles.labels("refused")._value.get() == 1
 
 
@@ -213,11 +154,83 @@ def test_one_new_shard_refreshes_the_adapter_alone_while_the_fm_waits_for_its_ga
     r = ModelRepository(repo)
     assert r.versions(FM_MODEL) == [1] and r.versions(ADAPTER_MODEL) == [1, 2]
     assert shard_lines(state) == [], "no FM cycle without a next shard to validate on"
-    assert [(e["kind"], e["shard"], e["adapter_version"]) for e in ledger(state)] == [
-        ("adapter", "part-00000.parquet", 2)
-    ]
+    assert [(e["kind"], e.get("shard"), e.get(ADAPTER_MODEL)) for e in ledger(state)] == [
+        ("adapter", "part-00000.parquet", None),
+        ("publish", None, 2),
+    ], "committed, then published"
     ckpt = load_checkpoint(state / "checkpoint")
     assert ckpt.metrics["trainer"]["adapter_shard"] == "part-00000.parquet"
     assert any(not (before[k] == v).all() for k, v in ckpt.adapter.state_dict().items()), "the adapter learned"
     Trainer(cfg, D.Runtime()).run()  # restarted: the same shard is not fitted twice
-    assert r.versions(ADAPTER_MODEL) == [1, 2] and len(ledger(state)) == 1
+    assert r.versions(ADAPTER_MODEL) == [1, 2] and len(ledger(state)) == 2
+
+
+def test_a_quarantined_name_delivered_again_completely_is_trained(schema, published_repo, tiny_checkpoint, tmp_path):
+    repo, stream, state = tmp_path / "repo", tmp_path / "stream", tmp_path / "state"
+    shutil.copytree(published_repo, repo)
+    source = tmp_path / "source"
+    make_stream(source, schema, shards=3, rows=1_000)
+    stream.mkdir()
+    for i in (0, 2):
+        shutil.copy(source / f"part-0000{i}.parquet", stream)
+    # part-00001 is being written under its final name (against the producers' contract):
+    # half of it is there and it keeps growing, so it is waited for, not quarantined.
+    whole = (source / "part-00001.parquet").read_bytes()
+    growing = stream / "part-00001.parquet"
+    growing.write_bytes(whole[: len(whole) // 3])
+    cfg = TrainerConfig(
+        stream=stream, repository=repo, state_dir=state, checkpoint=tiny_checkpoint, tolerance=10.0,
+        batch_size=128, poll_s=0.05, exit_when_idle=True,
+    )  # fmt: skip
+    trainer = Trainer(cfg, D.Runtime())
+    coordinator = trainer.coordinator
+    assert coordinator.plan().kind == "idle", "an unreadable shard is looked at again before it is quarantined"
+    growing.write_bytes(whole[: 2 * len(whole) // 3])
+    assert coordinator.plan().kind == "idle" and growing.exists(), "it grew: still waited for"
+    # Then it stops changing while still unreadable: a bad shard, quarantined on the next look.
+    plan = coordinator.plan()
+    assert not growing.exists() and (stream / QUARANTINE / "part-00001.parquet").exists()
+    assert (plan.kind, plan.train, plan.eval) == ("fm", "part-00000.parquet", "part-00002.parquet")
+    trainer.run()
+    assert [e["shard"] for e in shard_lines(state)] == ["part-00000.parquet"]
+    (quarantined,) = [e for e in ledger(state) if e["kind"] == "quarantine"]
+    assert quarantined["size"] == 2 * len(whole) // 3 and len(quarantined["sha256"]) == 64
+
+    # Delivered again, complete (written aside, renamed into place).
+    shutil.copy(source / "part-00001.parquet", stream / ".part-00001.parquet")
+    (stream / ".part-00001.parquet").rename(stream / "part-00001.parquet")
+    Trainer(cfg, D.Runtime()).run()
+    lines = shard_lines(state)
+    assert [(e["shard"], e["eval_shard"]) for e in lines] == [
+        ("part-00000.parquet", "part-00002.parquet"),
+        ("part-00001.parquet", "part-00002.parquet"),
+    ], "the name quarantined before is new content: read and trained"
+    assert lines[1]["size"] == len(whole)
+
+
+def test_a_ledger_without_its_checkpoint_refuses_to_start_over_in_one_line(schema, tiny_checkpoint, tmp_path):
+    stream, state, repo = tmp_path / "stream", tmp_path / "state", tmp_path / "repo"
+    make_stream(stream, schema, shards=1, rows=500)
+    state.mkdir()
+    (state / "ledger.jsonl").write_text(
+        '{"kind": "shard", "shard": "part-00000.parquet", "cycle": 1, "state": "trained", "checkpoint": 1}\n'
+    )
+    args = ["trainer", "run", "--stream", str(stream), "--repo", str(repo), "--state", str(state), "--preset", "tiny",
+            "--checkpoint", str(tiny_checkpoint), "--exit-when-idle"]  # fmt: skip
+    for procs in ("1", "2"):
+        result = gem(*args, "--procs", procs, cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        text = " ".join(result.stderr.split())
+        assert "holds no complete checkpoint" in text and "refusing to start over" in text, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
+    # A corrupt line in the middle of the ledger: one line and exit 2 under --procs 2 too.
+    (state / "ledger.jsonl").write_text('{"kind": "shard"}\nnot json\n{"kind": "publish", "cycle": 1}\n')
+    result = gem(*args, "--procs", "2", cwd=tmp_path)
+    assert result.returncode == 2 and "line 2 is not JSON" in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
+    # A torn last line (a kill during an append) is skipped by `status`, not repaired.
+    torn = b'{"kind": "shard", "shard": "p", "cycle": 1, "state": "trained"}\n{"kind": "pub'
+    (state / "ledger.jsonl").write_bytes(torn)
+    status = gem("trainer", "status", "--state", str(state), "--repo", str(repo), cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert (state / "ledger.jsonl").read_bytes() == torn, "status never writes"

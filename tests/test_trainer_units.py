@@ -9,6 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.publish import ExportConfig, export_adapter_only
@@ -19,7 +20,6 @@ from trainer import distributed as D
 from trainer.gate import GateConfig, decide, onnx_logits, task_metrics
 from trainer.ledger import REFUSED, TRAINED, Ledger, ShardId, TrainerRecord
 from trainer.prometheus import TrainerMetrics
-from trainer.service import rollback
 from trainer.stream import QUARANTINE, discover, load_shard, quarantine
 
 
@@ -53,9 +53,37 @@ def test_reconcile_makes_the_ledger_agree_with_the_checkpoint(tmp_path):
     assert len(changes) == 2
     reopened = Ledger(tmp_path / "ledger.jsonl")
     assert [(e["shard"], e["state"]) for e in reopened.shard_entries()] == [("p0", TRAINED), ("p1", REFUSED)]
-    assert reopened.done() == {"p0", "p1", "bad"}, "p9 will be trained again, the quarantined shard not"
+    assert reopened.done() == {"p0", "p1"}, "p9 will be trained again; a quarantined name delivered again is new"
     assert reopened.pending_publish()["shard"] == "p1", "p1's cycle has no publish line yet"
     assert ledger.reconcile(record) == [], "idempotent"
+
+
+def test_reconcile_writes_the_checkpoints_own_line_back_whole(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.append({"kind": "shard", "shard": "p0", "state": TRAINED, "cycle": 1, "checkpoint": 1})
+    ledger.append({"kind": "publish", "cycle": 1, "checkpoint": 1})
+    # Killed after checkpoint 2 was in place, before its line.
+    commit = {"kind": "shard", "shard": "p1", "size": 10, "sha256": "ab", "cycle": 2, "checkpoint": 2,
+              "state": TRAINED, "loss": 0.25}  # fmt: skip
+    record = TrainerRecord(2, {"p0": TRAINED, "p1": TRAINED}, None)
+    assert ledger.reconcile(record, commit) == ["p1: committed by checkpoint 2: its line written"]
+    line = Ledger(tmp_path / "ledger.jsonl").shard_entries()[-1]
+    assert {k: line[k] for k in commit} == commit and line["repaired"] is True, "size, sha256 and loss are kept"
+    assert ledger.pending_publish()["checkpoint"] == 2
+    # Then an adapter-only refresh, killed after its checkpoint: committed, then published.
+    adapter = {"kind": "adapter", "shard": "p2", "size": 5, "sha256": "cd", "cycle": 2, "checkpoint": 3}
+    ledger.append({"kind": "publish", "cycle": 2, "checkpoint": 2})
+    assert ledger.reconcile(TrainerRecord(2, record.processed, "p2"), adapter) != []
+    assert ledger.pending_publish()["kind"] == "adapter", "an adapter-only commit is published like an FM one"
+    assert ledger.done() == {"p0", "p1"}
+
+
+def test_reading_the_ledger_never_writes(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"kind": "shard", "shard": "a", "state": "trained", "cycle": 1}\n{"kind": "sh')
+    before = path.read_bytes()
+    assert [e["shard"] for e in Ledger(path).shard_entries()] == ["a"]
+    assert path.read_bytes() == before, "a torn last line is skipped, not repaired, by a reader"
 
 
 def test_record_round_trips():
@@ -154,22 +182,30 @@ def test_adapter_alone_is_published_and_rollback_moves_newer_versions_aside(publ
     repo = ModelRepository(repo_root)
     assert published.version == 2 and parity.worst < 1e-4
     assert repo.versions(ADAPTER_MODEL) == [1, 2] and repo.versions(FM_MODEL) == [1], "the FM is untouched"
-    assert rollback(repo_root, ADAPTER_MODEL, 1) == [2]
+    assert repo.rollback(ADAPTER_MODEL, 1) == [2]
     assert repo.versions(ADAPTER_MODEL) == [1]
     assert "rolled back to version 1" in (repo_root / ADAPTER_MODEL / ".rejected" / "2" / "REASON").read_text()
     again, _ = export_adapter_only(ckpt.adapter, ExportConfig(repository=repo_root))
     assert again.version == 3, "a rolled-back number is not reused"
     with pytest.raises(Exception, match="no version 7"):
-        rollback(repo_root, FM_MODEL, 7)
+        repo.rollback(FM_MODEL, 7)
 
 
-def test_staging_left_by_a_kill_is_cleaned(published_repo, tmp_path):
+def test_what_a_kill_left_in_the_repository_is_cleaned_and_pruning_sets_aside_first(published_repo, tmp_path):
     repo_root = tmp_path / "repo"
     shutil.copytree(published_repo, repo_root)
     stale = repo_root / FM_MODEL / ".staging-2-999"
     stale.mkdir()
     (stale / "model.onnx").write_bytes(b"half")
-    assert ModelRepository(repo_root).clean_staging() == [stale] and not stale.exists()
+    pruned = repo_root / ADAPTER_MODEL / ".pruned-0"
+    pruned.mkdir()
+    (pruned / "model.onnx").write_bytes(b"half deleted")
+    config_tmp = repo_root / FM_MODEL / ".config.pbtxt.tmp"
+    config_tmp.write_text("half")
+    repo = ModelRepository(repo_root)
+    assert sorted(repo.clean()) == sorted([stale, pruned, config_tmp])
+    assert not stale.exists() and not pruned.exists() and not config_tmp.exists()
+    assert repo.versions(FM_MODEL) == [1] and repo.clean() == []
 
 
 def test_metrics_endpoint_serves_the_trainer_metrics():
@@ -188,3 +224,48 @@ def test_metrics_endpoint_serves_the_trainer_metrics():
         'gem_trainer_failures_total{stage="gate"} 1.0',
     ):
         assert line in body, line
+
+
+def test_resuming_with_the_optimizer_state_of_the_checkpoint_is_bit_identical(synth_dir, schema, tmp_path):
+    """What a restart does (trainer/loop.py): weights and optimizer state from the
+    checkpoint, the same shuffling; it ends where the uninterrupted run ends, bit for bit."""
+    from model.adapter import StudentAdapter
+    from model.checkpoint import CheckpointStore
+    from model.config import preset
+    from model.gem import GEM
+    from trainer.train import make_optimizers, train_steps
+
+    tiny, rt = preset("tiny"), D.Runtime()
+    shard = load_shard(sorted(synth_dir.glob("*.parquet"))[0], schema, tiny.seq_len)
+    a, b = ({k: v[s] for k, v in shard.items()} for s in (slice(0, 600), slice(600, 1200)))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = GEM(schema, tiny)
+        return model, make_optimizers(model, 2e-3, 0.05)
+
+    def cycle(model, optimizers, batch, n):
+        train_steps(model, optimizers, batch, schema, 128, np.random.default_rng([0, n, 0]))
+
+    model, optimizers = fresh()
+    cycle(model, optimizers, a, 1)
+    cycle(model, optimizers, b, 2)
+    uninterrupted = model.state_dict()
+
+    model, optimizers = fresh()
+    cycle(model, optimizers, a, 1)
+    store = CheckpointStore(tmp_path)
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces))
+    store.save(1, schema, tiny, model, adapter, {}, D.full_optimizer_state(model, optimizers, rt))
+    del model, optimizers  # killed
+
+    results = {}
+    for with_state in (True, False):
+        ckpt = load_checkpoint(store.pointer)
+        optimizers = make_optimizers(ckpt.model, 2e-3, 0.05)
+        if with_state:
+            D.load_optimizer_state(ckpt.model, optimizers, ckpt.optimizer, rt)
+        cycle(ckpt.model, optimizers, b, 2)
+        results[with_state] = ckpt.model.state_dict()
+    assert all(torch.equal(uninterrupted[k], v) for k, v in results[True].items()), "bit-identical"
+    assert not all(torch.equal(uninterrupted[k], v) for k, v in results[False].items()), "fresh optimizers differ"

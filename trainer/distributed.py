@@ -21,6 +21,7 @@ gate decision and the same number of steps (see `rank_rows`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable
@@ -205,3 +206,33 @@ def broadcast(obj: Any, rt: Runtime) -> Any:
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         dist.barrier()
+
+
+def full_optimizer_state(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], rt: Runtime, snapshot: bool = False
+) -> list[dict[str, Any]]:
+    """The optimizers' whole state (what a checkpoint keeps to resume exactly); a
+    collective under FSDP2, where it is whole on rank 0 only. `snapshot`: a copy that
+    later steps do not change (else the live state, to be saved before the next step)."""
+    if rt.distributed and rt.strategy != "ddp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
+    # DDP: every rank steps on the same averaged gradients, so each holds the whole state.
+    return [copy.deepcopy(opt.state_dict()) if snapshot else opt.state_dict() for opt in optimizers]
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], states: list[dict[str, Any]], rt: Runtime
+) -> None:
+    """Sets every rank's optimizer state to `states` (from rank 0's copy under FSDP2)."""
+    if rt.distributed and rt.strategy != "ddp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        for opt, state in zip(optimizers, states, strict=True):
+            set_optimizer_state_dict(model, opt, state, options=options)
+        return
+    for opt, state in zip(optimizers, states, strict=True):
+        opt.load_state_dict(state)

@@ -2,29 +2,35 @@
 
 `<state>/ledger.jsonl` holds one JSON line per event, appended and fsynced:
 
-  {"kind": "shard", "shard": NAME, "size": BYTES, "sha256": HEX, "cycle": N, "state": "trained"|"refused", ...}
-  {"kind": "quarantine", "shard": NAME, "reason": TEXT}
-  {"kind": "publish", "cycle": N, "fm_version": V | null, "adapter_version": W, ...}
+  {"kind": "shard", "shard": NAME, "size": BYTES, "sha256": HEX, "cycle": N, "checkpoint": C,
+   "state": "trained"|"refused", "loss": L, ...}                       an FM cycle's commit
+  {"kind": "adapter", "shard": NAME, "size": BYTES, "sha256": HEX, "checkpoint": C, ...}
+                                                                      an adapter-only commit
+  {"kind": "quarantine", "shard": NAME, "size": BYTES, "sha256": HEX, "reason": TEXT}
+  {"kind": "publish", "cycle": N, "checkpoint": C, "gem_fm": V | null, "student_adapter": W | null, ...}
 
-The commit order of a cycle is: train, gate, write the checkpoint (temp folder, then one
-rename; its `trainer` record lists every shard it has learned from or refused), then the
-`shard` line, then publish, then the `publish` line. A kill between any two steps is
-repaired on restart by `reconcile`, with the checkpoint as the truth:
+The commit order of a cycle (FM or adapter-only) is: train, gate, write checkpoint C
+(`model.checkpoint.CheckpointStore`: its `trainer` record lists every shard it has
+learned from or refused, and `commit` holds the ledger line below), then that commit
+line, then publish (the versions say which checkpoint they came from), then the
+`publish` line. A kill between any two steps is repaired on restart by `reconcile`, with
+the checkpoint as the truth:
 
 - a shard in the ledger but not in the checkpoint's record (cannot happen in this order,
   but a checkpoint restored by hand can cause it) is dropped from the ledger, so it is
   trained again, once, from the checkpoint;
-- a shard in the checkpoint's record but not in the ledger (killed after the rename,
-  before the line) gets its line;
-- a cycle whose shard line exists but whose publish line does not (killed during the
-  publish) is published again from the checkpoint: `pending_publish`.
+- the checkpoint's commit line missing (killed after the checkpoint, before the line) is
+  written from the checkpoint, as the cycle would have written it (size, sha256, loss);
+- a commit whose publish line is missing (killed during the publish) is published
+  again from the checkpoint: `pending_publish`; versions already published from it
+  are kept, not published twice.
 
-A torn last line (kill -9 during the append) is dropped when the ledger is read.
+A torn last line (kill -9 during the append) is skipped when the ledger is read, and cut
+off before the next append: reading never writes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,10 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.files import sha256_file, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 TRAINED = "trained"
 REFUSED = "refused"
+# The lines that commit a checkpoint.
+COMMITS = ("shard", "adapter")
 
 
 @dataclass(frozen=True)
@@ -49,11 +59,10 @@ class ShardId:
 
     @classmethod
     def of(cls, path: Path) -> ShardId:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return cls(path.name, path.stat().st_size, h.hexdigest())
+        return cls(path.name, path.stat().st_size, sha256_file(path))
+
+    def fields(self) -> dict[str, Any]:
+        return {"shard": self.name, "size": self.size, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,10 @@ class TrainerRecord:
         return cls(int(raw.get("cycle", 0)), dict(raw.get("processed", {})), raw.get("adapter_shard"))
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The entries, and the length of the file up to the end of the last whole line."""
     if not path.exists():
-        return []
+        return [], 0
     entries = []
     raw = path.read_bytes()
     lines = raw.split(b"\n")
@@ -89,34 +99,32 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i < len(lines) - 1 and any(x.strip() for x in lines[i + 1 :]):
                 raise ValueError(f"{path}: line {i + 1} is not JSON (only a torn last line is repaired)") from None
-            log.warning("%s: dropping the torn last line (a kill during an append)", path)
-    return entries
+            log.warning("%s: skipping the torn last line (a kill during an append)", path)
+    return entries, raw.rfind(b"\n") + 1
 
 
 class Ledger:
+    """The ledger, read at construction (never written until `append`)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.entries = _read_lines(self.path)
-        # Rewrite once when a torn line was dropped, so that appends start on a clean line.
-        if self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size:
-            self._rewrite(self.entries)
+        self.entries, self._whole = _read_lines(self.path)
 
     def _rewrite(self, entries: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w") as f:
-            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in entries)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries), fsync=True)
         self.entries = list(entries)
+        self._whole = self.path.stat().st_size
 
     def append(self, entry: dict[str, Any]) -> None:
         entry = {"ts": round(time.time(), 3), **entry}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
+        with self.path.open("ab") as f:
+            if f.tell() != self._whole:  # a torn last line: cut it off first
+                f.truncate(self._whole)
+            f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
+            self._whole = f.tell()
         self.entries.append(entry)
 
     # -- queries ---------------------------------------------------------------------
@@ -124,27 +132,40 @@ class Ledger:
     def shard_entries(self) -> list[dict[str, Any]]:
         return [e for e in self.entries if e.get("kind") == "shard"]
 
+    def commits(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e.get("kind") in COMMITS]
+
     def done(self) -> set[str]:
-        """Shards the trainer must not take again: processed or quarantined."""
-        return {e["shard"] for e in self.entries if e.get("kind") in ("shard", "quarantine")}
+        """Shards the trainer must not take again: those an FM cycle trained on or refused.
+        (A quarantined shard was moved out of the stream: a file delivered again under
+        its name is new, and is read.)"""
+        return {e["shard"] for e in self.shard_entries()}
 
     def quarantined(self) -> set[str]:
         return {e["shard"] for e in self.entries if e.get("kind") == "quarantine"}
 
-    def published_cycles(self) -> set[int]:
-        return {int(e["cycle"]) for e in self.entries if e.get("kind") == "publish"}
-
     def pending_publish(self) -> dict[str, Any] | None:
-        """The last processed shard's entry when its cycle's publish line is missing."""
-        shards = self.shard_entries()
-        if shards and int(shards[-1]["cycle"]) not in self.published_cycles():
-            return shards[-1]
-        return None
+        """The last commit line when its publish line is missing."""
+        commits = self.commits()
+        if not commits:
+            return None
+        last = commits[-1]
+        if "checkpoint" not in last:  # written before checkpoints were numbered
+            if last["kind"] != "shard":
+                return None  # the old adapter line was written after its publish
+            key = "cycle"
+        else:
+            key = "checkpoint"
+        published = {e.get(key) for e in self.entries if e.get("kind") == "publish"}
+        return None if last[key] in published else last
 
     # -- crash repair ---------------------------------------------------------------
 
-    def reconcile(self, record: TrainerRecord, identify: dict[str, ShardId] | None = None) -> list[str]:
-        """Makes the ledger agree with the checkpoint's record; returns what it changed."""
+    def reconcile(
+        self, record: TrainerRecord, commit: dict[str, Any] | None = None, stream: Path | None = None
+    ) -> list[str]:
+        """Makes the ledger agree with the checkpoint: its `record` and its `commit` line.
+        Returns what it changed."""
         changes = []
         in_ledger = {e["shard"]: e for e in self.shard_entries()}
         extra = [name for name in in_ledger if name not in record.processed]
@@ -152,14 +173,16 @@ class Ledger:
             kept = [e for e in self.entries if not (e.get("kind") == "shard" and e["shard"] in extra)]
             self._rewrite(kept)
             changes += [f"{name}: in the ledger, not in the checkpoint: will be trained again" for name in extra]
+        committed = {e.get("checkpoint") for e in self.commits()}
+        own = commit["shard"] if commit is not None and commit["kind"] == "shard" else None
         for cycle, (name, state) in enumerate(record.processed.items(), start=1):
-            if name not in in_ledger:
-                sid = (identify or {}).get(name)
-                self.append(
-                    {
-                        "kind": "shard", "shard": name, "state": state, "cycle": cycle, "repaired": True,
-                        **({"size": sid.size, "sha256": sid.sha256} if sid else {}),
-                    }
-                )  # fmt: skip
+            if name not in in_ledger and name != own:
+                # Not this checkpoint's own cycle: a ledger lost or edited by hand.
+                path = stream / name if stream is not None else None
+                sid = ShardId.of(path).fields() if path is not None and path.is_file() else {"shard": name}
+                self.append({"kind": "shard", **sid, "state": state, "cycle": cycle, "repaired": True})
                 changes.append(f"{name}: in the checkpoint, not in the ledger: line written")
+        if commit is not None and commit.get("checkpoint") not in committed:
+            self.append({**commit, "repaired": True})
+            changes.append(f"{commit['shard']}: committed by checkpoint {commit['checkpoint']}: its line written")
         return changes

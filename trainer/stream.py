@@ -1,11 +1,17 @@
 """The stream of logged examples: Parquet shards arriving in a folder over time.
 
-A producer (the logging pipeline, or `gem data stream`) writes each shard under a
-hidden temporary name and renames it into place as `*.parquet`, so a visible shard is
-complete. Shards are taken in name order (producers name them by time slice:
-part-00000.parquet, part-00001.parquet, ...). A shard that cannot be read as the schema
-is moved to `<stream>/.quarantine/<name>` with `<name>.reason` beside it, and the
-trainer goes on.
+The producers' contract (README, "Side trainer"): a producer (the logging pipeline, or
+`gem data stream`) writes each shard under a hidden name (a leading `.` or `_`) or in
+another folder of the same file system, and renames it into place as `*.parquet`, so a
+visible shard is complete; it never writes into a visible name, never rewrites a shard,
+and never reuses the name of a shard the trainer has processed. Shards are taken in name
+order (producers name them by time slice: part-00000.parquet, part-00001.parquet, ...).
+
+A shard that cannot be read as the schema is moved to `<stream>/.quarantine/<name>`
+with `<name>.reason` beside it, and the trainer goes on, but only once the file has
+stayed the same (size and mtime) across two looks a poll apart: a file still being
+written under its final name is waited for, not quarantined. A file delivered again
+under a quarantined name is new: it is read like any other.
 """
 
 from __future__ import annotations
@@ -29,11 +35,21 @@ QUARANTINE = ".quarantine"
 
 
 def discover(stream: Path, done: set[str]) -> list[Path]:
-    """Complete shards not yet processed, oldest first. Hidden files (a producer's
-    temporary names, the quarantine) are not shards."""
+    """Complete shards not yet processed, oldest first. Hidden names (a producer's
+    temporary files: a leading `.` or `_`; the quarantine) are not shards."""
     if not stream.is_dir():
         return []
-    return sorted(p for p in stream.glob("*.parquet") if p.is_file() and p.name not in done)
+    return sorted(p for p in stream.glob("*.parquet") if p.is_file() and p.name[0] not in "._" and p.name not in done)
+
+
+def fingerprint(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a file, or None when it is gone: what must stay the same across
+    two looks before an unreadable file counts as bad rather than unfinished."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def load_shard(path: Path, schema: FeatureSchema, max_seq_len: int) -> Batch:

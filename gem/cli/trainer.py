@@ -72,7 +72,8 @@ def trainer_run(
     version, refreshes the Student Adapter, publishes new versions atomically and loads them
     into Triton. Exactly once: killed at any point, it resumes without skipping or
     repeating a shard."""
-    from trainer.service import TrainerConfig, run
+    from trainer.config import TrainerConfig
+    from trainer.loop import run
 
     cfg = TrainerConfig(
         stream=stream, repository=repo, state_dir=state, checkpoint=checkpoint, preset=preset, schema_path=schema,
@@ -89,7 +90,7 @@ def trainer_run(
 def trainer_status(state: StateOption = DEFAULT_TRAINER_STATE, repo: RepoOption = DEFAULT_REPO) -> None:
     """What the trainer has done: cycles, trained/refused/quarantined shards, last gate and
     publish, and the versions in the repository."""
-    from trainer.service import status
+    from trainer.status import status
 
     if not (state / "ledger.jsonl").exists():
         raise FileNotFoundError(f"no trainer ledger in {state}; start one with `gem trainer run`")
@@ -127,9 +128,10 @@ def trainer_rollback(
 ) -> None:
     """Serve an older version again: the newer versions are moved to <model>/.rejected/
     (their numbers are not reused), and Triton reloads the model when --triton-url is given."""
-    from trainer.service import rollback
+    from export.repository import ModelRepository
+    from serving.triton.rollout import roll_back
 
-    moved = rollback(repo, model, to, triton_url)
+    moved = roll_back(ModelRepository(repo), model, to, triton_url)
     log.info(
         "%s: version %d is the latest%s; moved aside: %s",
         model, to, f" and serving on {triton_url}" if triton_url else "", ", ".join(map(str, moved)) or "nothing",

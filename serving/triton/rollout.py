@@ -8,6 +8,7 @@ version already serving stays. Old versions are pruned only after a successful s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -66,3 +67,17 @@ async def roll_out_published(
                 continue
             results.append(await roll_out(client, repo, model, keep))
     return results
+
+
+def roll_back(repo: ModelRepository, model: str, to: int, triton_url: str | None = None) -> list[int]:
+    """Makes `to` the served version of `model` (ModelRepository.rollback), then has the
+    Triton at `triton_url`, when given, reload the model. Returns the versions moved aside."""
+    newer = repo.rollback(model, to)
+    if triton_url:
+
+        async def reload() -> None:
+            async with TritonClient(triton_url, timeout_s=30) as client:
+                await client.load(model)
+
+        asyncio.run(reload())
+    return newer
