@@ -176,7 +176,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         config = preset(cfg.preset)
         model = GEM(self.schema, config)
-        adapter = StudentAdapter(len(self.schema.tasks), len(self.schema.surfaces))
+        adapter = StudentAdapter(len(self.schema.tasks), len(self.schema.surfaces), parents=self.schema.task_parents)
         return Checkpoint(cfg.checkpoint_path, self.schema, config, model, adapter, {})
 
     def recover(self) -> None:
