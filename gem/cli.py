@@ -193,11 +193,11 @@ def run_training(
     out: Path,
     preset: str,
     epochs: int,
-    batch_size: int,
+    batch_size: int | None,
     baselines: bool,
     seed: int,
     schema: Path,
-    patience: int = 2,
+    patience: int = 1,
     esmm: bool | None = None,
     progress_every: float = 10.0,
 ) -> dict:
@@ -247,7 +247,9 @@ def train_cmd(
         int, typer.Option(help="The most passes over the training shards (early stopping usually ends sooner).")
     ] = 8,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NE.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 512,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Examples per step (default: the preset's, 128 for tiny, else 512).")
+    ] = None,
     baselines: Annotated[
         bool, typer.Option(help="Also train logistic regression, a pooled MLP and GEM with mean-pooled sequences.")
     ] = False,
