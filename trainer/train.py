@@ -415,8 +415,10 @@ def train(
             throughput = fitted.examples_per_s
 
     gem = models["gem"]
-    # The adapter learns from the freshest training shard, as the side trainer will.
-    fresh = train_data[-1]
+    # The adapter learns from the freshest labels the FM has not trained on, as the side
+    # trainer's adapter does: the validation slice (FM logits on rows it memorized would
+    # teach the adapter to trust it too much). The test slice stays unseen.
+    fresh = val_data
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents)
     fit_adapter(
         adapter,
