@@ -246,7 +246,7 @@ def train_cmd(
     epochs: Annotated[
         int, typer.Option(help="The most passes over the training shards (early stopping usually ends sooner).")
     ] = 8,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NE.")] = 2,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NE.")] = 1,
     batch_size: Annotated[
         int | None, typer.Option(help="Examples per step (default: the preset's, 128 for tiny, else 512).")
     ] = None,
