@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import GEMConfig
-from model.embedding import FeatureEmbedding
+from model.embedding import DenseNormalizer, FeatureEmbedding
 from model.features import LOGITS
 from model.gem import GEM
 from model.layers import MLP, HashedEmbedding, masked_mean
@@ -34,6 +34,7 @@ class LogisticRegression(nn.Module):
         fields = [f for s in schema.sequences for f in s.fields]
         self.fields = nn.ModuleDict({f.name: HashedEmbedding(f.buckets, n_tasks, 0.0) for f in fields})
         self.dense = nn.Linear(len(schema.dense), n_tasks) if schema.dense else None
+        self.normalize = DenseNormalizer(schema.dense)
         self.surface = nn.Embedding(len(schema.surfaces), n_tasks)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -47,7 +48,7 @@ class LogisticRegression(nn.Module):
             for name, x in ids.items():
                 logits = logits + masked_mean(self.fields[name](x), mask)
         if self.dense is not None:
-            logits = logits + self.dense(torch.stack([batch[f.name] for f in self.schema.dense], dim=1))
+            logits = logits + self.dense(self.normalize(batch))
         return {LOGITS: logits}
 
 

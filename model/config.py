@@ -36,6 +36,9 @@ class GEMConfig:
     embedding_dim: int = 64  # the `embedding` output
     user_embedding_dim: int = 32  # the `user_embedding` output
     tower_hidden: int = 64
+    # Tasks with `after: T` in the schema: True predicts P(task | T) and outputs
+    # P(task) = P(T) * P(task | T) (ESMM); False gives every task an independent head.
+    esmm: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:

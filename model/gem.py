@@ -3,6 +3,7 @@
     batch -> FeatureEmbedding -> Wukong stack (non-seq tokens)
           -> InterFormer layers (non-seq tokens x behavior sequences)
           -> trunk MLP -> `embedding` -> one tower per surface -> `logits` [B, T]
+          (a task with `after: T` is chained: P(task) = P(T) * P(task | T), ESMM)
     user-side features -> user tower -> `user_embedding` (also a trunk input)
 
 The `user_embedding` depends on user-side inputs only, so it is the same for every
@@ -19,7 +20,7 @@ from model.config import GEMConfig
 from model.embedding import FeatureEmbedding, SequenceTokens
 from model.features import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.interformer import InterFormer
-from model.layers import MLP, masked_mean
+from model.layers import MLP, chain_logits, masked_mean
 from model.schema import SURFACE_INPUT, FeatureSchema
 from model.wukong import WukongStack
 
@@ -70,6 +71,8 @@ class GEM(nn.Module):
         )
         n_tasks = len(schema.tasks)
         self.towers = nn.ModuleList(MLP([cfg.embedding_dim, cfg.tower_hidden, n_tasks]) for _ in schema.surfaces)
+        # ESMM: the towers' columns of `after:` tasks are conditional logits.
+        self.task_parents = schema.task_parents if cfg.esmm else (None,) * n_tasks
 
         # User tower inputs: the user-side sparse tokens, the user-side dense values
         # and a mean of each sequence's input tokens.
@@ -92,5 +95,5 @@ class GEM(nn.Module):
         embedding = self.trunk(torch.cat([h.flatten(1), user_embedding], dim=1))
         per_surface = torch.stack([tower(embedding) for tower in self.towers], dim=1)  # [B, S, T]
         surface = batch[SURFACE_INPUT].reshape(-1, 1, 1).expand(-1, 1, per_surface.shape[2])
-        logits = torch.gather(per_surface, 1, surface).squeeze(1)
+        logits = chain_logits(torch.gather(per_surface, 1, surface).squeeze(1), self.task_parents)
         return {LOGITS: logits, EMBEDDING: embedding, USER_EMBEDDING: user_embedding}

@@ -100,3 +100,21 @@ class TokenMix(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.matmul(self.weight, x)
+
+
+def chain_logits(logits: Tensor, parents: tuple[int | None, ...]) -> Tensor:
+    """ESMM over logits: column t of `logits` is read as the logit of P(t | parent) for a
+    task with a parent, and replaced by the logit of P(parent) * P(t | parent), the
+    parent being already chained (parents come first). Computed as
+    logit(sigmoid(a) * sigmoid(b)) = a + b - logsumexp(0, a, b), finite for all finite
+    inputs (no inf, no NaN), and capped by the parent's logit so that rounding can
+    never put P(t) above P(parent)."""
+    if all(p is None for p in parents):
+        return logits
+    cols = list(logits.unbind(1))
+    for t, p in enumerate(parents):
+        if p is not None:
+            a, b = cols[p], cols[t]
+            joint = a + b - torch.logsumexp(torch.stack([torch.zeros_like(a), a, b], dim=-1), dim=-1)
+            cols[t] = torch.minimum(joint, a)
+    return torch.stack(cols, dim=1)

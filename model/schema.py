@@ -30,10 +30,18 @@ class SchemaError(ValueError):
     """A schema file is malformed; the message names the field and the problem."""
 
 
+# Transforms a dense feature may ask for, applied inside the model before it
+# standardizes the value with statistics of the training shards.
+#   log1p: sign(x) * log(1 + |x|), for heavy-tailed counts and amounts (log1p for x >= 0)
+DENSE_TRANSFORMS: tuple[str, ...] = ("log1p",)
+
+
 @dataclass(frozen=True)
 class DenseFeature:
     name: str
     side: Side
+    # None, or one of DENSE_TRANSFORMS.
+    transform: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,14 @@ class FeatureSchema:
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
+
+    @property
+    def task_parents(self) -> tuple[int | None, ...]:
+        """For each task, the index of the task it follows (`after:`), or None. A parent
+        always comes earlier (the schema is validated so), so one pass in task order
+        sees every parent before its children."""
+        index = {t.name: i for i, t in enumerate(self.tasks)}
+        return tuple(None if t.after is None else index[t.after] for t in self.tasks)
 
     def sparse_on(self, side: str) -> tuple[SparseFeature, ...]:
         return tuple(f for f in self.sparse if f.side == side)
@@ -166,11 +182,15 @@ def parse_schema(raw: Any, source: str = "<dict>") -> FeatureSchema:
     dense = []
     for i, item in enumerate(r.items(top.get("dense"), "dense", non_empty=False)):
         p = f"dense[{i}]"
-        m = r.mapping(item, p, {"name", "side"})
+        m = r.mapping(item, p, {"name", "side", "transform"})
+        transform = m.get("transform")
+        if transform is not None and transform not in DENSE_TRANSFORMS:
+            raise r.fail(f"{p}.transform", f"must be one of {', '.join(DENSE_TRANSFORMS)}, got {transform!r}")
         dense.append(
             DenseFeature(
                 name=r.name(r.required(m, "name", p), f"{p}.name"),
                 side=r.side(r.required(m, "side", p), f"{p}.side"),
+                transform=transform,
             )
         )
 

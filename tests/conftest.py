@@ -75,7 +75,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSch
     """An untrained tiny GEM with a non-identity adapter (so adapted != raw labels)."""
     torch.manual_seed(0)
     model = GEM(schema, preset("tiny")).eval()
-    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
     torch.nn.init.normal_(adapter.mlp[-1].weight, std=0.5)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     return save_checkpoint(path, schema, preset("tiny"), model, adapter, metrics={})

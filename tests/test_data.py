@@ -4,10 +4,19 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from model.data.reader import DataError, concat, pad_lists, read_batch, resolve_paths, table_to_batch
+from model.data.reader import (
+    DataError,
+    concat,
+    pad_lists,
+    read_batch,
+    resolve_paths,
+    surface_index,
+    table_to_batch,
+)
 from model.data.synth import SynthConfig, write_shards
 
 
@@ -102,3 +111,92 @@ def test_reader_errors_name_the_column(synth_dir, schema, tmp_path):
         read_batch(tmp_path / "junk.parquet", schema)
     with pytest.raises(DataError, match="no Parquet files"):
         resolve_paths(tmp_path / "nothing-here")
+
+
+def _wide(table: pa.Table, schema) -> pa.Table:
+    """The same rows as other writers store them: large_string / dictionary surfaces,
+    large_list / fixed_size_list sequences, narrow and unsigned ids, float64 dense."""
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        cols[name] = col
+    cols["surface"] = cols["surface"].cast(pa.large_string())
+    for i, f in enumerate(schema.sparse):
+        narrow = [pa.int32(), pa.uint32(), pa.int16(), pa.uint64()][i % 4]
+        if narrow == pa.int16() and pc.max(cols[f.name]).as_py() >= 2**15:
+            narrow = pa.int64()
+        if pa.types.is_unsigned_integer(narrow) and pc.min(cols[f.name]).as_py() < 0:
+            narrow = pa.int64()
+        if narrow == pa.uint32() and pc.max(cols[f.name]).as_py() >= 2**32:
+            narrow = pa.int64()
+        if narrow == pa.int32() and pc.max(cols[f.name]).as_py() >= 2**31:
+            narrow = pa.int64()
+        cols[f.name] = cols[f.name].cast(narrow)
+    cols["ad_category"] = cols["ad_category"].dictionary_encode()
+    for f in schema.dense:
+        cols[f.name] = cols[f.name].cast(pa.float64())
+    seq = schema.sequences[0]
+    cols[seq.fields[0].name] = cols[seq.fields[0].name].cast(pa.large_list(pa.int64()))
+    cols[seq.fields[1].name] = cols[seq.fields[1].name].cast(pa.list_(pa.int32()))
+    cols[seq.fields[2].name] = cols[seq.fields[2].name].cast(pa.large_list(pa.uint8()))
+    for t in schema.tasks:
+        cols[t.label_column] = cols[t.label_column].cast(pa.bool_())
+    return pa.table(cols)
+
+
+def test_wide_and_dictionary_types_read_identical_to_narrow(synth_dir, schema, tmp_path):
+    table = pq.read_table(resolve_paths(synth_dir)[0]).slice(0, 2_000)
+    narrow = table_to_batch(table, schema)
+    wide = _wide(table, schema)
+    assert pa.types.is_large_string(wide.schema.field("surface").type)
+    assert pa.types.is_large_list(wide.schema.field("hist_item_id").type)
+    assert wide.schema.field("ad_creative_type").type != pa.int64()
+    # Through a Parquet file too (what pandas 3 and polars write), and dictionary surfaces.
+    pq.write_table(wide, tmp_path / "wide.parquet")
+    dictionary = wide.set_column(
+        wide.schema.get_field_index("surface"), "surface", wide.column("surface").combine_chunks().dictionary_encode()
+    )
+    for got in (table_to_batch(wide, schema), read_batch(tmp_path / "wide.parquet", schema),
+                table_to_batch(dictionary, schema)):  # fmt: skip
+        assert got.keys() == narrow.keys()
+        for k in narrow:
+            assert got[k].dtype == narrow[k].dtype, k
+            np.testing.assert_array_equal(got[k], narrow[k], err_msg=k)
+
+
+def test_fixed_size_lists_and_integer_surfaces(schema):
+    col = pa.array([[5, 4], [3, 2]], type=pa.list_(pa.int16(), 2))
+    padded, lengths = pad_lists(pa.chunked_array([col]), max_len=None)
+    assert padded.tolist() == [[5, 4], [3, 2]] and lengths.tolist() == [2, 2]
+    assert surface_index(pa.chunked_array([pa.array([2, 0], pa.uint8())]), schema).tolist() == [2, 0]
+    names = pa.array(["reels", "feed"], pa.large_string()).dictionary_encode()
+    assert surface_index(pa.chunked_array([names]), schema).tolist() == [2, 0]
+
+
+def test_uncastable_types_keep_the_clear_message(synth_dir, schema):
+    table = pq.read_table(resolve_paths(synth_dir)[0]).slice(0, 10)
+    strings = pa.array([["a"]] * 10, pa.large_list(pa.large_string()))
+    wrong = table.set_column(table.schema.get_field_index("hist_item_id"), "hist_item_id", strings)
+    with pytest.raises(DataError, match=r"column 'hist_item_id': expected list<int64>, got large_list<"):
+        table_to_batch(wrong, schema)
+    floats = table.set_column(table.schema.get_field_index("ad_id"), "ad_id", pa.array([1.5] * 10))
+    with pytest.raises(DataError, match=r"column 'ad_id': expected an integer type, got double"):
+        table_to_batch(floats, schema)
+
+
+def test_training_data_with_non_finite_dense_values_is_refused(synth_dir, schema, tmp_path):
+    table = pq.read_table(resolve_paths(synth_dir)[0]).slice(0, 100)
+    values = table.column("ad_bid_log").to_numpy().astype(np.float64)
+    values[7] = np.nan
+    bad = table.set_column(table.schema.get_field_index("ad_bid_log"), "ad_bid_log", pa.array(values))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: column 'ad_bid_log': 1 non-finite value.*row 7"):
+        read_batch(tmp_path / "bad.parquet", schema)
+    # Scoring paths (gem embed, the front end) decide per row themselves.
+    assert np.isnan(read_batch(tmp_path / "bad.parquet", schema, finite=False)["ad_bid_log"][7])
+    # float64 beyond float32's range is not finite either once cast.
+    values[7] = 1e300
+    huge = table.set_column(table.schema.get_field_index("ad_bid_log"), "ad_bid_log", pa.array(values))
+    pq.write_table(huge, tmp_path / "huge.parquet")
+    with pytest.raises(DataError, match="column 'ad_bid_log'"):
+        read_batch(tmp_path / "huge.parquet", schema)

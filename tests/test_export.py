@@ -11,6 +11,7 @@ from export.onnx_export import ExportError, check_fm_parity, export_adapter, exp
 from model.adapter import StudentAdapter
 from model.config import preset
 from model.data.reader import read_batch, resolve_paths
+from model.embedding import dense_stats, set_dense_stats
 from model.features import FM_OUTPUTS, input_names, random_batch
 from model.gem import GEM
 
@@ -78,3 +79,41 @@ def test_adapter_exports_as_its_own_model(tmp_path, schema):
     with torch.no_grad():
         want = adapter(torch.from_numpy(logits), torch.from_numpy(surface)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_after_tasks_stay_below_their_parent_through_onnx(tmp_path, schema, synth_dir):
+    """ESMM in the FM and the order-keeping adapter, through ONNX Runtime: with raw
+    (unscaled) dense values, normalization statistics baked into the graph, and heads
+    and an adapter pushed hard enough that unordered logits would show."""
+    torch.manual_seed(1)
+    model = GEM(schema, preset("tiny")).eval()
+    real = read_batch(resolve_paths(synth_dir)[0], schema, max_seq_len=32, labels=False)
+    set_dense_stats(model, dense_stats(schema.dense, [real]))
+    for p in model.towers.parameters():
+        torch.nn.init.normal_(p, std=2.0)
+    fm_path, adapter_path = tmp_path / "fm.onnx", tmp_path / "adapter.onnx"
+    export_fm(model, schema, fm_path)
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
+    torch.nn.init.normal_(adapter.mlp[-1].weight, std=2.0)
+    torch.nn.init.normal_(adapter.mlp[-1].bias, std=2.0)
+    export_adapter(adapter, adapter_path)
+
+    batches = [{k: v[:500] for k, v in real.items()}, random_batch(schema, 300, 16, seed=5)]
+    batches[1] = {
+        k: (v * 1e5).astype(v.dtype) if k in {f.name for f in schema.dense} else v for k, v in batches[1].items()
+    }
+    # Heads pushed hard give large logits: the absolute tolerance scales with them.
+    assert check_fm_parity(model, fm_path, batches, tolerance=1e-3).worst <= 1e-3
+    fm = ort.InferenceSession(str(fm_path), providers=["CPUExecutionProvider"])
+    ad = ort.InferenceSession(str(adapter_path), providers=["CPUExecutionProvider"])
+    click, conversion = schema.task_names.index("click"), schema.task_names.index("conversion")
+    for batch in batches:
+        (logits,) = fm.run(["logits"], {n: batch[n] for n in input_names(schema)})
+        (adapted,) = ad.run([ADAPTER_OUTPUT], {"fm_logits": logits, "surface": batch["surface"]})
+        for out in (logits, adapted):
+            assert np.isfinite(out).all()
+            probs = 1.0 / (1.0 + np.exp(-out.astype(np.float64)))
+            assert (probs[:, conversion] <= probs[:, click]).all()
+    with torch.no_grad():
+        torch_adapted = adapter(torch.from_numpy(logits), torch.from_numpy(batch["surface"])).numpy()
+    np.testing.assert_allclose(adapted, torch_adapted, rtol=1e-5, atol=1e-4)

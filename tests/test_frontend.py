@@ -93,6 +93,11 @@ def test_results_equal_the_in_process_model(stack, app, tiny_checkpoint, schema)
         adapted = ckpt.adapter(want["logits"], torch.from_numpy(batch["surface"]))
     np.testing.assert_allclose(out["labels"], sigmoid(want["logits"].numpy()), atol=1e-4)
     np.testing.assert_allclose(out["adapted_labels"], sigmoid(adapted.numpy()), atol=1e-4)
+    # `after:` tasks (ESMM in the FM, the adapter's cap): never above their parent, row by row.
+    for t, parent in enumerate(schema.task_parents):
+        if parent is not None:
+            for key in ("labels", "adapted_labels"):
+                assert (out[key][:, t] <= out[key][:, parent]).all(), key
     np.testing.assert_allclose(out["embedding"], want["embedding"].numpy(), atol=1e-4)
     np.testing.assert_allclose(out["user_embedding"], want["user_embedding"].numpy(), atol=1e-4)
     assert (versions.fm, versions.adapter) == (1, 1)

@@ -7,8 +7,11 @@ import torch
 from model.adapter import StudentAdapter
 from model.baselines import build_models
 from model.config import PRESETS, GEMConfig
+from model.embedding import DenseNormalizer, dense_stats, set_dense_stats
 from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_names, random_batch
 from model.gem import GEM
+from model.layers import chain_logits
+from model.schema import DenseFeature
 from trainer.train import to_tensors
 
 
@@ -170,3 +173,94 @@ def test_config_validation():
         GEMConfig(seq_len=0)
     with pytest.raises(ValueError, match="unknown model config key 'width'"):
         GEMConfig.from_dict({"width": 3})
+
+
+def test_dense_values_are_standardized_inside_the_model(schema, tiny):
+    feats = [DenseFeature("year", "ad"), DenseFeature("spend", "ad", transform="log1p")]
+    rng = np.random.default_rng(0)
+    cols = [{"year": rng.normal(1990, 15, 500), "spend": rng.lognormal(8, 2, 500)} for _ in range(2)]
+    stats = dense_stats(feats, cols)
+    norm = DenseNormalizer(feats)
+    batch = {k: torch.from_numpy(np.concatenate([c[k] for c in cols]).astype(np.float32)) for k in ("year", "spend")}
+    raw = norm(batch)
+    torch.testing.assert_close(raw[:, 0], batch["year"])  # identity until there are statistics
+    norm.set_stats(stats)
+    z = norm(batch)
+    assert abs(float(z[:, 0].mean())) < 1e-3 and abs(float(z[:, 0].std()) - 1) < 1e-2
+    assert abs(float(z[:, 1].mean())) < 1e-3 and abs(float(z[:, 1].std()) - 1) < 1e-2  # of log1p(spend)
+    assert float(z.abs().max()) <= 8.0
+    wild = norm({"year": torch.tensor([1e9, -1e9]), "spend": torch.tensor([-5.0, 1e30])})
+    assert torch.isfinite(wild).all() and float(wild.abs().max()) == 8.0
+    # Every model gets the same statistics, and they travel in the state_dict.
+    for name, model in build_models(schema, tiny, baselines=True).items():
+        ones = dense_stats(schema.dense, [{f.name: np.array([1.0, 3.0]) for f in schema.dense}])
+        assert set_dense_stats(model, ones) >= 1, name
+        keys = [k for k in model.state_dict() if k.endswith("normalize.mean")]
+        assert keys and all(model.state_dict()[k].tolist() == [2.0] * len(schema.dense) for k in keys), name
+
+
+def test_a_state_dict_without_statistics_loads_as_identity(schema, tiny):
+    model = GEM(schema, tiny)
+    set_dense_stats(model, dense_stats(schema.dense, [{f.name: np.array([5.0, 9.0]) for f in schema.dense}]))
+    old = {k: v for k, v in model.state_dict().items() if ".normalize." not in k}
+    fresh = GEM(schema, tiny)
+    fresh.load_state_dict(old)
+    assert fresh.embed.normalize.mean.abs().sum() == 0 and float(fresh.embed.normalize.std.min()) == 1.0
+
+
+def test_chained_logits_are_a_product_of_probabilities_and_never_exceed_the_parent():
+    a = torch.tensor([-200.0, -30.0, -1.0, 0.0, 2.0, 30.0, 200.0]).repeat_interleave(7)
+    b = torch.tensor([-200.0, -30.0, -1.0, 0.0, 2.0, 30.0, 200.0]).repeat(7)
+    out = chain_logits(torch.stack([a, b], dim=1), (None, 0))
+    assert torch.isfinite(out).all()
+    assert (out[:, 1] <= out[:, 0]).all() and (torch.sigmoid(out[:, 1]) <= torch.sigmoid(out[:, 0])).all()
+    want = torch.sigmoid(a.double()) * torch.sigmoid(b.double())
+    torch.testing.assert_close(torch.sigmoid(out[:, 1].double()), want, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(out[:, 0], a)
+    # Gradients are finite everywhere too.
+    x = torch.stack([a, b], dim=1).requires_grad_()
+    chain_logits(x, (None, 0)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_gem_orders_after_tasks_and_can_use_independent_heads(schema, tiny):
+    batch = random_batch(schema, 256, 8, seed=3)
+    for f in schema.dense:
+        batch[f.name] = batch[f.name] * 1e4  # far outside anything seen: still ordered
+    torch.manual_seed(0)
+    model = GEM(schema, tiny)
+    for p in model.towers.parameters():
+        torch.nn.init.normal_(p, std=3.0)
+    logits = _outputs(model, batch, schema)[LOGITS]
+    assert (logits[:, 1] <= logits[:, 0]).all()
+    independent = GEM(schema, tiny.with_(esmm=False))
+    independent.load_state_dict(model.state_dict())
+    raw = _outputs(independent, batch, schema)[LOGITS]
+    assert (raw[:, 1] > raw[:, 0]).any()  # what ESMM prevents
+    torch.testing.assert_close(raw[:, 0], logits[:, 0])
+
+
+def test_adapter_keeps_after_tasks_below_their_parent(schema):
+    torch.manual_seed(0)
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
+    torch.nn.init.normal_(adapter.mlp[-1].weight, std=3.0)
+    torch.nn.init.normal_(adapter.mlp[-1].bias, std=3.0)
+    logits = torch.randn(500, 2) * 3
+    logits[:, 1] = torch.minimum(logits[:, 1], logits[:, 0])
+    surface = torch.arange(500) % 3
+    with torch.no_grad():
+        out = adapter(logits, surface)
+        free = StudentAdapter(len(schema.tasks), len(schema.surfaces))
+        free.load_state_dict({**adapter.state_dict(), "parent": torch.arange(2)})
+        unordered = free(logits, surface)
+    assert (out[:, 1] <= out[:, 0]).all()
+    assert (unordered[:, 1] > unordered[:, 0]).any()
+    assert adapter.parents == (None, 0)
+    # A chain a -> b -> c is ordered end to end.
+    chain = StudentAdapter(3, 1, parents=(None, 0, 1))
+    torch.nn.init.normal_(chain.mlp[-1].bias, std=5.0)
+    with torch.no_grad():
+        out = chain(torch.randn(100, 3) * 5, torch.zeros(100, dtype=torch.long))
+    assert (out[:, 1] <= out[:, 0]).all() and (out[:, 2] <= out[:, 1]).all()
+    with pytest.raises(ValueError, match="earlier task"):
+        StudentAdapter(2, 1, parents=(1, None))

@@ -46,6 +46,7 @@ def _broken(edit) -> dict:
         ),
         (lambda r: r["dense"][0].update(name="Bad-Name"), "dense[0].name: must be a lower_snake_case name"),
         (lambda r: r["dense"][0].update(name="surface"), "dense[0].name: 'surface' is reserved"),
+        (lambda r: r["dense"][1].update(transform="log"), "dense[1].transform: must be one of log1p, got 'log'"),
         (lambda r: r["sequences"][0].update(max_length=0), "sequences[0].max_length: must be a positive integer"),
         (lambda r: r["sequences"][0].update(fields=[]), "sequences[0].fields: must not be empty"),
         (lambda r: r.update(surfaces=["feed", "feed"]), "surfaces: surface 'feed' is listed twice"),
@@ -68,3 +69,14 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path):
     bad.write_text("sparse: [unclosed")
     with pytest.raises(SchemaError, match="not valid YAML"):
         load_schema(bad)
+
+
+def test_dense_transform_and_task_parents(schema):
+    raw = _raw()
+    raw["dense"][0]["transform"] = "log1p"
+    s = parse_schema(raw)
+    assert s.dense[0].transform == "log1p" and s.dense[1].transform is None
+    assert schema_from_yaml(s.to_yaml()) == s
+    assert schema.task_parents == (None, 0)
+    raw["tasks"] = [{"name": "a"}, {"name": "b", "after": "a"}, {"name": "c", "after": "b"}, {"name": "d"}]
+    assert parse_schema(raw).task_parents == (None, 0, 1, None)

@@ -116,7 +116,7 @@ def fit_refresh(
     adapter: StudentAdapter, fm_logits: np.ndarray, batch: Batch, schema: FeatureSchema, epochs: int, seed: int
 ) -> StudentAdapter:
     """A copy of `adapter` refitted on the shard's labels over these FM logits."""
-    fresh = StudentAdapter(adapter.n_tasks, adapter.n_surfaces, adapter.hidden)
+    fresh = StudentAdapter(adapter.n_tasks, adapter.n_surfaces, adapter.hidden, parents=adapter.parents)
     fresh.load_state_dict(adapter.state_dict())
     fit_adapter(fresh, fm_logits, batch[SURFACE_INPUT], labels_of(batch, schema), epochs, seed)
     return fresh

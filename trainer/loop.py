@@ -47,7 +47,7 @@ def start_checkpoint(cfg: TrainerConfig, start: Start, schema: FeatureSchema) ->
     torch.manual_seed(cfg.seed)
     config = preset(cfg.preset)
     model = GEM(schema, config)
-    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces))
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents)
     return Checkpoint(cfg.state_dir, schema, config, model, adapter, {})
 
 

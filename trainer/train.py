@@ -1,16 +1,25 @@
 """Single-process training of GEM (and, optionally, its baselines) on Parquet shards.
 
 Shards are in time order (the synthetic generator and the logging pipeline name them
-so); the last `eval_shards` are the held-out time slice. Embedding tables train with
-Adagrad (sparse-friendly, per-row adaptive), everything else with AdamW.
+so). The last `test_shards` are the test slice: reported, never tuned on. The
+`val_shards` before them are the validation slice: every model (GEM and each baseline
+alike) is evaluated on it after every epoch, training stops when its validation NE has
+not improved for `patience` epochs, and the epoch with the best validation NE is the
+one kept (and the one whose test metrics are reported). The rest are training shards;
+the dense features' normalization statistics are measured on them alone.
+
+Embedding tables train with Adagrad (sparse-friendly, per-row adaptive), everything
+else with AdamW.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +31,7 @@ from model.baselines import build_models
 from model.checkpoint import save_checkpoint
 from model.config import preset
 from model.data.reader import Batch, DataError, concat, iter_minibatches, read_batch, resolve_paths
+from model.embedding import dense_stats, set_dense_stats
 from model.features import LOGITS, input_names
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
 from trainer.evaluation import evaluate
@@ -32,20 +42,115 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, float], None]
 
 
+# Optimizer defaults per model preset (None in TrainConfig picks these). `tiny` sees
+# little data per parameter (tests, 20k-row runs) and memorizes ids within an epoch at
+# the `small` settings: smaller steps and more of them let early stopping find a better
+# epoch. Any other preset gets `small`'s.
+TRAINING_DEFAULTS: dict[str, dict[str, float]] = {
+    "tiny": {"batch_size": 128, "lr": 1e-3, "embedding_lr": 0.01},
+    "small": {"batch_size": 512, "lr": 2e-3, "embedding_lr": 0.05},
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: Path
     out: Path
     preset: str = "small"
     schema_path: Path = DEFAULT_SCHEMA_PATH
-    epochs: int = 1
-    batch_size: int = 512
-    lr: float = 2e-3
-    embedding_lr: float = 0.05
-    eval_shards: int = 1
+    # The most passes over the training shards; early stopping usually ends sooner.
+    epochs: int = 8
+    # Epochs without a better validation NE before training stops. On the synthetic
+    # data every model's validation curve has one minimum, so waiting one epoch finds it
+    # and wastes the least (an epoch of `small` is minutes on a CPU).
+    patience: int = 1
+    # None: the preset's (TRAINING_DEFAULTS).
+    batch_size: int | None = None
+    lr: float | None = None
+    embedding_lr: float | None = None
+    val_shards: int = 1
+    test_shards: int = 1
     seed: int = 0
     baselines: bool = False
     adapter_epochs: int = 3
+    # Overrides the preset's `esmm` (None: the preset's).
+    esmm: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "patience", "batch_size", "val_shards", "test_shards"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
+    def resolved(self) -> TrainConfig:
+        """This config with the preset's defaults where a value is None."""
+        defaults = TRAINING_DEFAULTS.get(self.preset, TRAINING_DEFAULTS["small"])
+        return replace(
+            self,
+            batch_size=int(self.batch_size or defaults["batch_size"]),
+            lr=self.lr or defaults["lr"],
+            embedding_lr=self.embedding_lr or defaults["embedding_lr"],
+        )
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands, for progress displays. `examples_per_s` counts training
+    time only (not the evaluation after each epoch): the figure the table reports."""
+
+    model: str
+    epoch: int
+    max_epochs: int
+    examples: int
+    total: int  # examples at `max_epochs` (early stopping may end before)
+    seconds: float
+    loss: float
+    losses: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        rate = self.examples_per_s
+        return (self.total - self.examples) / rate if rate > 0 else float("nan")
+
+
+ProgressCallback = Callable[[TrainProgress], None]
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressLog:
+    """Plain progress lines, at most one every `every_s` seconds (for a log file,
+    compose or CI, where a progress bar is noise):
+
+        gem epoch 2/8: 31,232/160,000 examples, 4,512 examples/s, loss 0.3121, ETA 28s
+    """
+
+    def __init__(
+        self, write: Callable[[str], None], every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self.write, self.every_s, self.clock = write, every_s, clock
+        self.last: float | None = None
+
+    def __call__(self, p: TrainProgress) -> None:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every_s and p.examples < p.total:
+            return
+        self.last = now
+        self.write(
+            f"{p.model} epoch {p.epoch}/{p.max_epochs}: {p.examples:,}/{p.total:,} examples, "
+            f"{p.examples_per_s:,.0f} examples/s, loss {p.loss:.4f}, ETA {format_duration(p.eta_s)}"
+        )
 
 
 def to_tensors(batch: Batch, names: tuple[str, ...], device: torch.device | None = None) -> dict[str, Tensor]:
@@ -58,13 +163,18 @@ def labels_of(batch: Batch, schema: FeatureSchema) -> np.ndarray:
     return np.stack([batch[t.label_column] for t in schema.tasks], axis=1)
 
 
-def split_shards(paths: list[Path], eval_shards: int) -> tuple[list[Path], list[Path]]:
-    if len(paths) <= eval_shards:
+def split_shards(
+    paths: list[Path], val_shards: int = 1, test_shards: int = 1
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """Time-ordered shards -> (train, validation, test): the last `test_shards` are the
+    test slice, the `val_shards` before them the validation slice."""
+    held = val_shards + test_shards
+    if len(paths) <= held:
         raise DataError(
-            f"need more than {eval_shards} shard(s) to hold out the last {eval_shards} as the "
-            f"evaluation time slice; found {len(paths)}"
+            f"need more than {held} shard(s): the last {test_shards} hold(s) out the test time slice and "
+            f"the {val_shards} before the validation slice; found {len(paths)}"
         )
-    return paths[:-eval_shards], paths[-eval_shards:]
+    return paths[:-held], paths[-held:-test_shards], paths[-test_shards:]
 
 
 def make_optimizers(model: nn.Module, lr: float, embedding_lr: float) -> list[torch.optim.Optimizer]:
@@ -144,53 +254,172 @@ class TrainResult:
     examples_per_s: float
 
 
+def selection_score(result: dict, schema: FeatureSchema) -> float:
+    """What early stopping minimizes: the mean over tasks of the overall NE."""
+    return float(np.mean([result[t.name]["overall"]["ne"] for t in schema.tasks]))
+
+
+def _brief(result: dict, schema: FeatureSchema) -> dict:
+    return {t.name: {k: result[t.name]["overall"][k] for k in ("auc", "ne")} for t in schema.tasks}
+
+
+@dataclass
+class FitResult:
+    """One model's training: the epoch kept and the validation curve."""
+
+    best_epoch: int
+    epochs_run: int
+    curve: list[dict]
+    examples: int
+    seconds: float
+
+    @property
+    def examples_per_s(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else 0.0
+
+
+def fit(
+    name: str,
+    model: nn.Module,
+    train_data: list[Batch],
+    val_data: Batch,
+    schema: FeatureSchema,
+    cfg: TrainConfig,
+    on_step: StepCallback | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> FitResult:
+    """Trains `model` for at most `cfg.epochs` epochs, evaluating on `val_data` after
+    each; stops after `cfg.patience` epochs without a better validation NE and leaves
+    the model at its best epoch. Only `val_data` is looked at: never the test slice."""
+    cfg = cfg.resolved()
+    rng = np.random.default_rng(cfg.seed)
+    optimizers = make_optimizers(model, cfg.lr, cfg.embedding_lr)
+    val_labels = labels_of(val_data, schema)
+    rows = sum(len(b[SURFACE_INPUT]) for b in train_data)
+    progress = TrainProgress(name, 0, cfg.epochs, 0, cfg.epochs * rows, 0.0, float("nan"))
+
+    def step(n: int, loss: float) -> None:
+        progress.examples += n
+        progress.losses.append(loss)
+        del progress.losses[:-50]
+        progress.loss = float(np.mean(progress.losses))
+        progress.seconds = seconds + time.perf_counter() - t0
+        if on_step:
+            on_step(n, loss)
+        if on_progress:
+            on_progress(progress)
+
+    curve: list[dict] = []
+    best_score, best_epoch, best_state, seconds = math.inf, 0, None, 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        progress.epoch = epoch
+        t0 = time.perf_counter()
+        losses = []
+        for shard in train_data:
+            losses.append(train_steps(model, optimizers, shard, schema, cfg.batch_size, rng, step))
+        seconds += time.perf_counter() - t0
+        progress.seconds = seconds
+        val = evaluate(schema, predict(model, val_data, schema), val_labels, val_data[SURFACE_INPUT])
+        score = selection_score(val, schema)
+        improved = score < best_score
+        curve.append(
+            {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ne": score, "val": _brief(val, schema)}
+        )
+        log.info(
+            "%s epoch %d: train loss %.4f, validation NE %s%s",
+            name,
+            epoch,
+            curve[-1]["train_loss"],
+            ", ".join(f"{t} {m['ne']:.4f}" for t, m in curve[-1]["val"].items()),
+            " (best so far)" if improved else "",
+        )
+        if improved:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    if best_state is not None and best_epoch != len(curve):
+        model.load_state_dict(best_state)
+    return FitResult(best_epoch, len(curve), curve, progress.examples, seconds)
+
+
 def train(
-    cfg: TrainConfig, on_step: StepCallback | None = None, on_model: Callable[[str, int], None] | None = None
+    cfg: TrainConfig,
+    on_step: StepCallback | None = None,
+    on_model: Callable[[str, int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> TrainResult:
-    """Trains GEM (and baselines), evaluates on the held-out slice, writes the checkpoint.
+    """Trains GEM (and baselines) with early stopping on the validation slice, reports
+    the test slice, writes the checkpoint (the best epoch of GEM).
 
     `on_model(name, examples)` is called as each model starts, with the examples it
-    will train on; `on_step(examples, loss)` after every step.
+    would train on at the most epochs; `on_step(examples, loss)` after every step;
+    `on_progress(TrainProgress)` after every step too, with the running figures.
     """
+    cfg = cfg.resolved()
     schema = load_schema(cfg.schema_path)
     model_cfg = preset(cfg.preset)
+    if cfg.esmm is not None:
+        model_cfg = model_cfg.with_(esmm=cfg.esmm)
     torch.manual_seed(cfg.seed)
-    train_paths, eval_paths = split_shards(resolve_paths(cfg.data), cfg.eval_shards)
-    log.info("training on %d shard(s), evaluating on %s", len(train_paths), ", ".join(p.name for p in eval_paths))
-    train_data = [read_batch(p, schema, max_seq_len=model_cfg.seq_len) for p in train_paths]
-    eval_data = concat([read_batch(p, schema, max_seq_len=model_cfg.seq_len) for p in eval_paths])
-    eval_labels = labels_of(eval_data, schema)
+    train_paths, val_paths, test_paths = split_shards(resolve_paths(cfg.data), cfg.val_shards, cfg.test_shards)
+    log.info(
+        "training on %d shard(s), validating on %s, testing on %s",
+        len(train_paths),
+        ", ".join(p.name for p in val_paths),
+        ", ".join(p.name for p in test_paths),
+    )
+
+    def read(paths: list[Path]) -> list[Batch]:
+        return [read_batch(p, schema, max_seq_len=model_cfg.seq_len) for p in paths]
+
+    train_data = read(train_paths)
+    val_data, test_data = concat(read(val_paths)), concat(read(test_paths))
+    test_labels = labels_of(test_data, schema)
+    stats = dense_stats(schema.dense, train_data)
 
     models = build_models(schema, model_cfg, cfg.baselines)
     metrics: dict = {
         "preset": cfg.preset,
         "train_shards": [p.name for p in train_paths],
-        "eval_shards": [p.name for p in eval_paths],
+        "val_shards": [p.name for p in val_paths],
+        "test_shards": [p.name for p in test_paths],
+        "training": {k: getattr(cfg, k) for k in ("epochs", "patience", "batch_size", "lr", "embedding_lr")},
+        "selection": f"best validation NE (mean over tasks), at most {cfg.epochs} epochs, patience {cfg.patience}",
+        "dense_stats": stats.to_dict(),
     }
     throughput = 0.0
-    total = cfg.epochs * sum(len(b[SURFACE_INPUT]) for b in train_data)
+    rows = sum(len(b[SURFACE_INPUT]) for b in train_data)
     for name, model in models.items():
         if on_model:
-            on_model(name, total)
-        rng = np.random.default_rng(cfg.seed)
-        optimizers = make_optimizers(model, cfg.lr, cfg.embedding_lr)
-        start, examples = time.perf_counter(), 0
-        for epoch in range(cfg.epochs):
-            for shard in train_data:
-                loss = train_steps(model, optimizers, shard, schema, cfg.batch_size, rng, on_step)
-                examples += len(shard[SURFACE_INPUT])
-            log.info("%s epoch %d: train loss %.4f", name, epoch + 1, loss)
-        elapsed = time.perf_counter() - start
-        result = evaluate(schema, predict(model, eval_data, schema), eval_labels, eval_data[SURFACE_INPUT])
-        result["train_examples_per_s"] = examples / elapsed
+            on_model(name, cfg.epochs * rows)
+        set_dense_stats(model, stats)
+        fitted = fit(name, model, train_data, val_data, schema, cfg, on_step, on_progress)
+        result = evaluate(schema, predict(model, test_data, schema), test_labels, test_data[SURFACE_INPUT])
+        result["train_examples_per_s"] = fitted.examples_per_s
+        result["best_epoch"] = fitted.best_epoch
+        result["epochs_run"] = fitted.epochs_run
+        result["train_seconds"] = fitted.seconds
+        result["curve"] = fitted.curve
         metrics[name] = result
+        log.info(
+            "%s: test %s (epoch %d of %d, %.0f examples/s)",
+            name,
+            ", ".join(f"{t.name} AUC {result[t.name]['overall']['auc']:.4f} NE {result[t.name]['overall']['ne']:.4f}"
+                      for t in schema.tasks),
+            fitted.best_epoch,
+            fitted.epochs_run,
+            fitted.examples_per_s,
+        )  # fmt: skip
         if name == "gem":
-            throughput = examples / elapsed
+            throughput = fitted.examples_per_s
 
     gem = models["gem"]
-    # The adapter learns from the freshest training shard, as the side trainer will.
-    fresh = train_data[-1]
-    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces))
+    # The adapter learns from the freshest labels the FM has not trained on, as the side
+    # trainer's adapter does: the validation slice (FM logits on rows it memorized would
+    # teach the adapter to trust it too much). The test slice stays unseen.
+    fresh = val_data
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents)
     fit_adapter(
         adapter,
         predict(gem, fresh, schema),
@@ -201,9 +430,9 @@ def train(
     )
     with torch.no_grad():
         adapted = adapter(
-            torch.from_numpy(predict(gem, eval_data, schema)), torch.from_numpy(eval_data[SURFACE_INPUT])
+            torch.from_numpy(predict(gem, test_data, schema)), torch.from_numpy(test_data[SURFACE_INPUT])
         ).numpy()
-    metrics["gem_adapted"] = evaluate(schema, adapted, eval_labels, eval_data[SURFACE_INPUT])
+    metrics["gem_adapted"] = evaluate(schema, adapted, test_labels, test_data[SURFACE_INPUT])
 
     path = save_checkpoint(cfg.out, schema, model_cfg, gem, adapter, metrics)
     return TrainResult(path, metrics, throughput)

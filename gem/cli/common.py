@@ -96,7 +96,8 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        speed = task.completed / task.elapsed if task.elapsed else None
+        # A task may carry its own figure (`rate`, e.g. training time only).
+        speed = task.fields.get("rate") or (task.completed / task.elapsed if task.elapsed else None)
         return Text(f"{speed:>9,.0f} {self.unit}/s" if speed else "", style="cyan")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from gem.cli.common import (
     DEFAULT_DATA,
     PresetOption,
     SchemaOption,
+    console,
     friendly_errors,
     log,
     progress,
@@ -22,49 +24,78 @@ from model.schema import DEFAULT_SCHEMA_PATH
 
 
 def metric_table(metrics: dict) -> Table:
-    """GEM, its adapted labels and the baselines, per task: AUC and NE on the held-out slice."""
+    """GEM, its adapted labels and the baselines, per task: AUC and NE on the test slice
+    at the epoch each model kept (best validation NE), and its training speed."""
     models = [m for m in ("gem", "gem_adapted", "gem_mean_pool", "pooled_mlp", "logistic") if m in metrics]
-    tasks = list(metrics["gem"].keys() - {"train_examples_per_s"})
-    tasks.sort(key=lambda t: list(metrics["gem"]).index(t))
-    table = Table(title=f"held-out slice {', '.join(metrics['eval_shards'])}")
+    tasks = [t for t, v in metrics["gem"].items() if isinstance(v, dict) and "overall" in v]
+    test = metrics.get("test_shards") or metrics.get("eval_shards", [])
+    val = metrics.get("val_shards")
+    title = f"test slice {', '.join(test)}" + (f" (epoch chosen on validation slice {', '.join(val)})" if val else "")
+    table = Table(title=title)
     table.add_column("model", no_wrap=True)
     for t in tasks:
         table.add_column(f"{t} AUC", justify="right")
         table.add_column(f"{t} NE", justify="right")
+    table.add_column("epoch", justify="right")
     table.add_column("train ex/s", justify="right")
+    table.add_column("train s", justify="right")
     for m in models:
         row = [m]
         for t in tasks:
             overall = metrics[m][t]["overall"]
             row += [f"{overall['auc']:.4f}", f"{overall['ne']:.4f}"]
+        best, run = metrics[m].get("best_epoch"), metrics[m].get("epochs_run")
+        row.append(f"{best}/{run}" if best else "")
         rate = metrics[m].get("train_examples_per_s")
         row.append(f"{rate:,.0f}" if rate else "")
+        seconds = metrics[m].get("train_seconds")
+        row.append(f"{seconds:,.0f}" if seconds else "")
         table.add_row(*row)
     return table
 
 
 def run_training(
-    data: Path, out: Path, preset: str, epochs: int, batch_size: int, baselines: bool, seed: int, schema: Path
+    data: Path,
+    out: Path,
+    preset: str,
+    epochs: int,
+    batch_size: int | None,
+    baselines: bool,
+    seed: int,
+    schema: Path,
+    patience: int = 1,
+    esmm: bool | None = None,
+    progress_every: float = 10.0,
 ) -> dict:
-    from trainer.train import TrainConfig, train
+    from trainer.train import ProgressLog, TrainConfig, train
 
     cfg = TrainConfig(
         data=data,
         out=out,
         preset=preset,
         epochs=epochs,
+        patience=patience,
         batch_size=batch_size,
         baselines=baselines,
         seed=seed,
         schema_path=schema,
+        esmm=esmm,
     )
-    with progress("examples") as bar:
-        current: dict[str, Any] = {}
+    if not console.is_terminal:
+        # A log file, compose, CI: plain lines every `progress_every` seconds, no bar.
+        line = functools.partial(console.print, highlight=False, soft_wrap=True)
+        result = train(cfg, on_progress=ProgressLog(line, progress_every))
+    else:
+        with progress("examples") as bar:
+            current: dict[str, Any] = {}
 
-        def on_model(name: str, total: int) -> None:
-            current["task"] = bar.add_task(f"training {name}", total=total)
+            def on_model(name: str, total: int) -> None:
+                current["task"] = bar.add_task(f"training {name}", total=total)
 
-        result = train(cfg, on_step=lambda n, _loss: bar.advance(current["task"], n), on_model=on_model)
+            def on_progress(p) -> None:  # the same examples/s as the table: training time only
+                bar.update(current["task"], completed=p.examples, rate=p.examples_per_s)
+
+            result = train(cfg, on_model=on_model, on_progress=on_progress)
     log.info("checkpoint written to %s (GEM trained at %.0f examples/s)", result.checkpoint, result.examples_per_s)
     return result.metrics
 
@@ -74,14 +105,34 @@ def train_cmd(
     data: Annotated[Path, typer.Option(help="Parquet file, folder or glob; shards in time order.")] = DEFAULT_DATA,
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (replaced atomically).")] = DEFAULT_CHECKPOINT,
     preset: PresetOption = "small",
-    epochs: Annotated[int, typer.Option(help="Passes over the training shards.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 512,
+    epochs: Annotated[
+        int, typer.Option(help="The most passes over the training shards (early stopping usually ends sooner).")
+    ] = 8,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NE.")] = 1,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Examples per step (default: the preset's, 128 for tiny, else 512).")
+    ] = None,
     baselines: Annotated[
         bool, typer.Option(help="Also train logistic regression, a pooled MLP and GEM with mean-pooled sequences.")
     ] = False,
+    esmm: Annotated[
+        bool | None,
+        typer.Option(
+            "--esmm/--independent-tasks",
+            help="Tasks with `after:` as P(parent) x P(task | parent) (ESMM), or independent heads "
+            "(default: the preset's, ESMM).",
+            show_default=False,
+        ),
+    ] = None,
+    progress_every: Annotated[
+        float, typer.Option(help="Seconds between progress lines when stderr is not a terminal.")
+    ] = 10.0,
     seed: Annotated[int, typer.Option()] = 0,
     schema: SchemaOption = DEFAULT_SCHEMA_PATH,
 ) -> None:
-    """Train GEM on logged examples; the last shard is the held-out evaluation slice."""
-    metrics = run_training(data, out, preset, epochs, batch_size, baselines, seed, schema)
+    """Train GEM on logged examples. The last shard is the test slice (reported), the one
+    before it the validation slice (early stopping, the epoch kept), the rest train."""
+    metrics = run_training(
+        data, out, preset, epochs, batch_size, baselines, seed, schema, patience, esmm, progress_every
+    )
     Console().print(metric_table(metrics))

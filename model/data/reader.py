@@ -3,6 +3,12 @@
 Sequences arrive as list<int64> (newest event first) and leave as a zero-padded
 [B, L] int64 matrix plus a length vector, built with a handful of vectorized numpy
 calls over the Arrow offsets: no per-row Python.
+
+What real writers produce is accepted and cast once, column-wise, to the canonical
+type (`canonical`): ids of any integer width -> int64 (uint64 wraps, a consistent
+hash input); dense values of any float or integer type -> float32; sequences as
+list, large_list or fixed_size_list of any integer type -> list<int64>; surfaces as
+string, large_string, dictionary-encoded or integer indices.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from gem.knowledge.columns import pad_lists, surface_codes
+from gem.knowledge.columns import INT64_LIST, pad_lists, surface_codes
 
 from model.features import input_specs
 from model.schema import SURFACE_INPUT, FeatureSchema
@@ -40,7 +47,43 @@ def resolve_paths(source: str | Path) -> list[Path]:
     return paths
 
 
-def surface_index(column: pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def canonical(column: pa.Array | pa.ChunkedArray, kind: str) -> pa.Array | pa.ChunkedArray:
+    """One column-wise cast to the type the model's layout is built from:
+    sparse -> int64, dense -> float32, sequence -> list<int64>, surface -> string or
+    int64 (dictionaries decoded). The caller has checked the type (`check_columns`)."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        column, t = column.cast(t.value_type), t.value_type
+    if kind == "sparse" and t != pa.int64():
+        return pc.cast(column, pa.int64(), safe=not pa.types.is_unsigned_integer(t))
+    if kind == "dense" and t != pa.float32():
+        return pc.cast(column, pa.float32(), safe=False)
+    if kind == "sequence" and t != INT64_LIST:
+        unsigned = pa.types.is_unsigned_integer(t.value_type)
+        return pc.cast(column, INT64_LIST, safe=not unsigned)
+    if kind == "surface":
+        if pa.types.is_large_string(t):
+            return column.cast(pa.string())
+        if pa.types.is_integer(t) and t != pa.int64():
+            return pc.cast(column, pa.int64())
+    return column
+
+
+def surface_index(column: pa.Array | pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
+    """Surface names (string, large_string, dictionary) or indices (any integer) -> int64
+    indices, as the client library converts them (gem.knowledge.columns)."""
     try:
         return surface_codes(column, schema.surfaces)
     except ValueError as e:
@@ -49,12 +92,11 @@ def surface_index(column: pa.ChunkedArray, schema: FeatureSchema) -> np.ndarray:
 
 # What each kind of input accepts in Parquet, and how the error names it.
 _COLUMN_TYPES = {
-    "sparse": (pa.types.is_integer, "an integer type"),
+    "sparse": (lambda t: pa.types.is_integer(_decoded(t)), "an integer type"),
     "dense": (lambda t: pa.types.is_floating(t) or pa.types.is_integer(t), "a numeric type"),
-    "sequence": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type), "list<int64>"),
-    "surface": (lambda t: pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_dictionary(t),
-                "surface names or indices"),
-}  # fmt: skip
+    "sequence": (lambda t: _is_list(t) and pa.types.is_integer(t.value_type), "list<int64>"),
+    "surface": (lambda t: pa.types.is_integer(_decoded(t)) or _is_text(_decoded(t)), "surface names or indices"),
+}
 
 
 def check_columns(columns: pa.Schema, schema: FeatureSchema, labels: bool = False) -> None:
@@ -100,37 +142,59 @@ def table_to_batch(
         if spec.kind == "length":
             continue
         col = table.column(spec.name)
+        if col.null_count:
+            raise DataError(f"column {spec.name!r}: {col.null_count} null values")
         if spec.kind == "surface":
             batch[spec.name] = surface_index(col, schema)
         elif spec.kind == "sequence":
             batch[spec.name], length = pad_lists(col, max_seq_len)
             length_name = next(s.length_name for s in schema.sequences if s.name == spec.sequence)
             batch[length_name] = length
-        elif spec.kind == "sparse":
-            batch[spec.name] = col.to_numpy().astype(np.int64, copy=False)
         else:
-            batch[spec.name] = col.to_numpy().astype(np.float32, copy=False)
-        if col.null_count:
-            raise DataError(f"column {spec.name!r}: {col.null_count} null values")
+            batch[spec.name] = canonical(col, spec.kind).to_numpy()
     for seq in schema.sequences:
         lengths = {f.name: batch[f.name].shape for f in seq.fields}
         if len(set(lengths.values())) > 1:
             raise DataError(f"sequence {seq.name!r}: fields have different lengths {lengths}")
     if labels:
         for task in schema.tasks:
-            batch[task.label_column] = table.column(task.label_column).to_numpy().astype(np.float32)
+            batch[task.label_column] = pc.cast(table.column(task.label_column), pa.float32()).to_numpy()
     return batch
 
 
+def check_finite(batch: Batch, schema: FeatureSchema) -> None:
+    """Training data must have finite dense values (a NaN would poison the
+    normalization statistics and every weight it reaches); names the first bad column."""
+    for f in schema.dense:
+        x = batch[f.name]
+        bad = ~np.isfinite(x)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"column {f.name!r}: {int(bad.sum())} non-finite value(s) (NaN or inf; "
+                f"the first at row {row}: {x[row]}); dense values must be finite to train on"
+            )
+
+
 def read_batch(
-    path: str | Path, schema: FeatureSchema, *, max_seq_len: int | None = None, labels: bool = True
+    path: str | Path,
+    schema: FeatureSchema,
+    *,
+    max_seq_len: int | None = None,
+    labels: bool = True,
+    finite: bool = True,
 ) -> Batch:
+    """One Parquet file -> a batch; with `finite` (training data) non-finite dense
+    values are refused."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
     try:
-        return table_to_batch(table, schema, max_seq_len=max_seq_len, labels=labels)
+        batch = table_to_batch(table, schema, max_seq_len=max_seq_len, labels=labels)
+        if finite:
+            check_finite(batch, schema)
+        return batch
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
 

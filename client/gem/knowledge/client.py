@@ -91,7 +91,11 @@ def to_columns(data: Columns, info: pb.GetModelInfoResponse) -> dict[str, np.nda
             spec = specs.get(name)
             if spec is not None and spec.kind == "surface" and not pa.types.is_integer(column.type):
                 columns[name] = surface_codes(column, info.surfaces)
-            elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            elif (
+                pa.types.is_list(column.type)
+                or pa.types.is_large_list(column.type)
+                or pa.types.is_fixed_size_list(column.type)
+            ):
                 padded, lengths = pad_lists(column, spec.max_length if spec else None)
                 columns[name] = padded
                 if spec is not None and spec.sequence:

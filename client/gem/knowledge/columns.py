@@ -12,12 +12,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+INT64_LIST = pa.list_(pa.int64())
+
 
 def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """list<int64> -> (zero-padded [n, L] int64, lengths [n] int64), keeping the
-    first `max_len` elements (the newest events) of each list."""
+    """A list column (list, large_list or fixed_size_list of integers, as pandas, polars
+    and Arrow writers produce) -> (zero-padded [n, L] int64, lengths [n] int64), keeping
+    the first `max_len` elements (the newest events) of each list."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.type != INT64_LIST:
+        # One column-wise cast; unsigned ids may exceed int64's range, so wrap, never refuse.
+        column = pc.cast(column, INT64_LIST, safe=not pa.types.is_unsigned_integer(column.type.value_type))
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     lengths = np.diff(offsets)
