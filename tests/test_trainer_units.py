@@ -200,7 +200,7 @@ def test_what_a_kill_left_in_the_repository_is_cleaned_and_pruning_sets_aside_fi
     pruned = repo_root / ADAPTER_MODEL / ".pruned-0"
     pruned.mkdir()
     (pruned / "model.onnx").write_bytes(b"half deleted")
-    config_tmp = repo_root / FM_MODEL / ".config.pbtxt.tmp"
+    config_tmp = repo_root / FM_MODEL / ".config.pbtxt.tmp-999"
     config_tmp.write_text("half")
     repo = ModelRepository(repo_root)
     assert sorted(repo.clean()) == sorted([stale, pruned, config_tmp])
