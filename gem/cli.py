@@ -158,7 +158,8 @@ def _progress(unit: str) -> Progress:
 
 def metric_table(metrics: dict) -> Table:
     """GEM, its adapted labels and the baselines, per task: AUC and NE on the held-out slice."""
-    models = [m for m in ("gem", "gem_adapted", "gem_mean_pool", "pooled_mlp", "logistic") if m in metrics]
+    names = ("gem", "gem_adapted", "gem_per_example", "gem_shared_user", "gem_mean_pool", "pooled_mlp", "logistic")
+    models = [m for m in names if m in metrics]
     tasks = list(metrics["gem"].keys() - {"train_examples_per_s"})
     tasks.sort(key=lambda t: list(metrics["gem"]).index(t))
     table = Table(title=f"held-out slice {', '.join(metrics['eval_shards'])}")
@@ -168,7 +169,7 @@ def metric_table(metrics: dict) -> Table:
         table.add_column(f"{t} NE", justify="right")
     table.add_column("train ex/s", justify="right")
     for m in models:
-        row = [m]
+        row = [f"gem ({metrics['gem_arch']})" if m == "gem" and "gem_arch" in metrics else m]
         for t in tasks:
             overall = metrics[m][t]["overall"]
             row += [f"{overall['auc']:.4f}", f"{overall['ne']:.4f}"]

@@ -164,6 +164,7 @@ def train(
     models = build_models(schema, model_cfg, cfg.baselines)
     metrics: dict = {
         "preset": cfg.preset,
+        "gem_arch": model_cfg.sequence_arch,
         "train_shards": [p.name for p in train_paths],
         "eval_shards": [p.name for p in eval_paths],
     }
