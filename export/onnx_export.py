@@ -4,8 +4,9 @@ The FM's ONNX inputs are named and ordered by `model.features.input_specs(schema
 with a dynamic batch axis and a dynamic sequence axis; its outputs are `logits`,
 `embedding` and `user_embedding`. A `shared_user` FM (`GEMConfig.user_indexed`) takes
 the user-indexed form instead (`user_indexed_specs`): the user-side inputs on their own
-dynamic axis `users` [U, ...], the others on `batch` [B, ...], and `user_index` [B]. The graph must stay runnable by TensorRT:
-`forbidden_ops` lists what a graph must not contain, and export refuses such a graph.
+dynamic axis `users` [U, ...], the others on `batch` [B, ...], and `user_index` [B].
+The graph must stay runnable by TensorRT: `forbidden_ops` lists what a graph must not
+contain, and export refuses such a graph.
 """
 
 from __future__ import annotations
@@ -167,9 +168,7 @@ def export_fm(model: GEM, schema: FeatureSchema, path: Path, fp16: bool = False)
     args = tuple(torch.from_numpy(example[n]) for n in names)
     seq = torch.export.Dim("seq_len", min=1, max=max(s.max_length for s in schema.sequences) if schema.sequences else 1)
     user_side = set(user_input_names(schema))
-    shapes = tuple(
-        {0: users if s.name in user_side else batch, **({1: seq} if s.rank == 2 else {})} for s in specs
-    )
+    shapes = tuple({0: users if s.name in user_side else batch, **({1: seq} if s.rank == 2 else {})} for s in specs)
     module = _PositionalFM(copy.deepcopy(model), names, torch.float16) if fp16 else _PositionalFM(model, names)
     # `inputs` is the varargs of _PositionalFM.forward.
     return _export(module, args, names, FM_OUTPUTS, {"inputs": shapes}, "FM fp16" if fp16 else "FM", path)

@@ -22,8 +22,8 @@ once per user, [U] / [U, L], and adds
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -85,9 +85,7 @@ def _row_keys(arrays: list[np.ndarray], rows: int) -> np.ndarray:
     return np.concatenate([np.ascontiguousarray(a).reshape(rows, -1).view(np.uint8) for a in arrays], axis=1)
 
 
-def share_users(
-    batch: dict[str, np.ndarray], user_names: Iterable[str], dedup: bool = True
-) -> dict[str, np.ndarray]:
+def share_users(batch: dict[str, np.ndarray], user_names: Iterable[str], dedup: bool = True) -> dict[str, np.ndarray]:
     """A per-example batch ([B] rows everywhere) in the user-indexed form.
 
     With `dedup`, rows whose user-side inputs are byte-identical (the candidates of one
@@ -121,6 +119,18 @@ def share_users(
         out[n] = batch[n][first]
     out[USER_INDEX] = inverse.astype(np.int64)
     return out
+
+
+def graph_feeds(batch: dict[str, np.ndarray], graph_inputs: Iterable) -> dict[str, np.ndarray]:
+    """The feeds of an FM graph from a batch; `graph_inputs` as ONNX Runtime lists them
+    (`session.get_inputs()`: `.name`, `.shape`). A per-example batch becomes the
+    user-indexed form (identical user rows merged) when the graph takes that form; the
+    graph's user inputs are those on its USERS_AXIS."""
+    graph_inputs = list(graph_inputs)
+    names = [i.name for i in graph_inputs]
+    if USER_INDEX in names and USER_INDEX not in batch:
+        batch = share_users(batch, [i.name for i in graph_inputs if i.shape and i.shape[0] == USERS_AXIS])
+    return {n: np.ascontiguousarray(batch[n]) for n in names}
 
 
 def expand_users(batch: dict[str, np.ndarray], user_names: Iterable[str]) -> dict[str, np.ndarray]:

@@ -142,9 +142,7 @@ class SharedUserInterFormer(nn.Module):
         self.final_summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
         self.final_targets = nn.ModuleList(TargetAttention(n_tokens, cfg) for _ in range(n_sequences))
         self.n_out = (
-            n_tokens
-            + sum(s.n_tokens for s in self.final_summaries)
-            + sum(t.n_tokens for t in self.final_targets)
+            n_tokens + sum(s.n_tokens for s in self.final_summaries) + sum(t.n_tokens for t in self.final_targets)
         )
 
     def forward(self, x: Tensor, user_tokens: Tensor, seqs: list[SequenceTokens], index: Tensor | None) -> Tensor:
@@ -154,7 +152,6 @@ class SharedUserInterFormer(nn.Module):
             x, cls, seqs = layer(x, user_tokens, cls, seqs, index)
         summaries = [take(m(c, s), index) for m, c, s in zip(self.final_summaries, cls, seqs, strict=True)]
         targets = [
-            t(x, take(t.project(s), index), take(s.mask, index))
-            for t, s in zip(self.final_targets, seqs, strict=True)
+            t(x, take(t.project(s), index), take(s.mask, index)) for t, s in zip(self.final_targets, seqs, strict=True)
         ]
         return torch.cat([x, *summaries, *targets], dim=1)

@@ -37,8 +37,9 @@ def _model(schema, cfg, seed=0):
 
 
 def _run(model, batch):
+    tensors = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()}
     with torch.no_grad():
-        return {k: v.numpy() for k, v in model({k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()}).items()}
+        return {k: v.numpy() for k, v in model(tensors).items()}
 
 
 def _assert_close(a, b, tol=TOL):
@@ -120,7 +121,7 @@ def exported(tmp_path_factory, schema, shared_cfg):
 
 
 def test_export_takes_users_candidates_and_the_index(exported, schema):
-    model, path, proto = exported
+    _, _, proto = exported
     assert [i.name for i in proto.graph.input] == [s.name for s in user_indexed_specs(schema)]
     users = set(user_input_names(schema))
     for value in proto.graph.input:
@@ -136,10 +137,83 @@ def test_onnx_runtime_user_indexed_equals_per_example(exported, schema):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    batches = [random_user_batch(schema, u, b, length, seed=u + b) for u, b, length in [(1, 1, 1), (1, 40, 17), (5, 23, 9), (9, 9, 32)]]
+    shapes = [(1, 1, 1), (1, 40, 17), (5, 23, 9), (9, 9, 32)]
+    batches = [random_user_batch(schema, u, b, length, seed=u + b) for u, b, length in shapes]
     for batch in batches:
         got = dict(zip(outputs, session.run(outputs, {n: batch[n] for n in names}), strict=True))
         want = _run(model, expand_users(batch, user_input_names(schema)))
         _assert_close(got, want)
     parity = check_fm_parity(model, path, batches)
     assert parity.worst < 1e-5
+
+
+@pytest.fixture(scope="module")
+def shared_repo(tmp_path_factory, schema, shared_cfg, synth_dir):
+    """A repository with a user-indexed FM and its adapter (read-only)."""
+    from export.publish import ExportConfig, export_checkpoint
+    from model.adapter import StudentAdapter
+    from model.checkpoint import load_checkpoint, save_checkpoint
+
+    root = tmp_path_factory.mktemp("shared-repo")
+    model = _model(schema, shared_cfg, seed=2)
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
+    ckpt = save_checkpoint(root / "ckpt", schema, shared_cfg, model, adapter, metrics={})
+    report = export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "repo", data=synth_dir))
+    assert report.fm_parity.worst < 1e-4
+    return root / "repo", model
+
+
+def test_triton_configs_of_a_user_indexed_fm_are_unbatched_with_full_shapes(shared_repo, schema):
+    from export.repository import ADAPTER_MODEL, ENSEMBLE_MODEL, FM_MODEL
+    from export.triton_config import FLAVOURS, USER_INPUTS_PARAMETER, config_filename, from_pbtxt
+
+    root, _ = shared_repo
+    users = set(user_input_names(schema))
+    specs = {s.name: s for s in user_indexed_specs(schema)}
+    for flavour in FLAVOURS:
+        config = from_pbtxt((root / FM_MODEL / config_filename(flavour)).read_text())
+        assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+        assert [i.name for i in config.input] == list(specs)
+        for entry in config.input:
+            assert list(entry.dims) == [-1] * specs[entry.name].rank and not entry.HasField("reshape")
+        assert set(config.parameters[USER_INPUTS_PARAMETER].string_value.split(",")) == users
+        (warmup,) = config.model_warmup
+        assert warmup.batch_size == 1 and all(w.dims[0] == 1 for w in warmup.inputs.values())
+        adapter = from_pbtxt((root / ADAPTER_MODEL / config_filename(flavour)).read_text())
+        assert adapter.max_batch_size == 0 and not adapter.HasField("dynamic_batching")
+    ensemble = from_pbtxt((root / ENSEMBLE_MODEL / "config.pbtxt").read_text())
+    assert ensemble.max_batch_size == 0
+    assert set(ensemble.parameters[USER_INPUTS_PARAMETER].string_value.split(",")) == users
+    assert all(o.dims[0] == -1 and len(o.dims) == 2 for o in ensemble.output)
+
+
+def test_tensorrt_profiles_cover_both_axes(shared_repo, schema):
+    import onnx
+
+    from export.repository import FM_MODEL
+    from export.tensorrt import ProfileConfig, profiles
+
+    root, _ = shared_repo
+    proto = onnx.load(str(root / FM_MODEL / "1" / "model.onnx"), load_external_data=False)
+    cfg = ProfileConfig(min_batch=1, opt_batch=256, max_batch=2048, min_users=1, opt_users=2, max_users=64)
+    users = set(user_input_names(schema))
+    for p in profiles(proto, cfg):
+        assert (p.min[0], p.opt[0], p.max[0]) == ((1, 2, 64) if p.name in users else (1, 256, 2048)), p
+
+
+def test_embedded_backend_and_gate_take_per_example_batches(shared_repo, schema):
+    from export.repository import FM_MODEL
+    from model.features import LOGITS
+    from serving.backends import OnnxBackend
+    from trainer.gate import onnx_logits
+
+    root, model = shared_repo
+    one_user = random_user_batch(schema, 1, 30, 12, seed=5)
+    rows = expand_users(one_user, user_input_names(schema))  # the shared form, broadcast
+    mixed = random_batch(schema, 9, 12, seed=6)
+    backend = OnnxBackend(root)
+    for batch in (rows, mixed, zero_batch(schema)):
+        got = backend.run(batch, [LOGITS]).outputs[LOGITS]
+        np.testing.assert_allclose(got, _run(model, batch)[LOGITS], atol=TOL, rtol=0)
+    logits = onnx_logits(root / FM_MODEL / "1" / "model.onnx", mixed, schema)
+    np.testing.assert_allclose(logits, _run(model, mixed)[LOGITS], atol=TOL, rtol=0)
