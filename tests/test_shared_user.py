@@ -217,3 +217,37 @@ def test_embedded_backend_and_gate_take_per_example_batches(shared_repo, schema)
         np.testing.assert_allclose(got, _run(model, batch)[LOGITS], atol=TOL, rtol=0)
     logits = onnx_logits(root / FM_MODEL / "1" / "model.onnx", mixed, schema)
     np.testing.assert_allclose(logits, _run(model, mixed)[LOGITS], atol=TOL, rtol=0)
+
+
+def test_triton_serves_the_user_indexed_ensemble(shared_repo, schema, tmp_path):
+    """The real tritonserver loads the unbatched FM/adapter/ensemble and the client sends
+    per-example batches (one user repeated, and mixed users) in the user-indexed form."""
+    import asyncio
+    import shutil
+
+    from model.features import LOGITS
+    from serving.net import free_ports
+    from serving.triton.client import TritonClient
+    from serving.triton.server import TritonConfig, TritonServer
+
+    root, model = shared_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(root, repo)
+    http, grpc, metrics = free_ports(3)
+    cfg = TritonConfig(
+        repository=repo, work_dir=tmp_path / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics
+    )
+    one_user = expand_users(random_user_batch(schema, 1, 40, 10, seed=8), user_input_names(schema))
+    mixed = random_batch(schema, 7, 10, seed=9)
+
+    async def calls(url):
+        async with TritonClient(url) as client:
+            return await asyncio.gather(*(client.infer(b) for b in (one_user, mixed, one_user)))
+
+    with TritonServer(cfg) as server:
+        results = asyncio.run(calls(server.cfg.grpc_url))
+    for batch, out in zip((one_user, mixed, one_user), results, strict=True):
+        want = _run(model, batch)
+        for name in want:
+            np.testing.assert_allclose(out[name], want[name], atol=1e-4, rtol=0, err_msg=name)
+        assert out["adapted_logits"].shape == want[LOGITS].shape and (out["fm_version"] == 1).all()
