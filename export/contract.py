@@ -27,6 +27,9 @@ MODELS = (FM_MODEL, ADAPTER_MODEL, ENSEMBLE_MODEL)
 # The Student Adapter's signature: FM logits and the surface in, calibrated logits out.
 ADAPTER_INPUTS = ("fm_logits", SURFACE_INPUT)
 ADAPTER_OUTPUT = "adapted_logits"
+# A parameter of the unbatched FM's (and the ensemble's) Triton config: the comma-separated
+# inputs with one row per user ([U, ...]); the others have one row per candidate.
+USER_INPUTS_PARAMETER = "user_inputs"
 # Each published graph's extra output: a constant holding its version number.
 FM_VERSION = "fm_version"
 ADAPTER_VERSION = "adapter_version"

@@ -2,8 +2,11 @@
 
 The FM's ONNX inputs are named and ordered by `model.features.input_specs(schema)`,
 with a dynamic batch axis and a dynamic sequence axis; its outputs are `logits`,
-`embedding` and `user_embedding`. The graph must stay runnable by TensorRT:
-`forbidden_ops` lists what a graph must not contain, and export refuses such a graph.
+`embedding` and `user_embedding`. A `shared_user` FM (`GEMConfig.user_indexed`) takes
+the user-indexed form instead (`user_indexed_specs`): the user-side inputs on their own
+dynamic axis `users` [U, ...], the others on `batch` [B, ...], and `user_index` [B].
+The graph must stay runnable by TensorRT: `forbidden_ops` lists what a graph must not
+contain, and export refuses such a graph.
 """
 
 from __future__ import annotations
@@ -22,7 +25,18 @@ from torch import Tensor, nn
 
 from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from model.adapter import StudentAdapter
-from model.features import FM_OUTPUTS, input_specs, random_batch
+from model.features import (
+    BATCH_AXIS,
+    FM_OUTPUTS,
+    USER_INDEX,
+    USERS_AXIS,
+    input_specs,
+    random_batch,
+    random_user_batch,
+    share_users,
+    user_indexed_specs,
+    user_input_names,
+)
 from model.files import atomic_path
 from model.gem import GEM
 from model.schema import FeatureSchema
@@ -138,13 +152,22 @@ def _export(
 
 def export_fm(model: GEM, schema: FeatureSchema, path: Path, fp16: bool = False) -> onnx.ModelProto:
     """The FM as ONNX; `fp16` exports a half-precision copy (the model is not changed)."""
-    specs = input_specs(schema)
+    seq_len = min(8, model.cfg.seq_len)
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)
+    users = batch
+    if model.cfg.user_indexed:
+        specs = user_indexed_specs(schema)
+        # Different U and B in the example, so the exporter keeps the two axes apart.
+        example = random_user_batch(schema, users=3, candidates=5, seq_len=seq_len)
+        users = torch.export.Dim(USERS_AXIS, min=1, max=MAX_BATCH)
+    else:
+        specs = input_specs(schema)
+        example = random_batch(schema, batch_size=4, seq_len=seq_len)
     names = tuple(s.name for s in specs)
-    example = random_batch(schema, batch_size=4, seq_len=min(8, model.cfg.seq_len))
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq_len", min=1, max=max(s.max_length for s in schema.sequences) if schema.sequences else 1)
-    shapes = tuple({0: batch, 1: seq} if s.rank == 2 else {0: batch} for s in specs)
+    user_side = set(user_input_names(schema))
+    shapes = tuple({0: users if s.name in user_side else batch, **({1: seq} if s.rank == 2 else {})} for s in specs)
     module = _PositionalFM(copy.deepcopy(model), names, torch.float16) if fp16 else _PositionalFM(model, names)
     # `inputs` is the varargs of _PositionalFM.forward.
     return _export(module, args, names, FM_OUTPUTS, {"inputs": shapes}, "FM fp16" if fp16 else "FM", path)
@@ -230,7 +253,12 @@ def check_parity(
 def check_fm_parity(
     model: GEM, onnx_path: Path, batches: list[dict[str, np.ndarray]], tolerance: float = PARITY_TOLERANCE
 ) -> Parity:
+    """Per-example batches are turned into the user-indexed form (identical user rows
+    merged) when the graph takes it."""
     model.eval()
+    if model.cfg.user_indexed:
+        users = user_input_names(model.schema)
+        batches = [b if USER_INDEX in b else share_users(b, users) for b in batches]
     return check_parity(onnx_path, batches, model, "FM", tolerance)
 
 

@@ -32,7 +32,7 @@ from export.triton_config import ServingConfig
 from model.adapter import StudentAdapter
 from model.checkpoint import Checkpoint
 from model.data.reader import read_batch, resolve_paths
-from model.features import LOGITS, random_batch
+from model.features import LOGITS, random_batch, random_user_batch
 from model.gem import GEM
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ class ExportReport:
 def parity_batches(ckpt: Checkpoint, data: Path | None, rows: int) -> list[dict[str, np.ndarray]]:
     schema, seq_len = ckpt.schema, ckpt.config.seq_len
     batches = [random_batch(schema, b, min(length, seq_len), seed=b) for b, length in RANDOM_SHAPES]
+    if ckpt.config.user_indexed:
+        # The serving shapes of a user-indexed graph: one user, many candidates; several users.
+        batches += [random_user_batch(schema, 1, 256, min(128, seq_len)), random_user_batch(schema, 5, 64, 32)]
     if data is not None:
         real = read_batch(resolve_paths(data)[-1], schema, max_seq_len=seq_len, labels=False)
         batches.append({k: v[:rows] for k, v in real.items()})

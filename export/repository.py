@@ -9,6 +9,9 @@ the reason and its number is not reused. A version may carry `SOURCE`: what it w
 exported from (the side trainer writes its checkpoint's weight digests there, so that a
 restarted publish does not publish the same weights twice).
 
+A user-indexed FM (no common batch axis, see `export.triton_config`) makes the whole
+ensemble unbatched by Triton: the adapter's configs follow the FM's.
+
 Each published graph gets one extra output, `<model>_version` (int64 [B, 1]), a
 constant holding its version number, so every reply says which versions made it,
 even while Triton switches from one version to the next.
@@ -37,6 +40,7 @@ from export.contract import (
     ONNX_FILENAME,
     PYTHON_MODEL_FILENAME,
     REJECTED,
+    USER_INPUTS_PARAMETER,
     VERSION_OUTPUTS,
     latest_version,
     published_versions,
@@ -153,11 +157,7 @@ class ModelRepository:
         folder.mkdir(parents=True, exist_ok=True)
         version = self._next_version(model)
         stamped = stamp_version(proto, VERSION_OUTPUTS[model], version)
-        for flavour in FLAVOURS:
-            config = model_config(model, stamped, flavour, self.serving)
-            target = folder / config_filename(flavour)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(target, to_pbtxt(config))
+        self._write_configs(model, stamped)
         staging = folder / f".staging-{version}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -171,8 +171,34 @@ class ModelRepository:
             (staging / SOURCE_FILENAME).write_text(source + "\n")
         self._install(staging, folder / str(version))
         log.info("published %s version %d", model, version)
+        if model == FM_MODEL:
+            self._sync_adapter_configs()
         self._write_ensemble()
         return Published(model, version, folder / str(version))
+
+    def _fm_batched(self) -> bool:
+        """Whether the served FM is batched by Triton (a user-indexed FM is not)."""
+        path = self.root / FM_MODEL / config_filename(DEFAULT_FLAVOUR)
+        return not path.exists() or from_pbtxt(path.read_text()).max_batch_size > 0
+
+    def _write_configs(self, model: str, proto: onnx.ModelProto) -> None:
+        # The adapter is batched by Triton exactly when the FM is (the ensemble is one or the other).
+        batched = None if model == FM_MODEL else self._fm_batched()
+        for flavour in FLAVOURS:
+            config = model_config(model, proto, flavour, self.serving, batched)
+            target = self.root / model / config_filename(flavour)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, to_pbtxt(config))
+
+    def _sync_adapter_configs(self) -> None:
+        """Rewrites the adapter's configs when the FM's batching changed."""
+        latest = self.latest(ADAPTER_MODEL)
+        path = self.root / ADAPTER_MODEL / config_filename(DEFAULT_FLAVOUR)
+        if latest is None or not path.exists():
+            return
+        if (from_pbtxt(path.read_text()).max_batch_size > 0) != self._fm_batched():
+            graph = onnx.load(str(self.root / ADAPTER_MODEL / str(latest) / ONNX_FILENAME))
+            self._write_configs(ADAPTER_MODEL, graph)
 
     def _write_ensemble(self) -> None:
         """The ensemble config, once both models have a version. Its IO is theirs, read
@@ -180,14 +206,17 @@ class ModelRepository:
         if self.latest(FM_MODEL) is None or self.latest(ADAPTER_MODEL) is None:
             return
         default = config_filename(DEFAULT_FLAVOUR)
-        fm_in, fm_out = config_io(from_pbtxt((self.root / FM_MODEL / default).read_text()))
+        fm_config = from_pbtxt((self.root / FM_MODEL / default).read_text())
+        fm_in, fm_out = config_io(fm_config)
         _, ad_out = config_io(from_pbtxt((self.root / ADAPTER_MODEL / default).read_text()))
+        users = fm_config.parameters[USER_INPUTS_PARAMETER].string_value if fm_config.max_batch_size == 0 else ""
         adapter_logits, surface = ADAPTER_INPUTS
         steps = (
             Step(FM_MODEL, {t.name: t.name for t in fm_in}, {t.name: t.name for t in fm_out}),
             Step(ADAPTER_MODEL, {adapter_logits: LOGITS, surface: surface}, {t.name: t.name for t in ad_out}),
         )
-        config = ensemble_config(ENSEMBLE_MODEL, fm_in, fm_out + ad_out, steps, self.serving)
+        user_inputs = tuple(users.split(",")) if users else ()
+        config = ensemble_config(ENSEMBLE_MODEL, fm_in, fm_out + ad_out, steps, self.serving, user_inputs)
         folder = self.root / ENSEMBLE_MODEL
         (folder / "1").mkdir(parents=True, exist_ok=True)
         folder.mkdir(parents=True, exist_ok=True)

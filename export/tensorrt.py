@@ -9,7 +9,9 @@ expects it.
 
 The profile gives every input its min/opt/max shape: the batch axis from 1 to the
 serving max batch, the sequence axis from 1 to the schema's max length, optimized for a
-typical call. Precision comes from the graph (TensorRT 11 dropped the FP16 builder
+typical call. A user-indexed graph's user inputs ([U, ...]) get their own range,
+users 1 to the serving max batch, optimized for a few users per merged call.
+Precision comes from the graph (TensorRT 11 dropped the FP16 builder
 flag; networks are strongly typed), so `--stronglyTyped` is always passed.
 """
 
@@ -25,6 +27,7 @@ import onnx
 
 from export.contract import ADAPTER_MODEL, CONTAINER_REPOSITORY, FM_MODEL, FP16_FILENAME, ONNX_FILENAME, PLAN_FILENAME
 from export.repository import ModelRepository, RepositoryError
+from model.features import USERS_AXIS
 from model.files import atomic_path
 from model.schema import FeatureSchema
 
@@ -49,8 +52,14 @@ class ProfileConfig:
     min_seq: int = 1
     opt_seq: int = 128
     max_seq: int = 256
+    # The user axis of a user-indexed graph (a shared_user FM): U users per call.
+    min_users: int = 1
+    opt_users: int = 4
+    max_users: int = 4096
 
     def __post_init__(self) -> None:
+        if not (1 <= self.min_users <= self.opt_users <= self.max_users):
+            raise ValueError(f"user profile must satisfy 1 <= min <= opt <= max, got {self}")
         if not (1 <= self.min_batch <= self.opt_batch <= self.max_batch):
             raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {self}")
         if not (1 <= self.min_seq <= self.opt_seq <= self.max_seq):
@@ -60,7 +69,9 @@ class ProfileConfig:
 def serving_profile(schema: FeatureSchema, max_batch: int) -> ProfileConfig:
     """Batch 1 to the serving max batch, sequence 1 to the schema's longest."""
     seq = max((q.max_length for q in schema.sequences), default=1)
-    return ProfileConfig(max_batch=max_batch, max_seq=seq, opt_seq=min(128, seq))
+    return ProfileConfig(
+        max_batch=max_batch, max_seq=seq, opt_seq=min(128, seq), max_users=max_batch, opt_users=min(4, max_batch)
+    )
 
 
 Shape = tuple[int, ...]
@@ -75,11 +86,13 @@ class InputProfile:
 
 
 def profiles(proto: onnx.ModelProto, cfg: ProfileConfig) -> tuple[InputProfile, ...]:
-    """Min/opt/max shapes of every graph input: axis 0 is the batch, a dynamic axis
-    after it is the sequence, a static one keeps its size."""
+    """Min/opt/max shapes of every graph input: axis 0 is the batch (the user axis for
+    a user-indexed graph's user inputs), a dynamic axis after it is the sequence, a
+    static one keeps its size."""
     out = []
     for value in proto.graph.input:
         dims = value.type.tensor_type.shape.dim
+        on_users = bool(dims) and dims[0].dim_param == USERS_AXIS
         rest = [None if not d.HasField("dim_value") else d.dim_value for d in dims[1:]]
         if sum(d is None for d in rest) > 1:
             raise ValueError(f"input {value.name}: more than one dynamic non-batch axis")
@@ -87,14 +100,10 @@ def profiles(proto: onnx.ModelProto, cfg: ProfileConfig) -> tuple[InputProfile, 
         def shape(batch: int, seq: int, rest=rest) -> Shape:
             return (batch, *(seq if d is None else d for d in rest))
 
-        out.append(
-            InputProfile(
-                value.name,
-                shape(cfg.min_batch, cfg.min_seq),
-                shape(cfg.opt_batch, cfg.opt_seq),
-                shape(cfg.max_batch, cfg.max_seq),
-            )
+        lo, mid, hi = (
+            (cfg.min_users, cfg.opt_users, cfg.max_users) if on_users else (cfg.min_batch, cfg.opt_batch, cfg.max_batch)
         )
+        out.append(InputProfile(value.name, shape(lo, cfg.min_seq), shape(mid, cfg.opt_seq), shape(hi, cfg.max_seq)))
     return tuple(out)
 
 

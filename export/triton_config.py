@@ -12,6 +12,14 @@ Triton picks one with `--model-config-name` and falls back to `config.pbtxt`, so
 ensemble needs only the default file. Shapes come from the graph: a rank-1 input [B] is
 declared `dims: [1]` reshaped to `[]` (Triton wants a non-batch dim), a ragged sequence
 axis is `-1`.
+
+A user-indexed FM graph (a `shared_user` GEM: user inputs [U, ...], candidate inputs
+[B, ...], `user_index` [B]) has no common batch axis, which Triton's dynamic batcher
+needs: its models (and the ensemble, and the adapter beside it) are configured without
+Triton batching (`max_batch_size: 0`, full shapes, no dynamic batcher). Concurrent calls
+are merged before Triton, in the front end's `@serve.batch` (N merged calls are one
+request with U = N users), and the config names the user inputs in its `user_inputs`
+parameter so that a client can build the user-indexed form.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.contract import DEFAULT_FLAVOUR, FLAVOURS, ONNX_FILENAME, PLAN_FILENAME
+from export.contract import DEFAULT_FLAVOUR, FLAVOURS, ONNX_FILENAME, PLAN_FILENAME, USER_INPUTS_PARAMETER
+from model.features import USER_INDEX, USERS_AXIS
 
 _TRITON_DTYPES = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32,
@@ -60,14 +69,29 @@ class Tensor:
     scalar: bool = False
 
 
-def graph_io(proto: onnx.ModelProto) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """The graph's inputs and outputs as Triton tensors (the first axis is the batch)."""
+def user_indexed(proto: onnx.ModelProto) -> bool:
+    """Whether the graph takes the user-indexed form (no common batch axis)."""
+    return any(i.name == USER_INDEX for i in proto.graph.input)
+
+
+def user_inputs(proto: onnx.ModelProto) -> tuple[str, ...]:
+    """The inputs on the graph's user axis (empty for a per-example graph)."""
+    return tuple(
+        i.name
+        for i in proto.graph.input
+        if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param == USERS_AXIS
+    )
+
+
+def graph_io(proto: onnx.ModelProto, batched: bool = True) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The graph's inputs and outputs as Triton tensors: without the first axis (the
+    batch) when `batched`, else with every axis (-1 where dynamic)."""
 
     def convert(value: onnx.ValueInfoProto) -> Tensor:
         t = value.type.tensor_type
         if t.elem_type not in _TRITON_DTYPES:
             raise ValueError(f"{value.name}: ONNX type {onnx.TensorProto.DataType.Name(t.elem_type)} is not served")
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim[1:])
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim[0 if not batched else 1 :])
         if not dims:
             return Tensor(value.name, _TRITON_DTYPES[t.elem_type], (1,), scalar=True)
         return Tensor(value.name, _TRITON_DTYPES[t.elem_type], dims)
@@ -92,9 +116,14 @@ def _add_tensors(field, tensors: tuple[Tensor, ...], reshape: bool) -> None:
 
 
 def _base(
-    name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], cfg: ServingConfig, reshape: bool = True
+    name: str,
+    inputs: tuple[Tensor, ...],
+    outputs: tuple[Tensor, ...],
+    cfg: ServingConfig,
+    reshape: bool = True,
+    batched: bool = True,
 ) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=name, max_batch_size=cfg.max_batch_size)
+    config = mc.ModelConfig(name=name, max_batch_size=cfg.max_batch_size if batched else 0)
     _add_tensors(config.input, inputs, reshape)
     _add_tensors(config.output, outputs, reshape)
     config.version_policy.latest.num_versions = cfg.loaded_versions
@@ -102,21 +131,36 @@ def _base(
 
 
 def _warmup(config: mc.ModelConfig, inputs: tuple[Tensor, ...], cfg: ServingConfig) -> None:
-    # Zeros are valid for every input (surface 0, empty sequences) and load every kernel.
-    warmup = config.model_warmup.add(name="zeros", batch_size=cfg.warmup_batch_size)
+    # Zeros are valid for every input (surface 0, empty sequences, user 0 of one) and
+    # load every kernel. Without Triton batching the first axis is one row (U = B = 1).
+    batched = config.max_batch_size > 0
+    warmup = config.model_warmup.add(name="zeros", batch_size=cfg.warmup_batch_size if batched else 1)
     for t in inputs:
         w = warmup.inputs[t.name]
         w.data_type = t.data_type
-        w.dims[:] = [cfg.warmup_seq_len if d == -1 else d for d in t.dims]
+        dims = [cfg.warmup_seq_len if d == -1 else d for d in t.dims]
+        if not batched:
+            dims[0] = 1
+        w.dims[:] = dims
         w.zero_data = True
 
 
-def model_config(name: str, proto: onnx.ModelProto, flavour: str, cfg: ServingConfig) -> mc.ModelConfig:
-    """The config of one ONNX-backed model (the FM or the adapter) in one flavour."""
-    inputs, outputs = graph_io(proto)
-    config = _base(name, inputs, outputs, cfg)
-    config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
-    config.dynamic_batching.preferred_batch_size[:] = [b for b in cfg.preferred_batch_sizes if b <= cfg.max_batch_size]
+def model_config(
+    name: str, proto: onnx.ModelProto, flavour: str, cfg: ServingConfig, batched: bool | None = None
+) -> mc.ModelConfig:
+    """The config of one ONNX-backed model (the FM or the adapter) in one flavour.
+    `batched` (Triton batching and the dynamic batcher) defaults to: unless the graph
+    is user-indexed."""
+    if batched is None:
+        batched = not user_indexed(proto)
+    inputs, outputs = graph_io(proto, batched)
+    config = _base(name, inputs, outputs, cfg, batched=batched)
+    if batched:
+        config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+        sizes = [b for b in cfg.preferred_batch_sizes if b <= cfg.max_batch_size]
+        config.dynamic_batching.preferred_batch_size[:] = sizes
+    if user_indexed(proto):
+        config.parameters[USER_INPUTS_PARAMETER].string_value = ",".join(user_inputs(proto))
     group = config.instance_group.add(count=cfg.instances)
     if flavour == "onnxruntime":
         config.backend = "onnxruntime"
@@ -146,10 +190,19 @@ class Step:
 
 
 def ensemble_config(
-    name: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], steps: tuple[Step, ...], cfg: ServingConfig
+    name: str,
+    inputs: tuple[Tensor, ...],
+    outputs: tuple[Tensor, ...],
+    steps: tuple[Step, ...],
+    cfg: ServingConfig,
+    user_inputs: tuple[str, ...] = (),
 ) -> mc.ModelConfig:
+    """With `user_inputs` (a user-indexed FM) the ensemble is not batched by Triton and
+    its tensors have full shapes."""
     # The ensemble passes tensors as they come ([B, 1]); its models do the reshape.
-    config = _base(name, inputs, outputs, cfg, reshape=False)
+    config = _base(name, inputs, outputs, cfg, reshape=False, batched=not user_inputs)
+    if user_inputs:
+        config.parameters[USER_INPUTS_PARAMETER].string_value = ",".join(user_inputs)
     config.platform = "ensemble"
     for step in steps:
         # -1: the latest ready version of each composing model.

@@ -72,6 +72,11 @@ def build_models(schema: FeatureSchema, cfg: GEMConfig, baselines: bool) -> dict
     """GEM first, then (optionally) the baselines, keyed by the name metrics use."""
     models: dict[str, nn.Module] = {"gem": GEM(schema, cfg)}
     if baselines:
+        # The other of the two full archs, so both are compared on the same data.
+        if cfg.sequence_arch == "shared_user":
+            models["gem_per_example"] = GEM(schema, cfg.with_(sequence_arch="interformer"))
+        elif cfg.sequence_arch == "interformer":
+            models["gem_shared_user"] = GEM(schema, cfg.with_(sequence_arch="shared_user"))
         models["gem_mean_pool"] = GEM(schema, cfg.with_(sequence_arch="mean_pool"))
         models["pooled_mlp"] = PooledMLP(schema, cfg)
         models["logistic"] = LogisticRegression(schema, cfg.seq_len)

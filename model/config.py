@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-SequenceArch = Literal["interformer", "mean_pool"]
+# interformer: per-example InterFormer (every candidate runs the whole sequence arch).
+# shared_user: the sequence side depends on user-side inputs only and runs once per
+#   user; candidates meet the history through target attention (M-FALCON) and the
+#   interaction arch. Takes user-indexed batches (model.features.share_users).
+# mean_pool: the ablation (each sequence mean-pooled into one token).
+SequenceArch = Literal["interformer", "shared_user", "mean_pool"]
+SEQUENCE_ARCHS = ("interformer", "shared_user", "mean_pool")
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class GEMConfig:
     cls_tokens: int = 2
     pma_queries: int = 2  # pooling by multi-head attention, learned queries
     recent_events: int = 4
+    # shared_user: candidate queries of the target attention, per sequence and layer.
+    target_queries: int = 4
     # Shared trunk and heads.
     trunk_hidden: int = 256
     embedding_dim: int = 64  # the `embedding` output
@@ -43,8 +51,8 @@ class GEMConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-        if self.sequence_arch not in ("interformer", "mean_pool"):
-            raise ValueError(f"sequence_arch must be interformer or mean_pool, got {self.sequence_arch!r}")
+        if self.sequence_arch not in SEQUENCE_ARCHS:
+            raise ValueError(f"sequence_arch must be one of {', '.join(SEQUENCE_ARCHS)}, got {self.sequence_arch!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
@@ -63,6 +71,11 @@ class GEMConfig:
 
     def with_(self, **changes: Any) -> GEMConfig:
         return replace(self, **changes)
+
+    @property
+    def user_indexed(self) -> bool:
+        """Whether the model's exported graph takes user-indexed batches."""
+        return self.sequence_arch == "shared_user"
 
 
 PRESETS: dict[str, GEMConfig] = {

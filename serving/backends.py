@@ -25,7 +25,7 @@ from export.contract import (
     ONNX_FILENAME,
 )
 from export.repository import ModelRepository
-from model.features import LOGITS
+from model.features import LOGITS, graph_feeds
 from serving.triton.client import BackendUnavailable, TritonClient
 
 
@@ -87,12 +87,12 @@ class OnnxBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.fm = ort.InferenceSession(str(fm), options)
         self.adapter = ort.InferenceSession(str(adapter), options)
-        self.fm_inputs = [i.name for i in self.fm.get_inputs()]
         self.fm_outputs = [o.name for o in self.fm.get_outputs()]
 
     def run(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
         """Synchronous inference (the batch job calls this from its actors)."""
-        feeds = {n: np.ascontiguousarray(batch[n]) for n in self.fm_inputs}
+        # A user-indexed FM gets each distinct user once (graph_feeds).
+        feeds = graph_feeds(batch, self.fm.get_inputs())
         out = dict(zip(self.fm_outputs, self.fm.run(self.fm_outputs, feeds), strict=True))
         logits, surface = ADAPTER_INPUTS
         adapted, adapter_version = self.adapter.run(

@@ -19,7 +19,7 @@ import numpy as np
 from export.contract import FM_MODEL, ONNX_FILENAME
 from export.repository import ModelRepository
 from model.data.reader import Batch, iter_minibatches, take
-from model.features import LOGITS, input_names, sigmoid
+from model.features import LOGITS, graph_feeds, input_names, sigmoid
 from model.schema import SURFACE_INPUT, FeatureSchema
 from trainer.evaluation import auc, normalized_entropy
 
@@ -83,7 +83,7 @@ def onnx_logits(model_path: Path, batch: Batch, schema: FeatureSchema, batch_siz
     names = input_names(schema)
     out = np.empty((len(batch[SURFACE_INPUT]), len(schema.tasks)), dtype=np.float32)
     for rows, mb in iter_minibatches(take(batch, slice(None)), batch_size, schema):
-        (out[rows],) = session.run([LOGITS], {n: np.ascontiguousarray(mb[n]) for n in names})
+        (out[rows],) = session.run([LOGITS], graph_feeds({n: mb[n] for n in names}, session.get_inputs()))
     return out
 
 

@@ -381,6 +381,7 @@ def train(
     models = build_models(schema, model_cfg, cfg.baselines)
     metrics: dict = {
         "preset": cfg.preset,
+        "gem_arch": model_cfg.sequence_arch,
         "train_shards": [p.name for p in train_paths],
         "val_shards": [p.name for p in val_paths],
         "test_shards": [p.name for p in test_paths],

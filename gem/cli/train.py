@@ -26,7 +26,8 @@ from model.schema import DEFAULT_SCHEMA_PATH
 def metric_table(metrics: dict) -> Table:
     """GEM, its adapted labels and the baselines, per task: AUC and NE on the test slice
     at the epoch each model kept (best validation NE), and its training speed."""
-    models = [m for m in ("gem", "gem_adapted", "gem_mean_pool", "pooled_mlp", "logistic") if m in metrics]
+    names = ("gem", "gem_adapted", "gem_per_example", "gem_shared_user", "gem_mean_pool", "pooled_mlp", "logistic")
+    models = [m for m in names if m in metrics]
     tasks = [t for t, v in metrics["gem"].items() if isinstance(v, dict) and "overall" in v]
     test = metrics.get("test_shards") or metrics.get("eval_shards", [])
     val = metrics.get("val_shards")
@@ -40,7 +41,7 @@ def metric_table(metrics: dict) -> Table:
     table.add_column("train ex/s", justify="right")
     table.add_column("train s", justify="right")
     for m in models:
-        row = [m]
+        row = [f"gem ({metrics['gem_arch']})" if m == "gem" and "gem_arch" in metrics else m]
         for t in tasks:
             overall = metrics[m][t]["overall"]
             row += [f"{overall['auc']:.4f}", f"{overall['ne']:.4f}"]

@@ -19,7 +19,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS
+from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS, USER_INPUTS_PARAMETER
+from model.features import share_users
 
 
 class BackendError(RuntimeError):
@@ -80,6 +81,23 @@ class TritonClient:
         self.timeout_s = timeout_s
         self.max_batch_size = max_batch_size
         self._client = InferenceServerClient(url, channel_args=_channel_args())
+        # Model -> its user inputs if it takes the user-indexed form, else None.
+        self._forms: dict[str, tuple[str, ...] | None] = {}
+
+    async def _user_inputs(self, model: str) -> tuple[str, ...] | None:
+        """The user inputs of a user-indexed model (`user_inputs` parameter of a config
+        without Triton batching), None for a batched per-example model; asked once."""
+        if model not in self._forms:
+            try:
+                config = (await self._client.get_model_config(model, as_json=True))["config"]
+            except InferenceServerException as e:
+                raise _translate(e, f"{model} config") from None
+            except grpc.RpcError as e:
+                raise BackendUnavailable(f"{model} config: {e}") from None
+            users = config.get("parameters", {}).get(USER_INPUTS_PARAMETER, {}).get("string_value", "")
+            batched = int(config.get("max_batch_size", 0)) > 0
+            self._forms[model] = None if batched or not users else tuple(users.split(","))
+        return self._forms[model]
 
     async def close(self) -> None:
         await self._client.close()
@@ -119,10 +137,15 @@ class TritonClient:
             # both ensemble steps live: Triton 2.51 deadlocks ("at least one output is
             # not set") when a request leaves one step without a requested output.
             outputs = list(dict.fromkeys([*outputs, FM_VERSION, ADAPTER_VERSION]))
+        user_inputs = await self._user_inputs(model)
+        if user_inputs is not None:
+            # A user-indexed model (not batched by Triton): each distinct user once.
+            batch = share_users(dict(batch), user_inputs)
         inputs = []
         for name, array in batch.items():
             # Triton declares [B] inputs as [B, 1] (a batched model needs a non-batch dim).
-            array = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
+            reshape = array.ndim == 1 and user_inputs is None
+            array = np.ascontiguousarray(array.reshape(-1, 1) if reshape else array)
             tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -135,6 +158,8 @@ class TritonClient:
                 client_timeout=self.timeout_s,
             )
         except InferenceServerException as e:
+            # The model may have changed form (a new version, another arch): ask again next time.
+            self._forms.pop(model, None)
             raise _translate(e, f"{model} inference") from None
         except grpc.RpcError as e:  # raised before tritonclient wraps it (channel down)
             raise BackendUnavailable(f"{model} inference: {e}") from None

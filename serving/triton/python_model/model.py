@@ -9,6 +9,10 @@ The dynamic batcher hands `execute` a list of requests; they are merged into one
 ONNX Runtime call (ragged sequence axes zero-padded to the longest, which the model
 masks) and split back. If the merged call fails, each request runs alone so that one
 bad request fails only itself.
+
+A model Triton does not batch (`max_batch_size: 0`: a user-indexed FM, whose user
+inputs and candidates have different row counts, and the adapter beside it) runs each
+request alone; its callers merge calls before Triton.
 """
 
 import json
@@ -50,6 +54,7 @@ class TritonPythonModel:
         # Inputs declared [1] and reshaped to [] arrive as [B, 1]; the graph wants [B].
         self.inputs = [(i["name"], "reshape" in i) for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self.batched = int(config.get("max_batch_size", 0)) > 0
 
     def _feeds(self, request):
         feeds = {}
@@ -70,8 +75,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         feeds = [self._feeds(r) for r in requests]
-        if len(feeds) == 1:
-            return [self._run_alone(feeds[0])]
+        if len(feeds) == 1 or not self.batched:
+            return [self._run_alone(f) for f in feeds]
         try:
             merged = {name: _merge([f[name] for f in feeds]) for name, _ in self.inputs}
             results = self.session.run(self.outputs, merged)
