@@ -38,6 +38,7 @@ from model.data.reader import DataError
 from model.schema import DEFAULT_SCHEMA_PATH, SchemaError, load_schema
 from serving.triton.client import BackendError
 from serving.triton.server import TritonError
+from students.cli import student_app
 
 console = Console(stderr=True)
 log = logging.getLogger("gem")
@@ -63,6 +64,7 @@ trainer_app = typer.Typer(
     help="The side trainer: continuous FM and Student Adapter refreshes, published to serving.", no_args_is_help=True
 )
 app.add_typer(trainer_app, name="trainer")
+app.add_typer(student_app, name="student")
 
 F = TypeVar("F", bound=Callable[..., Any])
 USER_ERRORS = (
