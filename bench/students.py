@@ -1,6 +1,6 @@
 """What each kind of GEM knowledge buys a vertical model, on synthetic data with drift.
 
-    .venv/bin/python -m bench.students [--rows 160000] [--shards 8] [--early 4] [--preset tiny]
+    .venv/bin/python -m bench.students [--rows 200000] [--shards 8] [--early 5] [--preset tiny]
 
 One run, in the order a platform runs it:
 
@@ -14,7 +14,8 @@ One run, in the order a platform runs it:
 5. every student variant trains on the later shards (all but the last) and is tested on
    the last, on the student's surfaces;
 6. teachers on the same test rows: the stale FM's labels, its adapted labels, and a
-   fresh FM trained through the later shards (what staleness costs).
+   fresh FM: the same FM trained on through the later shards but the last (warm start,
+   as the side trainer does), to show what staleness costs.
 
 Prints a table, writes bench/results/students.json and bench/results/students.png (NE
 gain over `hard`, per task and variant).
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from rich.console import Console
 
 from bench.common import RESULTS
@@ -49,7 +51,7 @@ from students.train import StudentTrainConfig, train_student
 from students.variants import parse_variant
 from trainer.metrics import evaluate
 from trainer.service import fit_refresh
-from trainer.train import TrainConfig, labels_of, predict, train
+from trainer.train import TrainConfig, labels_of, make_optimizers, predict, train, train_steps
 
 console = Console(stderr=True)
 log = logging.getLogger("bench.students")
@@ -60,10 +62,10 @@ TEACHERS = ("stale FM", "stale FM adapted", "fresh FM")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    rows: int = 160_000
+    rows: int = 200_000
     shards: int = 8
     # The FM trains on shards [0, early); the students on [early, shards - 1), test on the last.
-    early: int = 4
+    early: int = 5
     users: int = 8_000
     ads: int = 3_000
     drift: float = 1.0
@@ -126,12 +128,15 @@ class BenchResult:
                 },
             }
         if {"all", "kd"} <= s.keys():
+            # With kd's gain at or below zero the ratio means nothing: the target then asks
+            # for a positive gain of all, and the note says so.
             ratio = {
                 t: self.gain("all", t) / self.gain("kd", t) if self.gain("kd", t) > 0 else float("inf") for t in tasks
             }
             out["gain(all) >= 2x gain(kd)"] = {
-                "holds": all(r >= 2.0 for r in ratio.values()),
+                "holds": all(r >= 2.0 and self.gain("all", t) > 0 for t, r in ratio.items()),
                 "ratio": {t: round(r, 3) for t, r in ratio.items()},
+                "note": "inf: kd's gain over hard is <= 0 on that task" if any(np.isinf(list(ratio.values()))) else "",
             }
         return out
 
@@ -225,14 +230,17 @@ def run(cfg: BenchConfig) -> BenchResult:
             _timed(result, f"student {name}", start)
 
         if cfg.fresh_fm:
+            # The FM kept training through the later shards (warm start, as the side trainer does).
             start = time.perf_counter()
-            fresh = train(TrainConfig(
-                data=_links(work / "fm_fresh_data", shards), out=work / "fm_fresh", preset=cfg.preset,
-                epochs=cfg.fm_epochs, seed=cfg.seed, schema_path=cfg.schema_path,
-            ))  # fmt: skip
-            model = load_checkpoint(fresh.checkpoint, schema).model
-            result.teachers["fresh FM"] = evaluate(schema, predict(model, test_batch, schema), labels, surf)
-            _timed(result, "fresh FM training (all but the test shard)", start)
+            fresh = load_checkpoint(stale.checkpoint, schema).model
+            optimizers = make_optimizers(fresh, TrainConfig.lr, TrainConfig.embedding_lr)
+            rng = np.random.default_rng(cfg.seed)
+            for _ in range(cfg.fm_epochs):
+                for path in later[:-1]:
+                    batch = read_batch(path, schema, max_seq_len=ckpt.config.seq_len)
+                    train_steps(fresh, optimizers, batch, schema, TrainConfig.batch_size, rng)
+            result.teachers["fresh FM"] = evaluate(schema, predict(fresh, test_batch, schema), labels, surf)
+            _timed(result, "fresh FM (the stale FM trained on through the later shards)", start)
     return result
 
 
@@ -304,8 +312,10 @@ def main() -> None:
     )
     p.add_argument("--no-fresh-fm", action="store_true", help="skip the fresh FM row")
     p.add_argument("--name", default="students", help="results file name")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared 2-core machine)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
     cfg = BenchConfig(
         rows=args.rows, shards=args.shards, early=args.early, preset=args.preset, fm_epochs=args.fm_epochs,
         student_epochs=args.student_epochs, seed=args.seed, variants=tuple(args.variants),

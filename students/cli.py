@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -104,17 +105,31 @@ def train_cmd(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )  # fmt: skip
-    with progress:
-        task: dict[str, Any] = {}
+    # A bar on a terminal; a line every tenth of the work otherwise (logs, CI).
+    task: dict[str, Any] = {"done": 0, "next": 0}
 
-        def on_start(total: int) -> None:
-            task["id"] = progress.add_task(f"training student [{v.name}]", total=total, loss="-")
+    def on_start(total: int) -> None:
+        task.update(total=total, next=total // 10)
+        if console.is_terminal:
+            task["id"] = progress.add_task(escape(f"training student [{v.name}]"), total=total, loss="-")
 
-        def on_step(n: int, loss: float) -> None:
+    def on_step(n: int, loss: float) -> None:
+        task["done"] += n
+        if console.is_terminal:
             progress.update(task["id"], advance=n, loss=f"{loss:.4f}")
+        elif task["done"] >= task["next"]:
+            task["next"] += max(1, task["total"] // 10)
+            pct = 100 * task["done"] / task["total"]
+            console.print(
+                f"training student [{v.name}]: {task['done']:,}/{task['total']:,} examples ({pct:.0f}%), "
+                f"loss {loss:.4f}",
+                markup=False,
+                highlight=False,
+            )
 
+    with progress:
         result = train_student(cfg, on_step=on_step, on_start=on_start)
-    Console().print(metrics_table(f"student [{v.name}] on {', '.join(result.metrics['test_shards'])}",
-                                  {v.name: result.metrics["test"]}))  # fmt: skip
-    log.info("checkpoint written to %s (%.0f examples/s)", result.checkpoint, result.examples_per_s)
-    console.print(f"checkpoint written to {result.checkpoint}", highlight=False)
+    title = escape(f"student [{v.name}] on {', '.join(result.metrics['test_shards'])}")
+    Console().print(metrics_table(title, {v.name: result.metrics["test"]}))
+    rate = result.examples_per_s
+    console.print(f"checkpoint written to {result.checkpoint} ({rate:,.0f} examples/s)", highlight=False)

@@ -8,7 +8,7 @@
       -> top MLP -> h -> serving head  [B, T]   (what the vertical ranks with)
                      -> auxiliary head [B, T]   (ExFM: where the teacher is distilled)
 
-The tables are named `tables.<feature>` (a `HashedEmbedding`, as in the FM), so that
+The tables are named `tables.<feature>` (hashed as the FM's `HashedEmbedding`), so that
 `students.share` can load the FM's table of the same feature by name.
 """
 
@@ -18,12 +18,27 @@ import torch
 from torch import Tensor, nn
 
 from model.features import EMBEDDING, USER_EMBEDDING
-from model.layers import MLP, HashedEmbedding
+from model.layers import MLP
 from model.schema import SURFACE_INPUT, FeatureSchema
 from students.config import StudentConfig
 
 SERVING = "logits"
 AUX = "aux_logits"
+
+
+class HashedTable(nn.Module):
+    """`model.layers.HashedEmbedding` (ids hashed by `id mod buckets`, the parameter
+    named `table.weight`) with sparse gradients: a step touches the rows of its ids only,
+    not a 100k-row table (Adagrad takes sparse gradients)."""
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, dim, sparse=True)
+        nn.init.normal_(self.table.weight, std=dim**-0.5)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table(torch.remainder(ids, self.buckets))
 
 
 class Student(nn.Module):
@@ -42,7 +57,7 @@ class Student(nn.Module):
         self.dense_names = [f.name for f in schema.dense]
         self.seq = schema.sequences[0] if schema.sequences else None
         specs = list(schema.sparse) + (list(self.seq.fields) if self.seq else [])
-        self.tables = nn.ModuleDict({f.name: HashedEmbedding(f.buckets, f.dim) for f in specs})
+        self.tables = nn.ModuleDict({f.name: HashedTable(f.buckets, f.dim) for f in specs})
         self.project = nn.ModuleDict({f.name: nn.Linear(f.dim, d, bias=False) for f in specs if f.dim != d})
         self.surface = nn.Embedding(len(schema.surfaces), d)
         if self.seq:

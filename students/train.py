@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ def fit(
     names = model.input_names()
     labels = labels_of(data, schema)
     loss_mean = float("nan")
+    # The tables' sparse gradients are made by torch itself: its invariant checks can stay off.
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     for _ in range(cfg.epochs):
         model.train()
         losses = []
