@@ -24,16 +24,20 @@ gain over `hard`, per task and variant).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 import torch
 from rich.console import Console
 
@@ -81,6 +85,9 @@ class BenchConfig:
     config_path: Path = REFERENCE_CONFIG
     schema_path: Path = DEFAULT_SCHEMA_PATH
     workdir: Path | None = None
+    # Held (flock) while Ray runs, when given: a machine shared by several people runs
+    # one Ray or serving stack at a time.
+    lock: Path | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.early <= self.shards - 3:
@@ -148,6 +155,20 @@ def _links(folder: Path, paths: list[Path]) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _held(lock: Path | None) -> Iterator[None]:
+    if lock is None:
+        yield
+        return
+    with lock.open("a") as f:
+        console.print(f"[dim]waiting for {lock}[/]")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _timed(result: BenchResult, name: str, start: float) -> None:
     result.seconds[name] = round(time.perf_counter() - start, 1)
     console.print(f"[dim]{name}: {result.seconds[name]:.1f}s[/]")
@@ -194,9 +215,15 @@ def run(cfg: BenchConfig) -> BenchResult:
         _timed(result, "publish + adapter refresh", start)
 
         # gem embed over the later shards.
-        start = time.perf_counter()
         knowledge = work / "knowledge"
-        summary = run_embed(EmbedConfig(source=str(_links(work / "later", later)), out=knowledge, repository=repo))
+        with _held(cfg.lock):
+            start = time.perf_counter()
+            try:
+                summary = run_embed(
+                    EmbedConfig(source=str(_links(work / "later", later)), out=knowledge, repository=repo)
+                )
+            finally:
+                ray.shutdown()
         if summary.failed_files or summary.error_rows:
             raise RuntimeError(
                 f"gem embed failed: {[f.error for f in summary.failed_files]}, {summary.error_rows} error rows"
@@ -312,6 +339,7 @@ def main() -> None:
     )
     p.add_argument("--no-fresh-fm", action="store_true", help="skip the fresh FM row")
     p.add_argument("--name", default="students", help="results file name")
+    p.add_argument("--lock", type=Path, default=None, help="flock this file while Ray runs (gem embed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared 2-core machine)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -319,7 +347,7 @@ def main() -> None:
     cfg = BenchConfig(
         rows=args.rows, shards=args.shards, early=args.early, preset=args.preset, fm_epochs=args.fm_epochs,
         student_epochs=args.student_epochs, seed=args.seed, variants=tuple(args.variants),
-        fresh_fm=not args.no_fresh_fm,
+        fresh_fm=not args.no_fresh_fm, lock=args.lock,
     )  # fmt: skip
     start = time.perf_counter()
     result = run(cfg)
