@@ -58,7 +58,8 @@ def rank(client: KnowledgeClient, student: Student, rows: pa.Table) -> tuple[np.
     batch[EMBEDDING] = reply.outputs[EMBEDDING].astype(np.float32)
     batch[USER_EMBEDDING] = reply.outputs[USER_EMBEDDING].astype(np.float32)
     with torch.no_grad():
-        logits = student({n: torch.from_numpy(np.ascontiguousarray(batch[n])) for n in student.input_names()})[SERVING]
+        inputs = {n: torch.from_numpy(np.require(batch[n], requirements=("C", "W"))) for n in student.input_names()}
+        logits = student(inputs)[SERVING]
     return torch.sigmoid(logits).numpy(), {k: reply.outputs[k] for k in (EMBEDDING, USER_EMBEDDING)}
 
 

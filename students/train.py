@@ -118,7 +118,7 @@ def load_split(
 
 
 def _tensors(batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
-    return {n: torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names}
+    return {n: torch.from_numpy(np.require(batch[n], requirements=("C", "W"))) for n in names}
 
 
 @torch.no_grad()

@@ -90,9 +90,8 @@ def test_the_online_example_answers_through_the_front_end(stack, schema, synth_d
     batch = table_to_batch(same_user, student.schema, max_seq_len=cfg.sequence_events, labels=False)
     batch.update(knowledge.outputs)
     with torch.no_grad():
-        expected = torch.sigmoid(
-            student({n: torch.from_numpy(np.ascontiguousarray(batch[n])) for n in student.input_names()})[SERVING]
-        )
+        inputs = {n: torch.from_numpy(np.require(batch[n], requirements=("C", "W"))) for n in student.input_names()}
+        expected = torch.sigmoid(student(inputs)[SERVING])
     np.testing.assert_allclose(scores, expected.numpy(), atol=1e-4)
 
 
