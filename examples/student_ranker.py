@@ -46,9 +46,10 @@ def candidates_of_one_user(path: Path, student: Student, n: int) -> pa.Table:
 def rank(client: KnowledgeClient, student: Student, rows: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Scores [n, tasks] of the candidates, and the knowledge the service returned."""
     schema = load_schema()  # the FM's schema: which columns are user-side
-    user_cols = [s.name for s in input_specs(schema) if s.side == "user" and s.kind != "length"]
+    inputs = [s for s in input_specs(schema) if s.kind != "length"]  # what the service takes
+    user_cols = [s.name for s in inputs if s.side == "user"]
     user = rows.slice(0, 1).select(user_cols)
-    ads = rows.drop_columns(user_cols)
+    ads = rows.select([s.name for s in inputs if s.side != "user"])
     reply = client.generate(ads, shared=user, outputs=["embedding", "user_embedding"])
     # The student reads the same user row for every candidate, as the service did.
     same_user = ads
