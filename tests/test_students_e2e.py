@@ -12,6 +12,7 @@ from bench.students import BenchConfig, report, run
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_fm_to_gem_embed_to_student_beats_hard(tmp_path, monkeypatch):
     cfg = BenchConfig(
         rows=36_000, shards=6, early=3, users=2_000, ads=800, variants=("hard", "kd", "all"), fresh_fm=False,

@@ -32,6 +32,7 @@ from tests.test_triton_server import triton_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "student_ranker.py"
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
