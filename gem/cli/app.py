@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from gem.cli import data, embed, export, serve, train, trainer
+from gem.cli import data, embed, export, serve, student, train, trainer
 from gem.cli.common import console
 
 app = typer.Typer(
@@ -39,3 +39,4 @@ app.command("query")(serve.query)
 app.command("health")(serve.health)
 app.command("embed")(embed.embed_cmd)
 app.add_typer(trainer.trainer_app, name="trainer")
+app.add_typer(student.student_app, name="student")
