@@ -19,7 +19,7 @@ from export.onnx_export import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from export.repository import ADAPTER_MODEL, ADAPTER_VERSION, FM_MODEL, FM_VERSION, ModelRepository
 from export.triton_config import ONNX_FILENAME
 from model.features import LOGITS
-from serving.triton.client import BackendUnavailable, TritonClient
+from serving.triton.client import BackendTimeout, BackendUnavailable, TritonClient
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,15 @@ class Knowledge:
 class Backend(Protocol):
     name: str
 
-    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        """`outputs` are model output names (`logits`, `adapted_logits`, ...)."""
+    async def infer(
+        self,
+        batch: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+        chunk: int | None = None,
+    ) -> Knowledge:
+        """`outputs` are model output names (`logits`, `adapted_logits`, ...); past
+        `timeout_s`, `BackendTimeout`; `chunk`: most rows per backend request."""
         ...
 
     async def close(self) -> None: ...
@@ -54,8 +61,14 @@ class TritonBackend:
     def __init__(self, url: str, timeout_s: float = 10.0):
         self.client = TritonClient(url, timeout_s=timeout_s)
 
-    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        out = await self.client.infer(batch, outputs=outputs)
+    async def infer(
+        self,
+        batch: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+        chunk: int | None = None,
+    ) -> Knowledge:
+        out = await self.client.infer(batch, outputs=outputs, timeout_s=timeout_s, chunk=chunk)
         fm, adapter = _versions(out)
         return Knowledge(out, fm, adapter)
 
@@ -100,8 +113,17 @@ class OnnxBackend:
         fm, adapter = _versions(out)
         return Knowledge({k: out[k] for k in outputs}, fm, adapter)
 
-    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        return await asyncio.to_thread(self.run, batch, outputs)
+    async def infer(
+        self,
+        batch: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+        chunk: int | None = None,
+    ) -> Knowledge:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.run, batch, outputs), timeout_s)
+        except TimeoutError:
+            raise BackendTimeout(f"onnxruntime inference: not done after {timeout_s:.3f}s") from None
 
     async def close(self) -> None:
         return None

@@ -35,6 +35,14 @@ OUTPUT_NAMES = {
     "user_embedding": pb.OUTPUT_USER_EMBEDDING,
 }
 Columns = Mapping[str, Any] | pa.Table | Any  # Any: a pandas DataFrame
+# Metadata carrying the call's deadline to the server, which bounds its backend call by
+# it (gRPC's own deadline is not visible behind Ray Serve's proxy); serving.config has
+# the same name.
+TIMEOUT_METADATA = "gem-timeout-ms"
+# Only what is safe to retry: UNAVAILABLE means the call did not run (or its result was
+# lost before any work counted). DEADLINE_EXCEEDED is not retried: the work may still be
+# running, and a retry would double the load exactly when the server is slow.
+RETRYABLE = ("UNAVAILABLE",)
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": list(RETRYABLE),
                 },
             }
         ]
@@ -155,6 +163,9 @@ class _Base:
         self._channel = type(self)._make_channel(address, channel_options(retries), interceptors)
         self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
+    def _call_metadata(self, timeout_s: float) -> list[tuple[str, str]]:
+        return [*self.metadata, (TIMEOUT_METADATA, str(max(int(timeout_s * 1000), 1)))]
+
     def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
         self._info, self._schema = info, schema_from_yaml(info.schema_yaml, source=f"{self.address} GetModelInfo")
         return info
@@ -180,7 +191,8 @@ class KnowledgeClient(_Base):
         if self._info is None:
             self.info()
         request = _request(self._columns(features), self._columns(shared), outputs)
-        response = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        timeout = timeout_s or self.timeout_s
+        response = self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
 
     def close(self) -> None:
@@ -210,7 +222,8 @@ class AsyncKnowledgeClient(_Base):
         if self._info is None:
             await self.info()
         request = _request(self._columns(features), self._columns(shared), outputs)
-        response = await self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        timeout = timeout_s or self.timeout_s
+        response = await self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
 
     async def close(self) -> None:

@@ -1,0 +1,35 @@
+"""Where the local stack's Ray Serve front end listens.
+
+Ray Serve's HTTP proxy takes a host (`http_options.host`), but its gRPC proxy binds
+`[::]:<port>` unconditionally (ray 2.60: `ray/serve/_private/grpc_util.py`,
+`start_grpc_server` -> `default_impl.add_grpc_address(server, f"[::]:{port}")`; no option
+or variable changes it). The local stack must listen on 127.0.0.1 only, so every Ray
+worker of the local stack runs `setup_worker` (Ray's documented `worker_process_setup_hook`
+of the job's runtime_env) and, when `GEM_SERVE_GRPC_HOST` is set, the proxy's gRPC
+address uses that host. Clusters (`serve deploy`) do not set it and keep Ray's default.
+tests/test_hostile.py checks the socket table, so an upgrade that breaks this shows.
+"""
+
+from __future__ import annotations
+
+import os
+
+HOST_ENV = "GEM_SERVE_GRPC_HOST"
+
+
+def setup_worker() -> None:
+    host = os.environ.get(HOST_ENV)
+    if not host:
+        return
+    try:
+        from ray.serve._private import default_impl
+    except ImportError:
+        return
+    original = getattr(default_impl.add_grpc_address, "__wrapped__", default_impl.add_grpc_address)
+
+    def add_grpc_address(server, address: str):
+        port = address.rsplit(":", 1)[-1]
+        return original(server, f"{host}:{port}")
+
+    add_grpc_address.__wrapped__ = original  # type: ignore[attr-defined]
+    default_impl.add_grpc_address = add_grpc_address
