@@ -360,16 +360,23 @@ def triton_up(
     grpc_port: PortOption = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics of Triton itself.")] = 8002,
     foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C stops the server.")] = False,
+    host: Annotated[
+        str, typer.Option(envvar="GEM_HOST", help="Address Triton listens on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
 ) -> None:
     """Start the local Triton on the model repository (explicit model control, the
-    `python` config flavour) and wait until it is ready."""
+    `python` config flavour) and wait until it is ready. Its model-control and
+    repository APIs need the key in artifacts/triton/server.json ($GEM_TRITON_ADMIN_KEY)."""
+    import dataclasses
+
     from serving.triton.server import TritonServer
 
     if not repo.is_dir():
         raise FileNotFoundError(f"no model repository at {repo}; run `gem export` first")
-    cfg = _triton_config(repo, http_port, grpc_port, metrics_port)
+    cfg = dataclasses.replace(_triton_config(repo, http_port, grpc_port, metrics_port), host=host)
     with console.status("starting tritonserver"):
         server = TritonServer(cfg).start(detach=not foreground)
+    cfg = server.cfg
     log.info(
         "Triton ready: gRPC %s, HTTP %s, metrics :%d, log %s", cfg.grpc_url, cfg.http_url, metrics_port, cfg.log_file
     )
@@ -386,13 +393,24 @@ def triton_up(
 
 @triton_app.command("down")
 @friendly_errors
-def triton_down() -> None:
-    """Stop the Triton that `gem triton up` left running."""
+def triton_down(
+    work_dir: Annotated[
+        Path, typer.Option(help="The state folder of the server (gem up --triton-work-dir).", file_okay=False)
+    ] = TRITON_WORK_DIR,
+) -> None:
+    """Stop the Triton that `gem triton up` left running, or the one a `gem up` runs
+    (that stops the `gem up`: its supervisor would restart Triton otherwise)."""
+    import json
+
     from serving.triton.server import stop_detached
 
-    pid = stop_detached(TRITON_WORK_DIR)
+    state = work_dir / "server.json"
+    owner = json.loads(state.read_text()).get("owner") if state.exists() else None
+    pid = stop_detached(work_dir)
     if pid is None:
-        log.info("no Triton was started from %s", TRITON_WORK_DIR)
+        log.info("no Triton was started from %s", work_dir.absolute())
+    elif owner:
+        log.info("stopped the `gem up` (pid %d) that supervised Triton (pid %d)", owner, pid)
     else:
         log.info("stopped Triton (pid %d)", pid)
 
@@ -408,14 +426,15 @@ def triton_status(
     from serving.triton.client import TritonClient
     from serving.triton.server import detached_config
 
+    key = None
     if url is None:
         cfg = detached_config(TRITON_WORK_DIR)
         if cfg is None:
             raise TritonError("no Triton was started with `gem triton up`; pass --url to ask another one")
-        url = cfg.grpc_url
+        url, key = cfg.grpc_url, cfg.admin_key or None
 
     async def versions():
-        async with TritonClient(url, timeout_s=5) as client:
+        async with TritonClient(url, timeout_s=5, admin_key=key) as client:
             return await client.versions()
 
     table = Table(title=f"Triton at {url}")
@@ -441,15 +460,33 @@ def _wait_for_ctrl_c() -> None:
 
 
 def _ready_message(address: str, metrics_port: int) -> None:
+    """What to do next, with absolute paths; each command on its own line, never wrapped
+    (printed plainly, not through rich), so it can be copied from any terminal width."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent.absolute()
+    root = Path(__file__).resolve().parents[1]
+    host = address.rsplit(":", 1)[0]
     console.print(
-        f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)\n"
-        f"  query it:   .venv/bin/gem query --address {address}\n"
-        f"  describe:   grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo\n"
-        f"  health:     grpcurl -plaintext {address} grpc.health.v1.Health/Check\n"
-        f"  metrics:    curl -s 127.0.0.1:{metrics_port}/metrics | grep ray_gem_\n"
-        f"  load test:  .venv/bin/locust -f loadtests/locustfile.py --config loadtests/locust.conf --host {address}\n",
+        f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)",
         highlight=False,
+        soft_wrap=True,
     )
+    lines = [
+        "query it:",
+        f"  {bin_dir / 'gem'} query --address {address}",
+        "describe:",
+        f"  grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo",
+        "health:",
+        f"  grpcurl -plaintext {address} grpc.health.v1.Health/Check",
+        "metrics:",
+        f"  curl -s http://{host}:{metrics_port}/metrics | grep ray_gem_",
+        "load test:",
+        f"  {bin_dir / 'locust'} -f {root / 'loadtests' / 'locustfile.py'} "
+        f"--config {root / 'loadtests' / 'locust.conf'} --host {address}",
+    ]
+    sys.stderr.write("".join(f"  {line}\n" for line in lines) + "\n")
+    sys.stderr.flush()
 
 
 BootstrapDataOption = Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")]
@@ -471,7 +508,8 @@ def bootstrap(checkpoint: Path, data: Path, repo: Path, train_when_published: bo
         log.info("no checkpoint at %s: training the small model on synthetic data first", checkpoint)
         if not any(data.glob("*.parquet")):
             data_synth(out=data)
-        Console().print(metric_table(run_training(data, checkpoint, "small", 1, 512, True, 0, DEFAULT_SCHEMA_PATH)))
+        # GEM only: serving never uses the baselines (`gem train --baselines` trains them).
+        Console().print(metric_table(run_training(data, checkpoint, "small", 1, 512, False, 0, DEFAULT_SCHEMA_PATH)))
     if not published:
         log.info("model repository %s is empty: exporting %s", repo, checkpoint)
         Console().print(parity_table(run_export(checkpoint, repo, data if data.exists() else None, keep=3)))
@@ -504,22 +542,38 @@ def up(
     embedded: Annotated[bool, typer.Option(help="In-process ONNX Runtime instead of Triton.")] = False,
     grpc_port: Annotated[int, typer.Option(help="The front end's gRPC port.")] = 50051,
     metrics_port: MetricsPortOption = 8090,
+    http_port: Annotated[int, typer.Option(help="The front end's HTTP port (Ray Serve's HTTP proxy).")] = 8080,
+    triton_http_port: Annotated[int, typer.Option(help="Triton's HTTP port.")] = 8000,
+    triton_grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
+    triton_metrics_port: Annotated[int, typer.Option(help="Triton's metrics port.")] = 8002,
+    triton_work_dir: Annotated[
+        Path, typer.Option(help="Triton's log and state folder (where `gem triton down` looks).", file_okay=False)
+    ] = TRITON_WORK_DIR,
+    host: Annotated[
+        str,
+        typer.Option(envvar="GEM_HOST", help="Address everything listens on; 0.0.0.0 opens the stack to the network."),
+    ] = "127.0.0.1",
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
-    the model repository is empty, start Triton and the Ray Serve gRPC front end, and
-    serve until Ctrl-C."""
-    from serving.stack import StackConfig, local_stack
+    the model repository is empty, start Triton (supervised: restarted if it exits) and
+    the Ray Serve gRPC front end, and serve until Ctrl-C."""
+    from serving.stack import StackConfig, check_ports, local_stack
 
+    cfg = StackConfig(
+        repository=repo,
+        triton_work_dir=triton_work_dir,
+        embedded=embedded,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        triton_http_port=triton_http_port,
+        triton_grpc_port=triton_grpc_port,
+        triton_metrics_port=triton_metrics_port,
+        host=host,
+    )
+    check_ports(cfg)  # before minutes of training
     bootstrap(checkpoint, data, repo, train_when_published=True)
-    with local_stack(
-        StackConfig(
-            repository=repo,
-            triton_work_dir=TRITON_WORK_DIR,
-            embedded=embedded,
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
-        )
-    ) as address:
+    with local_stack(cfg) as address:
         _ready_message(address, metrics_port)
         _wait_for_ctrl_c()
 

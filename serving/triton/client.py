@@ -99,7 +99,13 @@ class TritonClient:
         import os
 
         self.url = url
-        admin_key = os.environ.get(ADMIN_KEY_ENV, "") if admin_key is None else admin_key
+        if admin_key is None:
+            from pathlib import Path
+
+            from serving.triton.server import stored_admin_key
+
+            # The key `gem up` / `gem triton up` started the local server with.
+            admin_key = os.environ.get(ADMIN_KEY_ENV) or stored_admin_key(Path("artifacts") / "triton")
         self._admin_headers = {ADMIN_HEADER: admin_key} if admin_key else None
         self.model = model
         self.timeout_s = timeout_s
