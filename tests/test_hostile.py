@@ -31,9 +31,8 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from grpc_status import rpc_status
-
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
