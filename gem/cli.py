@@ -587,6 +587,12 @@ def serve_cmd(
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the front end.")] = 50051,
     replicas: Annotated[int, typer.Option(help="Ingress replicas.")] = 1,
     metrics_port: MetricsPortOption = 8090,
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="GEM_HOST", help="Address the front end listens on; 0.0.0.0 opens it (compose, in its network)."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
     cluster, use `serve deploy serving/serve_config.yaml`."""
@@ -598,6 +604,7 @@ def serve_cmd(
         grpc_port=grpc_port,
         replicas=replicas,
         metrics_port=metrics_port,
+        host=host,
     )
     try:
         frontend.wait_healthy(address)
