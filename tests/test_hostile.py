@@ -351,13 +351,6 @@ def test_refusals_carry_bad_request_field_violations_and_a_request_id(stack, mod
     assert trailers["request_id"] in e.value.details()
 
 
-def test_client_retries_only_unavailable():
-    from serving.client import RETRYABLE, channel_options
-
-    policy = json.loads(dict(channel_options(3))["grpc.service_config"])
-    assert policy["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"] == list(RETRYABLE)
-
-
 def test_nothing_listens_beyond_loopback(stack):
     up = psutil.Process(stack["up"].pid)
     pids = {up.pid} | {p.pid for p in up.children(recursive=True)}
