@@ -263,6 +263,7 @@ class GoodTraffic:
         self.want = [self._call(b) for b in self.batches]
         self.sent, self.failed, self.mismatched = 0, [], 0
         self._count = threading.Lock()
+        self.latencies: list[float] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(4)]
 
@@ -278,8 +279,10 @@ class GoodTraffic:
             i += 4
             with self._count:
                 self.sent += 1
+            start = time.perf_counter()
             try:
                 got = self._call(self.batches[k])
+                self.latencies.append(time.perf_counter() - start)
             except grpc.RpcError as e:
                 self.failed.append(f"{e.code().name}: {e.details()}")
                 continue
@@ -320,7 +323,9 @@ def test_hostile_calls_get_precise_statuses_and_good_calls_are_untouched(stack, 
             time.sleep(0.2)
     lines = [f"| {name} | {code.name} | {details[:90]} |" for name, (code, details) in results.items()]
     print("\n| case | status | message |\n|---|---|---|\n" + "\n".join(lines))
-    print(f"good calls: {good.sent} sent, {len(good.failed)} failed, {good.mismatched} with other outputs")
+    ms = np.percentile(np.array(good.latencies or [0.0]) * 1e3, [50, 99, 100])
+    print(f"good calls: {good.sent} sent, {len(good.failed)} failed, {good.mismatched} with other outputs; "
+          f"latency p50 {ms[0]:.0f} ms, p99 {ms[1]:.0f} ms, max {ms[2]:.0f} ms")  # fmt: skip
     for name, (code, details) in results.items():
         assert code in ALLOWED | {grpc.StatusCode.OK}, f"{name}: {code.name} {details[:300]}"
         if "caller deadline" in name:
