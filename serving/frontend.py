@@ -11,6 +11,8 @@ from serving.config import MAX_MESSAGE_ENV, SERVICER_FUNCTIONS, FrontendConfig, 
 from serving.health import check
 
 log = logging.getLogger(__name__)
+# ray._private.ray_constants.ENABLE_RAY_CLUSTER: "0" keeps Ray on this machine's loopback.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 APP_NAME = "gem_knowledge"
 
@@ -35,16 +37,27 @@ def start(
     Ray itself, Serve's HTTP proxy and its gRPC proxy (serving/loopback.py). The gRPC
     proxy refuses messages over the largest legal call (RESOURCE_EXHAUSTED), and calls
     longer than the backend bound get DEADLINE_EXCEEDED from the proxy itself."""
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
+    import sys
 
     from model.schema import load_schema
-    from serving.app import KnowledgeIngress
     from serving.loopback import HOST_ENV
 
     limit = max_message_bytes(load_schema(cfg.schema_path), cfg.max_examples_per_call)
     env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host}
+    local_only = host in ("127.0.0.1", "localhost") and LOCAL_ONLY_ENV not in os.environ
+    if local_only and "ray._private.ray_constants" not in sys.modules:
+        # Ray's single-machine mode (its default on macOS/Windows), decided when Ray is
+        # first imported: the node address is the loopback one, so Ray's own servers and
+        # its metrics listen there too. Set before Ray is imported.
+        env[LOCAL_ONLY_ENV] = "0"
+        os.environ[LOCAL_ONLY_ENV] = "0"
+
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from serving.app import KnowledgeIngress
+
     if not ray.is_initialized():
         # Ray's workers (the proxies among them) inherit the environment of the Ray
         # started here, and run the setup hook that binds the gRPC proxy to `host`.
@@ -55,7 +68,6 @@ def start(
             include_dashboard=False,
             log_to_driver=False,
             _metrics_export_port=metrics_port,
-            _node_ip_address=host if host in ("127.0.0.1", "localhost") else None,
             runtime_env={"env_vars": env, "worker_process_setup_hook": "serving.loopback.setup_worker"},
         )
     serve.start(
