@@ -6,7 +6,9 @@ Ray Serve's HTTP proxy takes a host (`http_options.host`), but its gRPC proxy bi
 or variable changes it). The local stack must listen on 127.0.0.1 only, so every Ray
 worker of the local stack runs `setup_worker` (Ray's documented `worker_process_setup_hook`
 of the job's runtime_env) and, when `GEM_SERVE_GRPC_HOST` is set, the proxy's gRPC
-address uses that host. Clusters (`serve deploy`) do not set it and keep Ray's default.
+address and each replica's inter-deployment gRPC server use that host (both are private
+Ray functions, patched by name: a Ray upgrade that renames them makes the patch a no-op,
+and the socket-table tests fail). Clusters (`serve deploy`) do not set it and keep Ray's default.
 tests/test_hostile.py checks the socket table, so an upgrade that breaks this shows.
 """
 
@@ -33,3 +35,18 @@ def setup_worker() -> None:
 
     add_grpc_address.__wrapped__ = original  # type: ignore[attr-defined]
     default_impl.add_grpc_address = add_grpc_address
+    # Each Serve replica's inter-deployment gRPC server binds "[::]:0" the same way
+    # (ray/serve/_private/replica.py, `add_port_to_grpc_server(self._server, "[::]:0")`).
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    add_port = getattr(replica.add_port_to_grpc_server, "__wrapped__", replica.add_port_to_grpc_server)
+
+    def add_port_to_grpc_server(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[-1]}"
+        return add_port(server, address)
+
+    add_port_to_grpc_server.__wrapped__ = add_port  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port_to_grpc_server

@@ -383,8 +383,8 @@ def test_our_services_listen_on_loopback_only(stack):
         assert all(ip in LOOPBACK for ip in bound), f"{what} ({port}) listens on {bound}"
 
 
-@pytest.mark.xfail(reason="Ray core's own servers (GCS, raylet, workers, agents) may bind all interfaces", strict=False)
 def test_nothing_listens_beyond_loopback(stack):
+    """Ray's own servers too (single-machine mode), and Serve's replicas (loopback.py)."""
     exposed = [s for s in listening(stack) if s[0] not in LOOPBACK]
     assert not exposed, exposed
 
@@ -403,7 +403,12 @@ def test_triton_control_api_needs_the_key(stack, model_info):
     with pytest.raises(InferenceServerException):
         client.unload_model("gem_knowledge")
     key = state(stack)["admin_key"]
-    index = client.get_model_repository_index(headers={"gem-admin-key": key}, as_json=True)
+    with pytest.raises(InferenceServerException):
+        client.get_model_repository_index(headers={"triton-grpc-protocol-gem-admin-key": "wrong"})
+    index = client.get_model_repository_index(headers={"triton-grpc-protocol-gem-admin-key": key}, as_json=True)
+    urllib.request.urlopen(
+        urllib.request.Request(http + "/v2/repository/index", data=b"{}", headers={"gem-admin-key": key}), timeout=10
+    )
     assert any(m["name"] == "gem_knowledge" for m in index["models"])
     # The front end still serves.
     stub = pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(stack["address"]))

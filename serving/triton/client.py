@@ -106,7 +106,8 @@ class TritonClient:
 
             # The key `gem up` / `gem triton up` started the local server with.
             admin_key = os.environ.get(ADMIN_KEY_ENV) or stored_admin_key(Path("artifacts") / "triton")
-        self._admin_headers = {ADMIN_HEADER: admin_key} if admin_key else None
+        # Triton checks a restricted gRPC protocol's key under this prefix (HTTP: as is).
+        self._admin_headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key} if admin_key else None
         self.model = model
         self.timeout_s = timeout_s
         self.max_batch_size = max_batch_size
