@@ -178,3 +178,27 @@ def test_supervisor_restarts_an_exited_triton_with_backoff(monkeypatch, tmp_path
         assert s.restarts == 1 and s.pid != first
         second = s.pid
     assert not Path(f"/proc/{second}").exists() or "Z" in Path(f"/proc/{second}/stat").read_text().split()[2]
+
+
+def test_bootstrap_trains_gem_only(monkeypatch, tmp_path):
+    from gem import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "data_synth", lambda out: None)
+    monkeypatch.setattr(cli, "run_training", lambda *a: seen.setdefault("baselines", a[5]) and {})
+    monkeypatch.setattr(cli, "metric_table", lambda m: "")
+    monkeypatch.setattr(cli, "run_export", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "parity_table", lambda r: "")
+    cli.bootstrap(tmp_path / "ckpt", tmp_path / "data", tmp_path / "repo")
+    assert seen == {"baselines": False}
+
+
+def test_ready_message_has_absolute_paths_one_command_a_line(capsys):
+    from gem.cli import _ready_message
+
+    _ready_message("127.0.0.1:50051", 8090)
+    err = capsys.readouterr().err
+    commands = [line.strip() for line in err.splitlines() if line.startswith("    ")]
+    assert any(c.split()[0].endswith("/gem") and Path(c.split()[0]).is_absolute() for c in commands)
+    locust = next(c for c in commands if "locust" in c)
+    assert all(Path(p).is_absolute() for p in locust.split() if p.endswith((".py", ".conf")))
