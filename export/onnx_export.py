@@ -131,6 +131,10 @@ def _export(
     # do not concern these graphs; what matters is checked below.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    # onnx_ir's passes log each deduplicated initializer at INFO (~220 lines per export);
+    # shown with `gem -v` (root at DEBUG) only.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)

@@ -26,7 +26,7 @@ from export.contract import (
 )
 from export.repository import ModelRepository
 from model.features import LOGITS, graph_feeds
-from serving.triton.client import BackendUnavailable, TritonClient
+from serving.triton.client import BackendTimeout, BackendUnavailable, TritonClient
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,15 @@ class Knowledge:
 class Backend(Protocol):
     name: str
 
-    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        """`outputs` are model output names (`logits`, `adapted_logits`, ...)."""
+    async def infer(
+        self,
+        batch: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+        chunk: int | None = None,
+    ) -> Knowledge:
+        """`outputs` are model output names (`logits`, `adapted_logits`, ...); past
+        `timeout_s`, `BackendTimeout`; `chunk`: most rows per backend request."""
         ...
 
     async def close(self) -> None: ...
@@ -56,8 +63,14 @@ class TritonBackend:
     def __init__(self, url: str, timeout_s: float = 10.0):
         self.client = TritonClient(url, timeout_s=timeout_s)
 
-    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        out = await self.client.infer(batch, outputs=outputs)
+    async def infer(
+        self,
+        batch: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+        chunk: int | None = None,
+    ) -> Knowledge:
+        out = await self.client.infer(batch, outputs=outputs, timeout_s=timeout_s, chunk=chunk)
         fm, adapter = _versions(out)
         return Knowledge(out, fm, adapter)
 
@@ -102,8 +115,17 @@ class OnnxBackend:
         fm, adapter = _versions(out)
         return Knowledge({k: out[k] for k in outputs}, fm, adapter)
 
-    async def infer(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
-        return await asyncio.to_thread(self.run, batch, outputs)
+    async def infer(
+        self,
+        batch: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        timeout_s: float | None = None,
+        chunk: int | None = None,
+    ) -> Knowledge:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.run, batch, outputs), timeout_s)
+        except TimeoutError:
+            raise BackendTimeout(f"onnxruntime inference: not done after {timeout_s:.3f}s") from None
 
     async def close(self) -> None:
         return None

@@ -10,10 +10,28 @@ from pathlib import Path
 from model.schema import DEFAULT_SCHEMA_PATH
 
 SERVICER_FUNCTIONS = (
-    "gem.knowledge.v1.knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server",
+    # Raw-bytes requests: malformed protobuf is refused by the ingress (serving/grpc_api.py).
+    "serving.grpc_api.add_KnowledgeServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 TOKEN_ENV = "GEM_AUTH_TOKEN"
+# Ray Serve's gRPC proxy reads its receive limit from this variable (ray.serve._private.
+# constants.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); bigger messages get RESOURCE_EXHAUSTED
+# from gRPC itself, before they are read.
+MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+
+
+def max_message_bytes(schema, max_examples: int) -> int:
+    """The largest legal Generate request (every input per example, sequences at their
+    max_length, protobuf framing included), with 25 % + 1 MiB of margin."""
+    from model.features import input_specs
+
+    max_length = {q.name: q.max_length for q in schema.sequences}
+    per_row = sum(
+        s.dtype.itemsize * (max_length.get(s.sequence or "", 1) if s.rank == 2 else 1) for s in input_specs(schema)
+    )
+    framing = 64 * len(input_specs(schema)) + 64
+    return int((per_row * max_examples + framing) * 1.25) + (1 << 20)
 
 
 @dataclass(frozen=True)
@@ -29,7 +47,12 @@ class FrontendConfig:
     max_examples_per_call: int = 4096
     # How long the first call of a batch waits for others to join it.
     batch_wait_timeout_s: float = 0.002
+    # The longest a backend call may take; a caller's shorter deadline (TIMEOUT_METADATA)
+    # wins. Calls past it get DEADLINE_EXCEEDED, which clients do not retry.
     backend_timeout_s: float = 10.0
+    # Calls with more examples than this run apart from the merged batches, in backend
+    # chunks of at most this many rows, so that one slow call never holds others up.
+    solo_examples: int = 1024
     # Bearer token every call must carry (metadata `authorization: Bearer <token>`);
     # empty: no check. Defaults to $GEM_AUTH_TOKEN. Never logged.
     auth_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""), repr=False)

@@ -11,6 +11,7 @@ alone; then `@serve.batch` merges concurrent calls into one backend batch of up 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from gem.knowledge.client import TIMEOUT_METADATA
 from gem.knowledge.outputs import OUTPUT_NAMES
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, decode_map, encode
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
@@ -32,8 +35,10 @@ from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, sigmo
 from model.schema import load_schema
 from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend
 from serving.config import FrontendConfig
+from serving.errors import Refusal, Violation, internal, quote, refuse
+from serving.grpc_api import SERVICE
 from serving.prometheus import FrontendMetrics
-from serving.triton.client import BackendError, BackendUnavailable, InvalidRequest
+from serving.triton.client import BackendTimeout, BackendUnavailable, InvalidRequest
 from serving.validation import Limits, RequestError, assemble
 
 log = logging.getLogger("ray.serve")
@@ -52,11 +57,11 @@ FLOAT32 = pb.DATA_TYPE_FLOAT32
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 NO_TOKEN = "missing or wrong bearer token"
-# Backend failures by status code (first match); anything else is INTERNAL.
-STATUS_OF = {BackendUnavailable: grpc.StatusCode.UNAVAILABLE, InvalidRequest: INVALID}
 # Ray Serve must admit enough concurrent calls for batches to fill (its default of 5
 # starves them; see DESIGN.md).
 MAX_ONGOING_REQUESTS = 1024
+# How often the background health probe asks the backend (health checks read its state).
+HEALTH_PERIOD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,14 +87,70 @@ def _rows_of(calls: list[Call]) -> int:
     return sum(c.rows for c in calls)
 
 
+def _parse(message_type, request):
+    """The request message: Serve's proxy hands over the raw bytes (serving/grpc_api.py)."""
+    if not isinstance(request, bytes | bytearray | memoryview):
+        return request
+    try:
+        return message_type.FromString(bytes(request))
+    except (DecodeError, RecursionError, ValueError):
+        name = message_type.DESCRIPTOR.full_name
+        raise Refusal(
+            INVALID,
+            f"the request is not a valid {name} (protobuf decoding failed)",
+            (Violation("", f"not a {name}"),),
+        ) from None
+
+
+def _backend_refusal(e: Exception, timeout_s: float) -> tuple[grpc.StatusCode, str]:
+    """A backend failure -> the status the caller gets; internals stay in the log."""
+    if isinstance(e, BackendTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the model within {timeout_s:g}s"
+    if isinstance(e, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, "the model backend is unavailable; retry later"
+    if isinstance(e, InvalidRequest):
+        return INVALID, "the model refused the batch's tensors"
+    return grpc.StatusCode.INTERNAL, "the model failed on this call"
+
+
+def _check_finite(call: Call, knowledge: Knowledge, dense: list[str]) -> None:
+    """A good call is never answered with NaN or inf: non-finite outputs become this
+    call's INVALID_ARGUMENT, naming the dense input that drove the model out of range."""
+    bad = np.zeros(call.rows, dtype=bool)
+    for value in knowledge.outputs.values():
+        bad |= ~np.isfinite(value.reshape(call.rows, -1)).all(axis=1)
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    worst = max(dense, key=lambda n: float(np.abs(call.batch[n][rows]).max()), default=None)
+    if worst is None:
+        raise Refusal(INVALID, f"the model's output is not finite for {len(rows)} row(s) (first: row {rows[0]})")
+    top = float(np.abs(call.batch[worst][rows]).max())
+    raise Refusal(
+        INVALID,
+        f"the model's output is not finite for {len(rows)} row(s) (first: row {rows[0]}): dense feature "
+        f"{worst!r} is out of the model's range (|value| up to {top:.3g})",
+        (Violation(f"features[{worst!r}]", f"out of the model's range (|value| up to {top:.3g})"),),
+    )
+
+
 def _observed(rpc):
-    """Counts every call of an RPC by its status code and times it, refusals included."""
+    """Counts every call of an RPC by its status code and times it, refusals included;
+    a failure nobody foresaw becomes INTERNAL without its traceback (logged instead)."""
 
     @functools.wraps(rpc)
     async def observed(self, request, grpc_context: RayServegRPCContext):
         start, code, response = time.perf_counter(), grpc.StatusCode.INTERNAL, None
         try:
-            response = await rpc(self, request, grpc_context)
+            try:
+                response = await rpc(self, request, grpc_context)
+            except Refusal as r:
+                refuse(grpc_context, r.code, r.message, r.violations)
+                response = _EMPTY[rpc.__name__]()
+            except Exception as e:
+                internal(grpc_context, grpc.StatusCode.INTERNAL, "internal error", repr(e))
+                log.exception("unexpected failure in %s", rpc.__name__)
+                response = _EMPTY[rpc.__name__]()
             code = grpc_context.code() or grpc.StatusCode.OK
             return response
         finally:
@@ -100,12 +161,16 @@ def _observed(rpc):
     return observed
 
 
+_EMPTY = {"Generate": pb.GenerateResponse, "GetModelInfo": pb.GetModelInfoResponse}
+
+
 @serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class KnowledgeIngress:
     def __init__(self, cfg: FrontendConfig | dict | None = None):
         self.cfg = cfg if isinstance(cfg, FrontendConfig) else FrontendConfig.from_args(cfg or {})
         self.schema = load_schema(self.cfg.schema_path)
         self.limits = Limits(self.cfg.max_examples_per_call)
+        self.dense = [s.name for s in input_specs(self.schema) if s.kind == "dense"]
         self.backend: Backend = (
             TritonBackend(self.cfg.triton_url, self.cfg.backend_timeout_s)
             if self.cfg.backend == "triton"
@@ -114,42 +179,76 @@ class KnowledgeIngress:
         self._batched.set_max_batch_size(self.cfg.max_batch_examples)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.metrics = FrontendMetrics(self.backend.name)
+        # The backend's state as the background probe last saw it: (probe reply or None, why).
+        self._health: tuple[Knowledge | None, str] = (None, "not probed yet")
+        self._health_task: asyncio.Task | None = None
+        self._health_changed: asyncio.Event | None = None
         log.info("GEM knowledge ingress: backend %s, schema %s", self.backend.name, self.schema.name)
 
-    def _authorized(self, context: RayServegRPCContext) -> bool:
+    def _authorize(self, context: RayServegRPCContext) -> None:
         if not self.cfg.auth_token:
-            return True
-        metadata = dict(context.invocation_metadata())
-        expected = f"Bearer {self.cfg.auth_token}"
-        return hmac.compare_digest(metadata.get("authorization", "").encode(), expected.encode())
+            return
+        values = [v for k, v in context.invocation_metadata() if k.lower() == "authorization"]
+        if len(values) > 1:
+            raise Refusal(UNAUTHENTICATED, "more than one authorization header")
+        expected = f"Bearer {self.cfg.auth_token}".encode()
+        given = values[0].encode() if values and isinstance(values[0], str) else b""
+        if not hmac.compare_digest(given, expected):
+            raise Refusal(UNAUTHENTICATED, NO_TOKEN)
 
-    @staticmethod
-    def _fail(context: RayServegRPCContext, code: grpc.StatusCode, details: str, response_type: type):
-        context.set_code(code)
-        context.set_details(details)
-        return response_type()
+    def _timeout_s(self, context: RayServegRPCContext) -> float:
+        """The backend budget of this call: the caller's deadline (sent in
+        TIMEOUT_METADATA by our client) when shorter than the configured bound."""
+        timeout = self.cfg.backend_timeout_s
+        for key, value in context.invocation_metadata():
+            if key == TIMEOUT_METADATA:
+                try:
+                    ms = float(value)
+                except (TypeError, ValueError):
+                    raise Refusal(
+                        INVALID, f"metadata {TIMEOUT_METADATA}: not a number of milliseconds: {quote(value)}"
+                    ) from None
+                if ms > 0:
+                    timeout = min(timeout, ms / 1000.0)
+        return timeout
 
     @_observed
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
-        if not self._authorized(grpc_context):
-            return self._fail(grpc_context, UNAUTHENTICATED, NO_TOKEN, pb.GenerateResponse)
+    async def Generate(self, request, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        self._authorize(grpc_context)
+        self._ensure_health_probe()
+        request = _parse(pb.GenerateRequest, request)
+        timeout_s = self._timeout_s(grpc_context)
         try:
             wanted = [OUTPUTS[o] for o in (request.outputs or OUTPUTS)]
         except KeyError as e:
-            return self._fail(grpc_context, INVALID, f"unknown output {e.args[0]}", pb.GenerateResponse)
+            raise Refusal(INVALID, f"unknown output {e.args[0]}", (Violation("outputs", "unknown output"),)) from None
         try:
             batch = assemble(self.schema, decode_map(request.features), decode_map(request.shared), self.limits)
-        except (RequestError, WireError) as e:
-            return self._fail(grpc_context, INVALID, str(e), pb.GenerateResponse)
+        except RequestError as e:
+            raise Refusal(INVALID, str(e), (Violation(e.field, str(e)),)) from None
+        except WireError as e:
+            raise Refusal(INVALID, str(e), (Violation(f"features[{quote(e.name)}]", str(e)),)) from None
         call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)))
-        result = await self._batched(call)
+        if call.rows > self.cfg.solo_examples:
+            # A big call runs apart, in bounded chunks: it never holds a merged batch up.
+            result = await self._alone(call, timeout_s, chunk=self.cfg.solo_examples)
+        else:
+            try:
+                result = await asyncio.wait_for(self._batched(call), timeout_s)
+            except TimeoutError:
+                result = BackendTimeout(f"merged batch: no answer within {timeout_s:g}s")
         if isinstance(result, Exception):
-            code = next((c for t, c in STATUS_OF.items() if isinstance(result, t)), grpc.StatusCode.INTERNAL)
-            return self._fail(grpc_context, code, str(result), pb.GenerateResponse)
+            code, public = _backend_refusal(result, timeout_s)
+            internal(grpc_context, code, public, result)
+            return pb.GenerateResponse()
+        _check_finite(call, result, self.dense)
         outputs = {}
         for api_name, model_name in wanted:
             value = result.outputs[model_name]
-            outputs[api_name] = encode(sigmoid(value) if api_name in PROBABILITIES else value)
+            if api_name in PROBABILITIES:
+                with np.errstate(over="ignore"):  # exp(-x) of a very negative logit: 0, fine
+                    value = sigmoid(value)
+            outputs[api_name] = encode(value)
         versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
         return pb.GenerateResponse(outputs=outputs, versions=versions)
 
@@ -159,30 +258,28 @@ class KnowledgeIngress:
         try:
             merged = calls[0].batch if len(calls) == 1 else concat([c.batch for c in calls])
             start = time.perf_counter()
-            knowledge = await self.backend.infer(merged, outputs)
+            knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
             self.metrics.batch(_rows_of(calls), time.perf_counter() - start, knowledge.fm_version,
                                knowledge.adapter_version)  # fmt: skip
             return _split(knowledge, calls)
-        except BackendUnavailable as e:
+        except (BackendUnavailable, BackendTimeout) as e:
             return [e] * len(calls)
-        except BackendError as e:
+        except Exception as e:
             if len(calls) == 1:
                 return [e]
         # Something in the merged batch failed: each call alone, so only the culprit fails.
-        return [result for call in calls for result in await self._batched_alone(call)]
+        return [await self._alone(call, self.cfg.backend_timeout_s) for call in calls]
 
-    async def _batched_alone(self, call: Call) -> list[Knowledge | Exception]:
+    async def _alone(self, call: Call, timeout_s: float, chunk: int | None = None) -> Knowledge | Exception:
         try:
-            return _split(await self.backend.infer(call.batch, call.outputs), [call])
-        except BackendError as e:
-            return [e]
+            return _split(await self.backend.infer(call.batch, call.outputs, timeout_s, chunk), [call])[0]
+        except Exception as e:
+            return e
 
     @_observed
-    async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, grpc_context: RayServegRPCContext
-    ) -> pb.GetModelInfoResponse:
-        if not self._authorized(grpc_context):
-            return self._fail(grpc_context, UNAUTHENTICATED, NO_TOKEN, pb.GetModelInfoResponse)
+    async def GetModelInfo(self, request, grpc_context: RayServegRPCContext) -> pb.GetModelInfoResponse:
+        self._authorize(grpc_context)
+        _parse(pb.GetModelInfoRequest, request)
         s = self.schema
         max_length = {q.name: q.max_length for q in s.sequences}
         inputs = [
@@ -197,10 +294,10 @@ class KnowledgeIngress:
             )
             for spec in input_specs(s)
         ]
-        try:
-            probe = await self._probe()
-        except BackendError as e:
-            return self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e), pb.GetModelInfoResponse)
+        probe = await self._probed()
+        if probe is None:
+            internal(grpc_context, grpc.StatusCode.UNAVAILABLE, "the model backend is unavailable", self._health[1])
+            return pb.GetModelInfoResponse()
         outputs = [
             pb.TensorInfo(
                 name=api, dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, probe.outputs[model].shape[1]], kind="output"
@@ -221,15 +318,42 @@ class KnowledgeIngress:
 
     async def _probe(self) -> Knowledge:
         """One all-zero example through the backend: output widths and serving versions."""
-        return await self.backend.infer(zero_batch(self.schema), tuple(model for _, model in OUTPUTS.values()))
+        outputs = tuple(model for _, model in OUTPUTS.values())
+        return await self.backend.infer(zero_batch(self.schema), outputs, min(self.cfg.backend_timeout_s, 5.0))
+
+    def _ensure_health_probe(self) -> None:
+        if self._health_task is None or self._health_task.done():
+            self._health_changed = asyncio.Event()
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def _health_loop(self) -> None:
+        """Keeps `_health` current: health checks and GetModelInfo read it instead of
+        running an inference each."""
+        while True:
+            try:
+                self._health = (await self._probe(), "SERVING")
+            except Exception as e:
+                self._health = (None, f"{type(e).__name__}: {e}")
+            self._health_changed.set()
+            await asyncio.sleep(HEALTH_PERIOD_S)
+
+    async def _probed(self) -> Knowledge | None:
+        """The last probe's reply (waits for the first probe)."""
+        self._ensure_health_probe()
+        if self._health[1] == "not probed yet":
+            await self._health_changed.wait()
+        return self._health[0]
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext):
-        """gRPC health checking: SERVING when the backend answers."""
-        try:
-            await self._probe()
-        except BackendError:
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        """gRPC health checking: SERVING when the backend answered the last background
+        probe. The service is "" (the server) or gem.knowledge.v1.KnowledgeService."""
+        if request.service not in ("", SERVICE):
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {quote(request.service)}")
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        serving = await self._probed() is not None
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
 
 
 def app_builder(args: dict) -> serve.Application:

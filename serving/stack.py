@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 from serving import launcher
 from serving.config import FrontendConfig
 from serving.net import port_in_use
-from serving.triton.server import TritonConfig, TritonServer
+from serving.triton.server import TritonConfig
+from serving.triton.supervisor import SupervisedTriton
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ class StackConfig:
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    # Where everything listens: Triton, the front end and all metrics. 127.0.0.1 unless
+    # opened deliberately (`gem up --host`, compose inside its network).
+    host: str = "127.0.0.1"
+    auth_token: str | None = None
 
 
 def check_ports(cfg: StackConfig) -> None:
@@ -44,7 +50,8 @@ def check_ports(cfg: StackConfig) -> None:
             "Triton's gRPC port": cfg.triton_grpc_port,
             "Triton's metrics port": cfg.triton_metrics_port,
         }
-    taken = [f"{port} ({what})" for what, port in ports.items() if port_in_use(port)]
+    bind = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    taken = [f"{port} ({what})" for what, port in ports.items() if port_in_use(port, bind)]
     if taken:
         raise OSError(f"port(s) already in use: {', '.join(taken)}; is another stack running? (gem triton down)")
 
@@ -54,22 +61,29 @@ def local_stack(cfg: StackConfig) -> Iterator[str]:
     """Yields the front end's gRPC address once it answers health checks."""
     check_ports(cfg)
     with contextlib.ExitStack() as stack:
+        token = {} if cfg.auth_token is None else {"auth_token": cfg.auth_token}
         if cfg.embedded:
-            frontend_cfg = FrontendConfig(backend="onnxruntime", repository=cfg.repository)
+            frontend_cfg = FrontendConfig(backend="onnxruntime", repository=cfg.repository, **token)
         else:
             triton_cfg = TritonConfig(
-                repository=cfg.repository,
-                work_dir=cfg.triton_work_dir,
+                repository=cfg.repository.resolve(),
+                work_dir=cfg.triton_work_dir.resolve(),
                 http_port=cfg.triton_http_port,
                 grpc_port=cfg.triton_grpc_port,
                 metrics_port=cfg.triton_metrics_port,
+                host=cfg.host,
             )
             log.info("starting Triton (log: %s)", triton_cfg.log_file)
-            stack.enter_context(TritonServer(triton_cfg))
-            frontend_cfg = FrontendConfig(triton_url=triton_cfg.grpc_url)
+            # Supervised: restarted with backoff if it exits; `gem triton down` finds it.
+            triton = stack.enter_context(SupervisedTriton(triton_cfg, owner=os.getpid()))
+            frontend_cfg = FrontendConfig(triton_url=triton.cfg.grpc_url, **token)
         log.info("starting Ray Serve (%s backend)", frontend_cfg.backend)
         address = launcher.start(
-            frontend_cfg, grpc_port=cfg.grpc_port, http_port=cfg.http_port, metrics_port=cfg.metrics_port
+            frontend_cfg,
+            grpc_port=cfg.grpc_port,
+            http_port=cfg.http_port,
+            metrics_port=cfg.metrics_port,
+            host=cfg.host,
         )
         stack.callback(launcher.stop)
         launcher.wait_healthy(address)

@@ -27,7 +27,8 @@ class BootstrapConfig:
     repository: Path
     train_when_published: bool = False
     preset: str = "small"
-    baselines: bool = True
+    # GEM only: serving never uses the baselines (`gem train --baselines` trains them).
+    baselines: bool = False
     keep_versions: int = 3
     schema_path: Path = DEFAULT_SCHEMA_PATH
 

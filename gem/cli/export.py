@@ -156,16 +156,23 @@ def triton_up(
     grpc_port: PortOption = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics of Triton itself.")] = 8002,
     foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C stops the server.")] = False,
+    host: Annotated[
+        str, typer.Option(envvar="GEM_HOST", help="Address Triton listens on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
 ) -> None:
     """Start the local Triton on the model repository (explicit model control, the
-    `python` config flavour) and wait until it is ready."""
+    `python` config flavour) and wait until it is ready. Its model-control and
+    repository APIs need the key in artifacts/triton/server.json ($GEM_TRITON_ADMIN_KEY)."""
+    import dataclasses
+
     from serving.triton.server import TritonServer
 
     if not repo.is_dir():
         raise FileNotFoundError(f"no model repository at {repo}; run `gem export` first")
-    cfg = _triton_config(repo, http_port, grpc_port, metrics_port)
+    cfg = dataclasses.replace(_triton_config(repo, http_port, grpc_port, metrics_port), host=host)
     with console.status("starting tritonserver"):
         server = TritonServer(cfg).start(detach=not foreground)
+    cfg = server.cfg
     log.info(
         "Triton ready: gRPC %s, HTTP %s, metrics :%d, log %s", cfg.grpc_url, cfg.http_url, metrics_port, cfg.log_file
     )
@@ -182,13 +189,24 @@ def triton_up(
 
 @triton_app.command("down")
 @friendly_errors
-def triton_down() -> None:
-    """Stop the Triton that `gem triton up` left running."""
+def triton_down(
+    work_dir: Annotated[
+        Path, typer.Option(help="The state folder of the server (gem up --triton-work-dir).", file_okay=False)
+    ] = TRITON_WORK_DIR,
+) -> None:
+    """Stop the Triton that `gem triton up` left running, or the one a `gem up` runs
+    (that stops the `gem up`: its supervisor would restart Triton otherwise)."""
+    import json
+
     from serving.triton.server import stop_detached
 
-    pid = stop_detached(TRITON_WORK_DIR)
+    state = work_dir / "server.json"
+    owner = json.loads(state.read_text()).get("owner") if state.exists() else None
+    pid = stop_detached(work_dir)
     if pid is None:
-        log.info("no Triton was started from %s", TRITON_WORK_DIR)
+        log.info("no Triton was started from %s", work_dir.absolute())
+    elif owner:
+        log.info("stopped the `gem up` (pid %d) that supervised Triton (pid %d)", owner, pid)
     else:
         log.info("stopped Triton (pid %d)", pid)
 
@@ -204,14 +222,15 @@ def triton_status(
     from serving.triton.client import TritonClient
     from serving.triton.server import TritonError, detached_config
 
+    key = None
     if url is None:
         cfg = detached_config(TRITON_WORK_DIR)
         if cfg is None:
             raise TritonError("no Triton was started with `gem triton up`; pass --url to ask another one")
-        url = cfg.grpc_url
+        url, key = cfg.grpc_url, cfg.admin_key or None
 
     async def versions():
-        async with TritonClient(url, timeout_s=5) as client:
+        async with TritonClient(url, timeout_s=5, admin_key=key) as client:
             return await client.versions()
 
     table = Table(title=f"Triton at {url}")

@@ -25,15 +25,33 @@ from gem.cli.common import (
 
 
 def _ready_message(address: str, metrics_port: int) -> None:
+    """What to do next, with absolute paths; each command on its own line, never wrapped
+    (printed plainly, not through rich), so it can be copied from any terminal width."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent.absolute()
+    root = Path(__file__).resolve().parents[2]
+    host = address.rsplit(":", 1)[0]
     console.print(
-        f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)\n"
-        f"  query it:   .venv/bin/gem query --address {address}\n"
-        f"  describe:   grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo\n"
-        f"  health:     grpcurl -plaintext {address} grpc.health.v1.Health/Check\n"
-        f"  metrics:    curl -s 127.0.0.1:{metrics_port}/metrics | grep ray_gem_\n"
-        f"  load test:  .venv/bin/locust -f loadtests/locustfile.py --config loadtests/locust.conf --host {address}\n",
+        f"\n[bold green]GEM knowledge is serving gRPC at {address}[/] (Ctrl-C stops everything)",
         highlight=False,
+        soft_wrap=True,
     )
+    lines = [
+        "query it:",
+        f"  {bin_dir / 'gem'} query --address {address}",
+        "describe:",
+        f"  grpcurl -plaintext {address} gem.knowledge.v1.KnowledgeService/GetModelInfo",
+        "health:",
+        f"  grpcurl -plaintext {address} grpc.health.v1.Health/Check",
+        "metrics:",
+        f"  curl -s http://{host}:{metrics_port}/metrics | grep ray_gem_",
+        "load test:",
+        f"  {bin_dir / 'locust'} -f {root / 'loadtests' / 'locustfile.py'} "
+        f"--config {root / 'loadtests' / 'locust.conf'} --host {address}",
+    ]
+    sys.stderr.write("".join(f"  {line}\n" for line in lines) + "\n")
+    sys.stderr.flush()
 
 
 BootstrapDataOption = Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")]
@@ -91,22 +109,38 @@ def up(
     embedded: Annotated[bool, typer.Option(help="In-process ONNX Runtime instead of Triton.")] = False,
     grpc_port: Annotated[int, typer.Option(help="The front end's gRPC port.")] = 50051,
     metrics_port: MetricsPortOption = 8090,
+    http_port: Annotated[int, typer.Option(help="The front end's HTTP port (Ray Serve's HTTP proxy).")] = 8080,
+    triton_http_port: Annotated[int, typer.Option(help="Triton's HTTP port.")] = 8000,
+    triton_grpc_port: Annotated[int, typer.Option(help="Triton's gRPC port.")] = 8001,
+    triton_metrics_port: Annotated[int, typer.Option(help="Triton's metrics port.")] = 8002,
+    triton_work_dir: Annotated[
+        Path, typer.Option(help="Triton's log and state folder (where `gem triton down` looks).", file_okay=False)
+    ] = TRITON_WORK_DIR,
+    host: Annotated[
+        str,
+        typer.Option(envvar="GEM_HOST", help="Address everything listens on; 0.0.0.0 opens the stack to the network."),
+    ] = "127.0.0.1",
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
-    the model repository is empty, start Triton and the Ray Serve gRPC front end, and
-    serve until Ctrl-C."""
-    from serving.stack import StackConfig, local_stack
+    the model repository is empty, start Triton (supervised: restarted if it exits) and
+    the Ray Serve gRPC front end, and serve until Ctrl-C."""
+    from serving.stack import StackConfig, check_ports, local_stack
 
+    cfg = StackConfig(
+        repository=repo,
+        triton_work_dir=triton_work_dir,
+        embedded=embedded,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        triton_http_port=triton_http_port,
+        triton_grpc_port=triton_grpc_port,
+        triton_metrics_port=triton_metrics_port,
+        host=host,
+    )
+    check_ports(cfg)  # before minutes of training
     bootstrap(checkpoint, data, repo, train_when_published=True)
-    with local_stack(
-        StackConfig(
-            repository=repo,
-            triton_work_dir=TRITON_WORK_DIR,
-            embedded=embedded,
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
-        )
-    ) as address:
+    with local_stack(cfg) as address:
         _ready_message(address, metrics_port)
         wait_for_ctrl_c()
 
@@ -119,6 +153,12 @@ def serve_cmd(
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the front end.")] = 50051,
     replicas: Annotated[int, typer.Option(help="Ingress replicas.")] = 1,
     metrics_port: MetricsPortOption = 8090,
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="GEM_HOST", help="Address the front end listens on; 0.0.0.0 opens it (compose, in its network)."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
     cluster, use `serve deploy serving/serve_config.yaml`."""
@@ -130,6 +170,7 @@ def serve_cmd(
         grpc_port=grpc_port,
         replicas=replicas,
         metrics_port=metrics_port,
+        host=host,
     )
     try:
         launcher.wait_healthy(address)

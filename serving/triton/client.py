@@ -31,6 +31,11 @@ class BackendUnavailable(BackendError):
     """Triton cannot be reached, or the model is not loaded."""
 
 
+class BackendTimeout(BackendError):
+    """Triton did not answer within the call's deadline (not retried: the work may be
+    running still)."""
+
+
 class InvalidRequest(BackendError):
     """Triton rejected the request's tensors (dtype, shape, missing input)."""
 
@@ -39,11 +44,18 @@ class ModelLoadError(BackendError):
     """Triton could not load a model version."""
 
 
-_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
+_TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED"}
+# The header our own control code sends with Triton's restricted APIs (model
+# repository: load, unload, index); its value is the admin key.
+ADMIN_HEADER = "gem-admin-key"
+ADMIN_KEY_ENV = "GEM_TRITON_ADMIN_KEY"
 
 
 def _translate(e: InferenceServerException, what: str) -> BackendError:
     status, message = str(e.status() or ""), e.message() or str(e)
+    if status in _TIMEOUT or "deadline exceeded" in message.lower():
+        return BackendTimeout(f"{what}: {message}")
     if status in _UNAVAILABLE or "is not ready" in message or "unknown model" in message.lower():
         return BackendUnavailable(f"{what}: {message}")
     if status == "StatusCode.INVALID_ARGUMENT":
@@ -75,8 +87,28 @@ class VersionState:
 class TritonClient:
     """One gRPC channel to Triton, reused by every call (safe to share across tasks)."""
 
-    def __init__(self, url: str, model: str = ENSEMBLE_MODEL, timeout_s: float = 10.0, max_batch_size: int = 4096):
+    def __init__(
+        self,
+        url: str,
+        model: str = ENSEMBLE_MODEL,
+        timeout_s: float = 10.0,
+        max_batch_size: int = 4096,
+        admin_key: str | None = None,
+    ):
+        """`admin_key`: the key of Triton's restricted model-repository API (default:
+        $GEM_TRITON_ADMIN_KEY); sent only with load, unload and the repository index."""
+        import os
+
         self.url = url
+        if admin_key is None:
+            from pathlib import Path
+
+            from serving.triton.server import stored_admin_key
+
+            # The key `gem up` / `gem triton up` started the local server with.
+            admin_key = os.environ.get(ADMIN_KEY_ENV) or stored_admin_key(Path("artifacts") / "triton")
+        # Triton checks a restricted gRPC protocol's key under this prefix (HTTP: as is).
+        self._admin_headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key} if admin_key else None
         self.model = model
         self.timeout_s = timeout_s
         self.max_batch_size = max_batch_size
@@ -114,22 +146,33 @@ class TritonClient:
         outputs: Sequence[str] = KNOWLEDGE_OUTPUTS,
         version: int | None = None,
         model: str | None = None,
+        timeout_s: float | None = None,
+        chunk: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs `batch` through the model (the ensemble by default) at `version`
-        (default: the latest loaded); batches over `max_batch_size` go as several calls."""
+        (default: the latest loaded); batches over `chunk` rows (default
+        `max_batch_size`) go as several calls. `timeout_s` (default: the client's) bounds
+        the whole call; past it, `BackendTimeout`."""
         rows = len(next(iter(batch.values())))
-        if rows <= self.max_batch_size:
-            return await self._infer(batch, outputs, version, model or self.model)
+        chunk = min(chunk or self.max_batch_size, self.max_batch_size)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if rows <= chunk:
+            return await self._infer(batch, outputs, version, model or self.model, timeout_s)
         parts = await asyncio.gather(
             *(
-                self._infer({k: v[i : i + self.max_batch_size] for k, v in batch.items()}, outputs, version, model)
-                for i in range(0, rows, self.max_batch_size)
+                self._infer({k: v[i : i + chunk] for k, v in batch.items()}, outputs, version, model, timeout_s)
+                for i in range(0, rows, chunk)
             )
         )
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     async def _infer(
-        self, batch: Mapping[str, np.ndarray], outputs: Sequence[str], version: int | None, model: str | None
+        self,
+        batch: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        version: int | None,
+        model: str | None,
+        timeout_s: float,
     ) -> dict[str, np.ndarray]:
         model = model or self.model
         if model == ENSEMBLE_MODEL:
@@ -155,7 +198,7 @@ class TritonClient:
                 inputs,
                 model_version="" if version is None else str(version),
                 outputs=[InferRequestedOutput(o) for o in outputs],
-                client_timeout=self.timeout_s,
+                client_timeout=max(timeout_s, 0.001),
             )
         except InferenceServerException as e:
             # The model may have changed form (a new version, another arch): ask again next time.
@@ -175,20 +218,20 @@ class TritonClient:
         """Loads the model's versions per its version policy; the versions already
         loaded keep serving until the new ones are ready."""
         try:
-            await self._client.load_model(model, client_timeout=max(self.timeout_s, 300.0))
+            await self._client.load_model(model, headers=self._admin_headers, client_timeout=max(self.timeout_s, 300.0))
         except InferenceServerException as e:
             raise ModelLoadError(f"loading {model}: {e.message() or e}") from None
 
     async def unload(self, model: str) -> None:
         try:
-            await self._client.unload_model(model)
+            await self._client.unload_model(model, headers=self._admin_headers)
         except InferenceServerException as e:
             raise _translate(e, f"unloading {model}") from None
 
     async def versions(self, model: str | None = None) -> list[VersionState]:
         """Every version of the repository index (all models, or one), with its state."""
         try:
-            index = await self._client.get_model_repository_index(as_json=True)
+            index = await self._client.get_model_repository_index(headers=self._admin_headers, as_json=True)
         except InferenceServerException as e:
             raise _translate(e, "repository index") from None
         states = [

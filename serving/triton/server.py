@@ -47,6 +47,13 @@ class TritonConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # Where all three listen; 127.0.0.1 unless opened deliberately (compose: 0.0.0.0).
+    host: str = "127.0.0.1"
+    # Key of the restricted model-control, repository and other admin APIs (HTTP and
+    # gRPC): only callers sending header `gem-admin-key: <key>` reach them. Empty: a
+    # fresh random key per start ($GEM_TRITON_ADMIN_KEY when set), kept in the state
+    # file (mode 600) and this process's environment for our own rollout code.
+    admin_key: str = field(default="", repr=False)
     # Which configs/<name>.pbtxt each model uses; the wheel's server needs `python`.
     model_config_name: str = "python"
     # Loaded at start when they have a version; more are loaded through the client.
@@ -64,12 +71,16 @@ class TritonConfig:
         return self.work_dir / "server.json"
 
     @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.client_host}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.client_host}:{self.http_port}"
 
 
 def _wheel_dir() -> Path:
@@ -108,16 +119,30 @@ def _site_packages() -> str:
     return os.pathsep.join(paths)
 
 
+# Triton's APIs that only our own control code may call (the key in ADMIN_HEADER).
+RESTRICTED = "model-repository,model-config,shared-memory,statistics,trace,logging"
+
+
 def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str]:
+    from serving.triton.client import ADMIN_HEADER
+
+    restricted = []
+    if cfg.admin_key:
+        rule = f"{RESTRICTED}:{ADMIN_HEADER}={cfg.admin_key}"
+        restricted = [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
     args = [
         str(find_binary()),
         f"--model-repository={cfg.repository.resolve()}",
         f"--backend-directory={backend_dir.resolve()}",
         "--model-control-mode=explicit",
         f"--model-config-name={cfg.model_config_name}",
+        f"--http-address={cfg.host}",
         f"--http-port={cfg.http_port}",
+        f"--grpc-address={cfg.host}",
         f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-address={cfg.host}",
         f"--metrics-port={cfg.metrics_port}",
+        *restricted,
         "--allow-metrics=true",
         f"--log-file={cfg.log_file.resolve()}",
         "--exit-timeout-secs=10",
@@ -152,12 +177,41 @@ def log_errors(cfg: TritonConfig, limit: int = 10) -> str:
     return "\n".join(errors[:limit] or lines[-limit:])
 
 
+def admin_key(cfg: TritonConfig) -> TritonConfig:
+    """`cfg` with its admin key: given, else $GEM_TRITON_ADMIN_KEY, else a fresh one. The
+    key is put in this process's environment, so our own control code (rollout, export
+    --load, the trainer) run from here or its children sends it."""
+    import dataclasses
+    import secrets
+
+    from serving.triton.client import ADMIN_KEY_ENV
+
+    key = cfg.admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+    os.environ[ADMIN_KEY_ENV] = key
+    return dataclasses.replace(cfg, admin_key=key)
+
+
+def stored_admin_key(work_dir: Path) -> str:
+    """The admin key of the server started from `work_dir` (its state file), or ""."""
+    try:
+        return json.loads((work_dir / "server.json").read_text()).get("admin_key", "")
+    except (OSError, ValueError):
+        return ""
+
+
 class TritonServer:
     """One tritonserver process. A context manager: stopped on exit, also on errors."""
 
-    def __init__(self, cfg: TritonConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TritonConfig, owner: int | None = None):
+        """`owner`: the pid of the process supervising this server (`gem up`), recorded
+        in the state file so that `gem triton down` finds it."""
+        self.cfg = admin_key(cfg)
+        self.owner = owner
         self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def start(self, detach: bool = False) -> TritonServer:
         cfg = self.cfg
@@ -173,8 +227,11 @@ class TritonServer:
         self.process = subprocess.Popen(
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        state = {**asdict(cfg), "pid": self.process.pid}
-        cfg.state_file.write_text(json.dumps(state, default=str, indent=2))
+        state = {**asdict(cfg), "pid": self.process.pid, "owner": self.owner}
+        cfg.state_file.unlink(missing_ok=True)
+        fd = os.open(cfg.state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, default=str, indent=2))
         try:
             self.wait_ready()
         except BaseException:
@@ -204,9 +261,11 @@ class TritonServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        _terminate(self.process.pid, self.cfg.stop_timeout_s, self.process)
+        pid = self.process.pid
+        _terminate(pid, self.cfg.stop_timeout_s, self.process)
         self.process = None
         self.cfg.state_file.unlink(missing_ok=True)
+        clean_shared_memory(pid)
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -247,14 +306,75 @@ def _terminate(pid: int, timeout_s: float, process: subprocess.Popen | None = No
     raise TritonError(f"tritonserver (pid {pid}) did not stop")
 
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def _mapped_shm() -> set[str]:
+    """Names in /dev/shm that some live process maps or holds open."""
+    names: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    names.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("/dev/shm/"):
+                        names.add(target[len("/dev/shm/") :].split(" ")[0])
+    return names
+
+
+def clean_shared_memory(pid: int | None = None) -> list[str]:
+    """Removes the python backend's shared-memory regions that no live process uses any
+    more (a killed Triton leaves them behind: tens of MB each). Regions of other running
+    servers are mapped by them, so they stay."""
+    if not SHM_DIR.is_dir():
+        return []
+    stale = [p for p in SHM_DIR.glob(f"{SHM_PREFIX}*") if p.is_file()]
+    if not stale:
+        return []
+    used = _mapped_shm()
+    removed = []
+    for p in stale:
+        if p.name not in used:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p.name)
+    if removed:
+        log.info("removed %d stale shared-memory region(s) of Triton%s", len(removed), f" {pid}" if pid else "")
+    return removed
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL to the server's whole process group (python-backend stubs included: they
+    outlive a killed server and may ignore SIGTERM)."""
+    _killpg(pid, signal.SIGKILL)
+
+
 def stop_detached(work_dir: Path, timeout_s: float = 30.0) -> int | None:
-    """Stops the server that `start(detach=True)` left running; returns its pid."""
+    """Stops the server that `gem triton up` left running, or the one `gem up`
+    supervises (by stopping that `gem up`, whose supervisor would restart it
+    otherwise); returns the Triton pid."""
     state_file = work_dir / "server.json"
     if not state_file.exists():
         return None
-    pid = json.loads(state_file.read_text())["pid"]
-    _terminate(pid, timeout_s)
+    state = json.loads(state_file.read_text())
+    pid, owner = state["pid"], state.get("owner")
+    if owner and owner != os.getpid() and _alive(owner, None):
+        os.kill(owner, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s + 60
+        while _alive(owner, None) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if _alive(pid, None):
+        _terminate(pid, timeout_s)
+    kill_group(pid)
     state_file.unlink(missing_ok=True)
+    clean_shared_memory(pid)
     return pid
 
 
@@ -265,6 +385,7 @@ def detached_config(work_dir: Path) -> TritonConfig | None:
         return None
     state = json.loads(state_file.read_text())
     state.pop("pid")
+    state.pop("owner", None)
     state["repository"], state["work_dir"] = Path(state["repository"]), Path(state["work_dir"])
     state["models"], state["extra_args"] = tuple(state["models"]), tuple(state["extra_args"])
     return TritonConfig(**state)

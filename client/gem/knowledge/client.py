@@ -30,6 +30,14 @@ from gem.knowledge.wire import DTYPES, decode, encode
 # A mapping of numpy arrays, a pyarrow Table or a pandas DataFrame (the last two need
 # the `arrow` / `pandas` extra; neither is imported unless such columns arrive).
 Columns = Mapping[str, Any] | Any
+# Metadata carrying the call's deadline to the server, which bounds its backend call by
+# it (gRPC's own deadline is not visible behind Ray Serve's proxy); serving.config has
+# the same name.
+TIMEOUT_METADATA = "gem-timeout-ms"
+# Only what is safe to retry: UNAVAILABLE means the call did not run (or its result was
+# lost before any work counted). DEADLINE_EXCEEDED is not retried: the work may still be
+# running, and a retry would double the load exactly when the server is slow.
+RETRYABLE = ("UNAVAILABLE",)
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
                     "initialBackoff": "0.1s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": list(RETRYABLE),
                 },
             }
         ]
@@ -161,6 +169,9 @@ class _Base:
         self._channel = type(self)._make_channel(address, channel_options(retries), interceptors)
         self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
+    def _call_metadata(self, timeout_s: float) -> list[tuple[str, str]]:
+        return [*self.metadata, (TIMEOUT_METADATA, str(max(int(timeout_s * 1000), 1)))]
+
     def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
         self._info = info
         return info
@@ -186,7 +197,8 @@ class KnowledgeClient(_Base):
         if self._info is None:
             self.info()
         request = _request(self._columns(features), self._columns(shared), outputs)
-        response = self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        timeout = timeout_s or self.timeout_s
+        response = self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
 
     def close(self) -> None:
@@ -216,7 +228,8 @@ class AsyncKnowledgeClient(_Base):
         if self._info is None:
             await self.info()
         request = _request(self._columns(features), self._columns(shared), outputs)
-        response = await self._stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        timeout = timeout_s or self.timeout_s
+        response = await self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
 
     async def close(self) -> None:

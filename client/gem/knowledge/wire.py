@@ -16,6 +16,23 @@ WIRE_TYPES = {np.dtype(np.int64): pb.DATA_TYPE_INT64, np.dtype(np.float32): pb.D
 class WireError(ValueError):
     """A Tensor message that does not describe an array (names the tensor)."""
 
+    def __init__(self, message: str, name: str = ""):
+        super().__init__(message)
+        self.name = name
+
+
+def cut(text: object, limit: int = 64) -> str:
+    """`text` as a string of at most about `limit` characters (a cut one says how long it
+    was): user input quoted in messages stays bounded."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 24, 8)]}...({len(text)} chars)"
+
+
+# No legal tensor has more elements than this (a call is bounded far below).
+MAX_ELEMENTS = 1 << 40
+
 
 def encode(array: np.ndarray) -> pb.Tensor:
     dtype = WIRE_TYPES.get(array.dtype)
@@ -27,16 +44,27 @@ def encode(array: np.ndarray) -> pb.Tensor:
 
 
 def decode(name: str, tensor: pb.Tensor) -> np.ndarray:
+    label = cut(name)
     dtype = DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise WireError(f"{name}: dtype must be DATA_TYPE_INT64 or DATA_TYPE_FLOAT32, got {tensor.dtype}")
+        raise WireError(f"{label}: dtype must be DATA_TYPE_INT64 or DATA_TYPE_FLOAT32, got {tensor.dtype}", name)
     shape = tuple(tensor.shape)
+    if len(shape) > 4:
+        raise WireError(f"{label}: {len(shape)} dimensions; inputs have at most 2", name)
     if any(d < 0 for d in shape):
-        raise WireError(f"{name}: negative dimension in shape {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raise WireError(f"{label}: negative dimension in shape {cut(list(shape))}", name)
+    # Python integers: a product that overflows int64 (e.g. [2**62, 8]) is caught, not wrapped.
+    elements = 1
+    for d in shape:
+        elements *= int(d)
+    if elements > MAX_ELEMENTS:
+        raise WireError(f"{label}: shape {cut(list(shape))} is far beyond any legal call", name)
+    expected = elements * dtype.itemsize
     if len(tensor.data) != expected:
         raise WireError(
-            f"{name}: shape {list(shape)} of {np.dtype(dtype).name} needs {expected} bytes, got {len(tensor.data)}"
+            f"{label}: shape {cut(list(shape))} of {np.dtype(dtype).name} needs {expected} bytes, "
+            f"got {len(tensor.data)}",
+            name,
         )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
