@@ -119,8 +119,9 @@ def _site_packages() -> str:
     return os.pathsep.join(paths)
 
 
-# Triton's APIs that only our own control code may call (the key in ADMIN_HEADER).
-RESTRICTED = "model-repository,model-config,shared-memory,statistics,trace,logging"
+# Triton's APIs that only our own control code may call (the key in ADMIN_HEADER). The
+# model config stays readable: the front end reads the FM's user inputs from it.
+RESTRICTED = "model-repository,shared-memory,statistics,trace,logging"
 
 
 def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str]:

@@ -29,7 +29,9 @@ def pad_lists(column: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[
     lengths = np.diff(offsets)
     if max_len is not None:
         lengths = np.minimum(lengths, max_len)
-    width = int(lengths.max()) if len(lengths) else 0
+    # At least one column: a batch whose histories are all empty is [n, 1] of padding
+    # (length 0), since a width-0 sequence is no valid model input.
+    width = max(int(lengths.max()) if len(lengths) else 0, 1)
     positions = np.arange(width)
     valid = positions[None, :] < lengths[:, None]
     padded = np.zeros((len(lengths), width), dtype=np.int64)
