@@ -60,6 +60,20 @@ def read_out(folder) -> pa.Table:
     return table.set_column(table.schema.get_field_index("surface"), "surface", table["surface"].cast(pa.string()))
 
 
+def assert_same_rows(got: pa.Table, want: pa.Table, name: str) -> None:
+    """The same rows, once each; ids, surfaces and versions exactly, the model's floats to
+    1e-6 (ONNX Runtime's kernels may round the last bit differently for another batch size,
+    and a rerun batches a file's rows its own way)."""
+    assert got.column_names == want.column_names and got.num_rows == want.num_rows, name
+    for column in got.column_names:
+        a, b = got[column].combine_chunks(), want[column].combine_chunks()
+        if pa.types.is_floating(a.type) or pa.types.is_fixed_size_list(a.type):
+            a, b = (np.asarray(x.flatten() if pa.types.is_fixed_size_list(x.type) else x) for x in (a, b))
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=f"{name}: {column}")
+        else:
+            assert a.equals(b), f"{name}: {column}"
+
+
 @pytest.fixture(scope="module")
 def embedded(logged, published_repo, tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded")
@@ -133,7 +147,7 @@ def test_killed_midway_and_rerun_equals_an_uninterrupted_run(gem_bin, embedded, 
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.count("skipped (committed before") == len(committed) >= 1
     for path in resolve_paths(synth_dir):
-        assert read_out(out / path.stem).equals(read_out(reference / path.stem)), path.name
+        assert_same_rows(read_out(out / path.stem), read_out(reference / path.stem), path.name)
     assert not (out / ".staging").exists()
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -181,20 +182,32 @@ def test_supervisor_restarts_an_exited_triton_with_backoff(monkeypatch, tmp_path
 
 
 def test_bootstrap_trains_gem_only(monkeypatch, tmp_path):
-    from gem import cli
+    import export.publish
+    import model.checkpoint
+    import model.data.synth
+    import trainer.train
+    from trainer.bootstrap import BootstrapConfig, bootstrap
 
     seen = {}
-    monkeypatch.setattr(cli, "data_synth", lambda out: None)
-    monkeypatch.setattr(cli, "run_training", lambda *a: seen.setdefault("baselines", a[5]) and {})
-    monkeypatch.setattr(cli, "metric_table", lambda m: "")
-    monkeypatch.setattr(cli, "run_export", lambda *a, **k: None)
-    monkeypatch.setattr(cli, "parity_table", lambda r: "")
-    cli.bootstrap(tmp_path / "ckpt", tmp_path / "data", tmp_path / "repo")
+
+    def synth(cfg, schema, out, on_rows=None):
+        out.mkdir(parents=True)
+        (out / "part-00000.parquet").touch()
+
+    def train(cfg, **callbacks):
+        seen["baselines"] = cfg.baselines
+        return SimpleNamespace(metrics={})
+
+    monkeypatch.setattr(model.data.synth, "write_shards", synth)
+    monkeypatch.setattr(trainer.train, "train", train)
+    monkeypatch.setattr(model.checkpoint, "load_checkpoint", lambda path: path)
+    monkeypatch.setattr(export.publish, "export_checkpoint", lambda ckpt, cfg: None)
+    bootstrap(BootstrapConfig(tmp_path / "ckpt", tmp_path / "data", tmp_path / "repo"))
     assert seen == {"baselines": False}
 
 
 def test_ready_message_has_absolute_paths_one_command_a_line(capsys):
-    from gem.cli import _ready_message
+    from gem.cli.serve import _ready_message
 
     _ready_message("127.0.0.1:50051", 8090)
     err = capsys.readouterr().err
