@@ -187,7 +187,8 @@ def train_student(
     schema = load_schema(cfg.schema_path)
     student_cfg = load_student_config(cfg.config_path, cfg.schema_path)
     torch.manual_seed(cfg.seed)
-    train_paths, test_paths = split_shards(resolve_paths(cfg.data), cfg.eval_shards)
+    # No validation slice: the student's epochs are fixed; the newest shards are its test slice.
+    train_paths, _, test_paths = split_shards(resolve_paths(cfg.data), val_shards=0, test_shards=cfg.eval_shards)
     train = load_split(train_paths, student_cfg, schema, cfg.knowledge, variant)
     # Only `repr` needs knowledge at test time (as input, as the service gives it online).
     test_variant = Variant(repr=True) if variant.repr else Variant()
