@@ -154,12 +154,12 @@ class KnowledgeStamper:
     """The actor of the pool: holds one model (or Triton client), stamps batches, writes
     each batch's rows into its file's staging folder and returns a receipt per file."""
 
-    def __init__(self, cfg: EmbedConfig, schema_yaml: str):
+    def __init__(self, cfg: EmbedConfig, schema_yaml: str, staging: str):
         import os
 
         from model.schema import schema_from_yaml
 
-        self.schema, self.staging = schema_from_yaml(schema_yaml), cfg.out / STAGING
+        self.schema, self.staging = schema_from_yaml(schema_yaml), Path(staging)
         if cfg.backend == "onnxruntime":
             # The node's cores shared among the pool (actors spread evenly over nodes).
             threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
@@ -275,10 +275,10 @@ def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dic
     return results, footers
 
 
-def _commit(result: FileResult, cfg: EmbedConfig) -> None:
+def _commit(result: FileResult, cfg: EmbedConfig, run_staging: Path) -> None:
     """Errors first, data (with its manifest) last: the data folder marks the file done."""
     stem = result.path.stem
-    staging = cfg.out / STAGING / stem
+    staging = run_staging / stem
     (staging / "data").mkdir(parents=True, exist_ok=True)
     manifest = {"source": str(result.path), "limit": cfg.limit, **asdict(result)}
     del manifest["path"], manifest["skipped"], manifest["error"]
@@ -342,7 +342,12 @@ class Listener:
 
 
 def _stamp(
-    live: dict[str, FileResult], names: list[str], cfg: EmbedConfig, schema: FeatureSchema, listener: Listener
+    live: dict[str, FileResult],
+    names: list[str],
+    cfg: EmbedConfig,
+    schema: FeatureSchema,
+    listener: Listener,
+    run_staging: Path,
 ) -> None:
     """One pipeline over files that share a Parquet schema (with columns `names`): read ->
     actor pool -> the driver counts receipts and commits each file when all its rows are
@@ -358,7 +363,7 @@ def _stamp(
     receipts = _dataset(list(live.values()), cfg, columns).map_batches(
         KnowledgeStamper,
         num_cpus=min(1.0, max(0.25, (cpus - 1) / cfg.actors)),
-        fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml()},
+        fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml(), "staging": str(run_staging)},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -376,7 +381,7 @@ def _stamp(
                         versions.append(receipt[key])
                 listener.rows(receipt["rows_out"] + receipt["error_rows"])
                 if result.done:
-                    _commit(result, cfg)
+                    _commit(result, cfg, run_staging)
                     listener.file(result)
     except (DataError, ray.exceptions.RayError, pa.ArrowException, OSError) as e:
         reason = _root_cause(e)
@@ -410,10 +415,15 @@ def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
     if summary.failed_files and cfg.fail_on_error:
         pending = []
     groups: dict[pa.Schema, dict[str, FileResult]] = {}
+    # Each run stages under a folder of its own: the actors of a killed run can outlive
+    # their driver for a while, and must never add parts to this run's files. What
+    # earlier runs staged is never committed, so it goes.
+    run_staging = cfg.out / STAGING / uuid.uuid4().hex[:12]
+    if pending:
+        shutil.rmtree(cfg.out / STAGING, ignore_errors=True)
     for result in pending:
-        shutil.rmtree(cfg.out / STAGING / result.path.stem, ignore_errors=True)
         if result.done:  # an empty file
-            _commit(result, cfg)
+            _commit(result, cfg, run_staging)
             listener.file(result)
         else:
             groups.setdefault(footers[result.path].remove_metadata(), {})[str(result.path)] = result
@@ -421,8 +431,9 @@ def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for columns, live in groups.items():
-        _stamp(live, columns.names, cfg, schema, listener)
-    if (cfg.out / STAGING).exists() and not any((cfg.out / STAGING).iterdir()):
-        (cfg.out / STAGING).rmdir()
+        _stamp(live, columns.names, cfg, schema, listener, run_staging)
+    if pending:
+        # Also what a killed run's actors wrote while this one ran: nothing commits it.
+        shutil.rmtree(cfg.out / STAGING, ignore_errors=True)
     summary.seconds = time.perf_counter() - start
     return summary

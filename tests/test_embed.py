@@ -137,12 +137,12 @@ def test_killed_midway_and_rerun_equals_an_uninterrupted_run(gem_bin, embedded, 
     job = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not any(out.glob(".staging/*/data/part-*")) and job.poll() is None and time.monotonic() < deadline:
+    while not any(out.glob(".staging/*/*/data/part-*")) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     committed = sorted(p.parent.name for p in out.glob("part-*/_manifest.json"))
-    assert any(out.glob(".staging/*/data/part-*")) and len(committed) < 4, "killed before any part was written"
+    assert any(out.glob(".staging/*/*/data/part-*")) and len(committed) < 4, "killed before any part was written"
     rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr.count("skipped (committed before") == len(committed) >= 1
