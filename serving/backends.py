@@ -23,8 +23,8 @@ from export.contract import (
     FM_MODEL,
     FM_VERSION,
     ONNX_FILENAME,
+    latest_version,
 )
-from export.repository import ModelRepository
 from model.features import LOGITS, graph_feeds
 from serving.triton.client import BackendTimeout, BackendUnavailable, TritonClient
 
@@ -80,8 +80,7 @@ class TritonBackend:
 
 def published_graphs(repository: Path) -> tuple[Path, Path]:
     """The latest FM and adapter ONNX files of a repository, or a clear error."""
-    repo = ModelRepository(repository)
-    fm, adapter = repo.latest(FM_MODEL), repo.latest(ADAPTER_MODEL)
+    fm, adapter = latest_version(repository, FM_MODEL), latest_version(repository, ADAPTER_MODEL)
     if fm is None or adapter is None:
         raise BackendUnavailable(f"no published model in {repository}; run `gem export` (or `gem bootstrap`) first")
     return (repository / FM_MODEL / str(fm) / ONNX_FILENAME, repository / ADAPTER_MODEL / str(adapter) / ONNX_FILENAME)
