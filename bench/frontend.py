@@ -6,24 +6,33 @@
   front end -> embedded      Ray Serve gRPC proxy, @serve.batch, ONNX Runtime in the replica
 
 at request sizes 1, 32 and 256 examples and rising concurrency (closed loop: each of C
-workers sends its next call when the last returns), plus the shared-user form against
-repeated rows at 256 candidates. Prints a table with the ratio front end / in-process,
+workers sends its next call when the last returns). Then a ranker's call, one user and
+`--candidates` candidates, through both applications in both forms: the shared form
+(the user's columns once, in `shared`) and repeated rows (the user's columns on every
+candidate). With `--archs interformer,shared_user` the whole run is repeated per
+sequence arch (each exported from the same preset and served by its own Triton and
+front end), and a second table gives the ratios: shared-user ÷ per-example model per
+application and form, and shared form ÷ repeated rows per model. Prints the tables,
 writes bench/results/frontend.json and frontend.png (examples/s against p99).
 
-    .venv/bin/python -m bench.frontend [--preset small] [--seconds 5]
+    .venv/bin/python -m bench.frontend [--preset small] [--seconds 5] [--archs shared_user]
+    .venv/bin/python -m bench.frontend --archs interformer,shared_user --sizes "" --concurrency 1,4
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from gem.knowledge import AsyncKnowledgeClient
 from rich.console import Console
 from rich.table import Table
@@ -33,7 +42,7 @@ from export.publish import ExportConfig, export_checkpoint
 from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
-from model.features import input_specs, random_batch
+from model.features import USER_INDEX, expand_users, random_batch, random_call, user_input_names
 from model.gem import GEM
 from model.schema import load_schema
 from serving import launcher
@@ -71,35 +80,37 @@ def rate(name: str, rows: int, measured: tuple[list[float], float], concurrency:
     return Timing(t.name, t.batch, t.calls, t.p50_ms, t.p99_ms, rows * len(latencies) / wall_s)
 
 
-async def run(args, schema, repo: Path, triton_url: str, address: str) -> list[Timing]:
-    user = {s.name for s in input_specs(schema) if s.side == "user"}
+async def run(args, schema, repo: Path, triton_url: str, address: str, arch: str) -> list[Timing]:
     out: list[Timing] = []
     ort_backend = OnnxBackend(repo)
     outputs = ("logits", "adapted_logits", "embedding", "user_embedding")
+    label = f"[{arch}] " if len(args.archs) > 1 else ""
     async with TritonClient(triton_url, timeout_s=60) as triton:
         # Both applications share the proxy; the `application` metadata picks one.
         clients = {name: AsyncKnowledgeClient(address, timeout_s=60, application=name) for name in APPS}
         for rows in args.sizes:
             batch = random_batch(schema, rows, args.seq_len, seed=rows)
             measured = await closed_loop(lambda b=batch: ort_backend.infer(b, outputs), 1, args.seconds)
-            out.append(rate("onnxruntime in-process", rows, measured, 1))
+            out.append(rate(f"{label}onnxruntime in-process", rows, measured, 1))
             for c in args.concurrency:
                 measured = await closed_loop(lambda b=batch: triton.infer(b), c, args.seconds)
-                out.append(rate("triton direct", rows, measured, c))
+                out.append(rate(f"{label}triton direct", rows, measured, c))
                 for name, client in clients.items():
                     measured = await closed_loop(lambda b=batch, cl=client: cl.generate(b), c, args.seconds)
-                    out.append(rate(f"front end -> {name}", rows, measured, c))
-        # One user, 256 candidates: the user's columns once vs repeated per candidate.
-        sample = random_batch(schema, 256, args.seq_len, seed=7)
-        repeated = {**sample, **{k: np.repeat(sample[k][:1], 256, axis=0) for k in user}}
-        ads = {k: v for k, v in sample.items() if k not in user}
-        shared = {k: v[:1] for k, v in sample.items() if k in user}
-        client = clients["triton"]
-        for form, call in (
-            ("repeated rows", lambda: client.generate(repeated)),
-            ("shared user", lambda: client.generate(ads, shared=shared)),
-        ):
-            out.append(rate(f"front end -> triton, {form}", 256, await closed_loop(call, 4, args.seconds), 4))
+                    out.append(rate(f"{label}front end -> {name}", rows, measured, c))
+        # One user, many candidates: the user's columns once vs repeated per candidate.
+        n = args.candidates
+        ads, shared = random_call(schema, n, args.seq_len, seed=7)
+        for seq in schema.sequences:  # a full history: the user side at its most costly
+            shared[seq.length_name] = np.full(1, args.seq_len, np.int64)
+        repeated = expand_users({**ads, **shared, USER_INDEX: np.zeros(n, np.int64)}, user_input_names(schema))
+        for name, client in clients.items():
+            for form, call in (
+                ("repeated rows", lambda cl=client: cl.generate(repeated)),
+                ("shared form", lambda cl=client: cl.generate(ads, shared=shared)),
+            ):
+                for c in args.concurrency:
+                    out.append(rate(f"{label}{name}, {form}", n, await closed_loop(call, c, args.seconds), c))
         for client in clients.values():
             await client.close()
     return out
@@ -125,11 +136,41 @@ def plot(timings: list[Timing], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@contextlib.contextmanager
+def served(repo: Path, work: Path) -> Iterator[tuple[str, str]]:
+    """Triton on `repo` and the front end's two applications (`triton` before it, and
+    `embedded` ONNX Runtime in its replica); yields (front end address, Triton URL)."""
+    http, grpc_port, metrics, fe_grpc, fe_http = free_ports(5)
+    triton = TritonServer(TritonConfig(repo, work, http, grpc_port, metrics)).start()
+    try:
+        address = launcher.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton")
+        from ray import serve
+
+        from serving.ingress import KnowledgeIngress
+
+        embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
+        serve.run(embedded.bind(FrontendConfig(backend="onnxruntime", repository=repo)), name="embedded",
+                  route_prefix="/embedded", blocking=False)  # fmt: skip
+        for app in APPS:
+            launcher.wait_healthy(address, application=app)
+        yield address, triton.cfg.grpc_url
+    finally:
+        launcher.stop()
+        triton.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=list(PRESETS))
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 256])
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    parser.add_argument("--archs", type=lambda s: s.split(","), default=None,
+                        help="sequence archs to compare, comma-separated (default: the preset's)")  # fmt: skip
+    parser.add_argument("--sizes", type=_ints, default=[1, 32, 256], help='examples per call ("" skips)')
+    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--candidates", type=int, default=256, help="of one user, in the shared-form cells")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     args = parser.parse_args()
@@ -137,46 +178,78 @@ def main() -> None:
     console = Console(stderr=True)
     schema = load_schema()
     cfg = preset(args.preset)
-    with tempfile.TemporaryDirectory(prefix="gem-bench-") as tmp:
-        tmp = Path(tmp)
-        model, adapter = GEM(schema, cfg).eval(), StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-        ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", schema, cfg, model, adapter, {}))
-        with console.status(f"exporting {args.preset}"):
-            export_checkpoint(ckpt, ExportConfig(repository=tmp / "repo"))
-        http, grpc_port, metrics, fe_grpc, fe_http = free_ports(5)
-        triton = TritonServer(TritonConfig(tmp / "repo", tmp / "triton", http, grpc_port, metrics)).start()
-        try:
-            address = launcher.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton")
-            from ray import serve
-
-            from serving.ingress import KnowledgeIngress
-
-            embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
-            serve.run(embedded.bind(FrontendConfig(backend="onnxruntime", repository=tmp / "repo")), name="embedded",
-                      route_prefix="/embedded", blocking=False)  # fmt: skip
-            for app in APPS:
-                launcher.wait_healthy(address, application=app)
-            with console.status("measuring"):
-                timings = asyncio.run(run(args, schema, tmp / "repo", triton.cfg.grpc_url, address))
-        finally:
-            launcher.stop()
-            triton.stop()
+    args.archs = args.archs or [cfg.sequence_arch]
+    timings: list[Timing] = []
+    for arch in args.archs:
+        with tempfile.TemporaryDirectory(prefix="gem-bench-") as tmp:
+            tmp = Path(tmp)
+            torch.manual_seed(0)
+            model = GEM(schema, cfg.with_(sequence_arch=arch)).eval()
+            adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
+            ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", schema, model.cfg, model, adapter, {}))
+            with console.status(f"exporting {args.preset} ({arch})"):
+                export_checkpoint(ckpt, ExportConfig(repository=tmp / "repo"))
+            with served(tmp / "repo", tmp / "triton") as (address, triton_url), console.status(f"measuring {arch}"):
+                timings += asyncio.run(run(args, schema, tmp / "repo", triton_url, address, arch))
     _report(args, timings)
 
 
+def _label(name: str) -> tuple[str, str]:
+    """'[arch] system c=4' -> ('arch', 'system c=4'); no label: ('', name)."""
+    if name.startswith("["):
+        arch, _, rest = name[1:].partition("] ")
+        return arch, rest
+    return "", name
+
+
+def ratios(args, timings: list[Timing]) -> list[dict]:
+    """The shared-form cells side by side: shared-user ÷ per-example model (same
+    application, form and concurrency), and shared form ÷ repeated rows (same model)."""
+    rate = {_label(t.name): t.examples_per_s for t in timings}
+    out = []
+    for arch in args.archs:
+        tag = arch if len(args.archs) > 1 else ""
+        for app in APPS:
+            for c in args.concurrency:
+                shared, rows = rate[tag, f"{app}, shared form c={c}"], rate[tag, f"{app}, repeated rows c={c}"]
+                out.append({"compare": f"{arch}: shared form / repeated rows", "app": app, "c": c,
+                            "ratio": shared / rows})  # fmt: skip
+    if {"interformer", "shared_user"} <= set(args.archs):
+        for app in APPS:
+            for form in ("shared form", "repeated rows"):
+                for c in args.concurrency:
+                    cell = f"{app}, {form} c={c}"
+                    out.append({"compare": f"shared_user / interformer, {form}", "app": app, "c": c,
+                                "ratio": rate["shared_user", cell] / rate["interformer", cell]})  # fmt: skip
+    return out
+
+
 def _report(args, timings: list[Timing]) -> None:
-    limit = {t.batch: t.examples_per_s for t in timings if t.name.startswith("onnxruntime")}
+    limit = {(_label(t.name)[0], t.batch): t.examples_per_s for t in timings if "onnxruntime in-process" in t.name}
     table = Table(title=f"GEM {args.preset} through the front end (seq len {args.seq_len}, {args.seconds:.0f}s each)")
     for col in ("system", "examples/call", "calls", "p50 ms", "p99 ms", "examples/s", "/ in-process"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for t in timings:
-        ratio = t.examples_per_s / limit[t.batch] if t.batch in limit else float("nan")
+        key = (_label(t.name)[0], t.batch)
+        ratio = f"{t.examples_per_s / limit[key]:.2f}" if key in limit else ""
         table.add_row(t.name, str(t.batch), str(t.calls), f"{t.p50_ms:.1f}", f"{t.p99_ms:.1f}",
-                      f"{t.examples_per_s:,.0f}", f"{ratio:.2f}")  # fmt: skip
-    Console().print(table)
-    write_json("frontend", vars(args), timings)
-    RESULTS.mkdir(exist_ok=True)
-    plot([t for t in timings if "," not in t.name], RESULTS / "frontend.png")
+                      f"{t.examples_per_s:,.0f}", ratio)  # fmt: skip
+    console = Console()
+    console.print(table)
+    compared = ratios(args, timings)
+    side = Table(title=f"one user x {args.candidates} candidates: examples/s ratios")
+    for col in ("compare", "application", "concurrency", "ratio"):
+        side.add_column(col, justify="left" if col == "compare" else "right")
+    for r in compared:
+        side.add_row(r["compare"], r["app"], str(r["c"]), f"{r['ratio']:.2f}x")
+    console.print(side)
+    write_json("frontend", {**vars(args), "ratios": compared}, timings)
+    if args.sizes:
+        # The size sweep of the last arch (the preset's by default), against p99.
+        arch = args.archs[-1] if len(args.archs) > 1 else ""
+        sweep = [replace(t, name=_label(t.name)[1]) for t in timings if _label(t.name)[0] == arch]
+        RESULTS.mkdir(exist_ok=True)
+        plot([t for t in sweep if "," not in t.name], RESULTS / "frontend.png")
 
 
 if __name__ == "__main__":

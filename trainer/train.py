@@ -73,8 +73,9 @@ class TrainConfig:
     seed: int = 0
     baselines: bool = False
     adapter_epochs: int = 3
-    # Overrides the preset's `esmm` (None: the preset's).
+    # Override the preset's `esmm` and `sequence_arch` (None: the preset's).
     esmm: bool | None = None
+    sequence_arch: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size", "val_shards", "test_shards"):
@@ -359,8 +360,8 @@ def train(
     cfg = cfg.resolved()
     schema = load_schema(cfg.schema_path)
     model_cfg = preset(cfg.preset)
-    if cfg.esmm is not None:
-        model_cfg = model_cfg.with_(esmm=cfg.esmm)
+    overrides = {"esmm": cfg.esmm, "sequence_arch": cfg.sequence_arch}
+    model_cfg = model_cfg.with_(**{k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(cfg.seed)
     train_paths, val_paths, test_paths = split_shards(resolve_paths(cfg.data), cfg.val_shards, cfg.test_shards)
     log.info(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from gem.cli.common import (
     progress,
 )
 from model.schema import DEFAULT_SCHEMA_PATH
+
+if TYPE_CHECKING:
+    from trainer.train import TrainConfig
 
 
 def metric_table(metrics: dict) -> Table:
@@ -55,33 +58,11 @@ def metric_table(metrics: dict) -> Table:
     return table
 
 
-def run_training(
-    data: Path,
-    out: Path,
-    preset: str,
-    epochs: int,
-    batch_size: int | None,
-    baselines: bool,
-    seed: int,
-    schema: Path,
-    patience: int = 1,
-    esmm: bool | None = None,
-    progress_every: float = 10.0,
-) -> dict:
-    from trainer.train import ProgressLog, TrainConfig, train
+def run_training(cfg: TrainConfig, progress_every: float = 10.0) -> dict:
+    """Trains per `cfg` with progress on the console:
+    a bar on terminals, plain lines every `progress_every` seconds elsewhere."""
+    from trainer.train import ProgressLog, train
 
-    cfg = TrainConfig(
-        data=data,
-        out=out,
-        preset=preset,
-        epochs=epochs,
-        patience=patience,
-        batch_size=batch_size,
-        baselines=baselines,
-        seed=seed,
-        schema_path=schema,
-        esmm=esmm,
-    )
     if not console.is_terminal:
         # A log file, compose, CI: plain lines every `progress_every` seconds, no bar.
         line = functools.partial(console.print, highlight=False, soft_wrap=True)
@@ -116,6 +97,14 @@ def train_cmd(
     baselines: Annotated[
         bool, typer.Option(help="Also train logistic regression, a pooled MLP and GEM with mean-pooled sequences.")
     ] = False,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Sequence arch: shared_user (the user side once per user, candidates by target "
+            "attention), interformer (per example) or mean_pool (default: the preset's).",
+            show_default=False,
+        ),
+    ] = None,
     esmm: Annotated[
         bool | None,
         typer.Option(
@@ -133,7 +122,23 @@ def train_cmd(
 ) -> None:
     """Train GEM on logged examples. The last shard is the test slice (reported), the one
     before it the validation slice (early stopping, the epoch kept), the rest train."""
-    metrics = run_training(
-        data, out, preset, epochs, batch_size, baselines, seed, schema, patience, esmm, progress_every
+    from model.config import SEQUENCE_ARCHS
+    from trainer.train import TrainConfig
+
+    if arch is not None and arch not in SEQUENCE_ARCHS:
+        raise typer.BadParameter(f"{arch!r}; choose one of {', '.join(SEQUENCE_ARCHS)}", param_hint="--arch")
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        preset=preset,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        baselines=baselines,
+        seed=seed,
+        schema_path=schema,
+        esmm=esmm,
+        sequence_arch=arch,
     )
+    metrics = run_training(cfg, progress_every)
     Console().print(metric_table(metrics))
