@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -236,3 +237,11 @@ def test_triton_client_sends_each_model_its_form_in_chunks(schema, form):
             check_user_indexed(part, users)
     for n in got:
         np.testing.assert_array_equal(got[n], whole[n], err_msg=n)
+
+
+def test_front_end_maps_value_errors_to_invalid_argument():
+    from serving.ingress import _backend_refusal
+
+    code, message = _backend_refusal(UserIndexError("input 'user_index': 1 value(s) outside [0, 3)", USER_INDEX), 1)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'user_index'" in message
+    assert _backend_refusal(ValueError("anything"), 1)[0] == grpc.StatusCode.INVALID_ARGUMENT
