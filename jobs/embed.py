@@ -16,6 +16,12 @@ ragged sequence fields) go to `<out>/_errors/<file stem>/` with the reason; a fi
 cannot be read as the schema at all (a column of the wrong type) is refused from its
 Parquet footer before any work. Nothing is dropped silently: per file, rows out + error
 rows = rows in.
+
+Logged rows are one row per impression. When the served FM takes the user-indexed form
+(`shared_user`), each batch goes to it with each user once: the rows of one request (or
+user) key, `group_by` (default `request_id`, when the file has that column), become one
+user row after an exact check that they agree (else, and without the column, identical
+user rows are found by content). The summary counts the users encoded.
 """
 
 from __future__ import annotations
@@ -36,7 +42,17 @@ import pyarrow.parquet as pq
 
 from export.contract import ADAPTER_OUTPUT
 from model.data.reader import DataError, check_footer, resolve_paths, table_to_batch
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, sigmoid, zero_batch
+from model.features import (
+    EMBEDDING,
+    LOGITS,
+    USER_EMBEDDING,
+    USER_INDEX,
+    input_specs,
+    share_users,
+    sigmoid,
+    user_input_names,
+    zero_batch,
+)
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
 from serving.backends import OnnxBackend, TritonBackend, published_graphs
 
@@ -72,6 +88,9 @@ class EmbedConfig:
     limit: int | None = None
     # Ray cluster address (None: a local Ray).
     address: str | None = None
+    # The request (or user) key column: a user-indexed FM encodes the user of each key
+    # once per batch. None, or a column a file lacks: users found by content alone.
+    group_by: str | None = "request_id"
 
     def __post_init__(self) -> None:
         if self.backend not in ("onnxruntime", "triton"):
@@ -90,6 +109,8 @@ class FileResult:
     error_rows: int = 0
     skipped: bool = False
     error: str = ""
+    # User-side encodings computed for the rows out (= rows out for a per-example FM).
+    users: int = 0
     fm_versions: list[int] = field(default_factory=list)
     adapter_versions: list[int] = field(default_factory=list)
 
@@ -118,6 +139,16 @@ class Summary:
     @property
     def failed_files(self) -> list[FileResult]:
         return [f for f in self.files if f.error]
+
+    @property
+    def users_encoded(self) -> int:
+        """Users encoded by this run (per batch: a user whose rows span batches counts in each)."""
+        return sum(f.users for f in self.files if not f.skipped and not f.error)
+
+    @property
+    def rows_stamped(self) -> int:
+        """Rows stamped by this run (skipped files not counted)."""
+        return sum(f.rows_out for f in self.files if not f.skipped and not f.error)
 
     @property
     def rows_done_now(self) -> int:
@@ -160,30 +191,53 @@ class KnowledgeStamper:
         from model.schema import schema_from_yaml
 
         self.schema, self.staging = schema_from_yaml(schema_yaml), Path(staging)
+        self.group_by = cfg.group_by
+        users = user_input_names(self.schema)
         if cfg.backend == "onnxruntime":
             # The node's cores shared among the pool (actors spread evenly over nodes).
             threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
-            backend = OnnxBackend(cfg.repository, threads=threads)
+            backend = OnnxBackend(cfg.repository, threads=threads, user_names=users)
             self.infer = lambda batch: backend.run(batch, MODEL_OUTPUTS)
+            # The FM's user inputs if it takes the user-indexed form, else None.
+            self.fm_users = backend.fm_user_inputs()
         else:
             # The asyncio Triton client wants its loop current while it is made.
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-            backend = TritonBackend(cfg.triton_url, timeout_s=120)
+            backend = TritonBackend(cfg.triton_url, timeout_s=120, user_names=users)
             self.infer = lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS))
+            self.fm_users = loop.run_until_complete(backend.fm_user_inputs())
         # Output widths from one all-zero row, for batches in which no row can be served.
         probe = self.infer(zero_batch(self.schema)).outputs
         self.widths = {name: probe[name].shape[1] for name in (EMBEDDING, USER_EMBEDDING)}
 
+    def _model_batch(self, rows: pa.Table) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The FM's batch of (servable) rows, and the user row each row is encoded by. A
+        user-indexed FM gets each user once: by the key column where there is one,
+        checked exactly, else by content (`share_users`); it goes pre-indexed."""
+        batch = table_to_batch(rows, self.schema, labels=False)
+        if self.fm_users is None:
+            return batch, np.arange(rows.num_rows)
+        keys = key_codes(rows.column(self.group_by)) if self.group_by in rows.column_names else None
+        batch = share_users(batch, self.fm_users, keys=keys)
+        return batch, batch[USER_INDEX]
+
     def stamp(self, table: pa.Table) -> pa.Table:
         """Keys, knowledge (null on rows that cannot be served) and `error` per row."""
+        return self._stamp(table)[0]
+
+    def _stamp(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        """`stamp`, and per row the user row of its batch that encoded it (-1: not served)."""
         problems = row_problems(table, self.schema)
         good = pc.is_null(problems).to_numpy(zero_copy_only=False)
         n, rows = table.num_rows, table.filter(pa.array(good))
         columns: dict[str, pa.Array] = {k: table.column(k) for k in KEY_COLUMNS if k in table.column_names}
         missing = ~good
+        user_of = np.full(n, -1, np.int64)
         if rows.num_rows:
-            knowledge = self.infer(table_to_batch(rows, self.schema, labels=False))
+            batch, user_rows = self._model_batch(rows)
+            user_of[good] = user_rows
+            knowledge = self.infer(batch)
         for t, task in enumerate(self.schema.task_names):
             for prefix, output in (("knowledge", LOGITS), ("adapted", ADAPTER_OUTPUT)):
                 values = np.zeros(n, np.float32)
@@ -201,15 +255,17 @@ class KnowledgeStamper:
         for name, version in zip(("fm_version", "adapter_version"), versions, strict=True):
             columns[name] = pa.array(np.full(n, version, np.int64), mask=missing)
         columns["error"] = problems
-        return pa.table(columns)
+        return pa.table(columns), user_of
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        stamped = self.stamp(table.drop_columns([PATH_COLUMN]))
+        stamped, user_of = self._stamp(table.drop_columns([PATH_COLUMN]))
         sources = table.column(PATH_COLUMN)
         receipts = []
         # A batch may span files (a handful): one part per file and kind.
         for source in pc.unique(sources).to_pylist():
-            rows = stamped.filter(pc.equal(sources, source))
+            here = pc.equal(sources, source)
+            rows = stamped.filter(here)
+            mine = user_of[here.to_numpy(zero_copy_only=False)]
             bad = pc.is_valid(rows.column("error"))
             served = rows.filter(pc.invert(bad)).drop_columns(["error"])
             errors = rows.filter(bad).select([c for c in (*KEY_COLUMNS, "error") if c in rows.column_names])
@@ -220,10 +276,25 @@ class KnowledgeStamper:
                     pq.write_table(part, folder / kind / f"part-{uuid.uuid4().hex}.parquet")
             receipts.append({
                 PATH_COLUMN: source, "rows_out": served.num_rows, "error_rows": errors.num_rows,
+                "users": int(np.unique(mine[mine >= 0]).size),
                 "fm_version": int(pc.max(served.column("fm_version")).as_py() or 0),
                 "adapter_version": int(pc.max(served.column("adapter_version")).as_py() or 0),
             })  # fmt: skip
         return pa.Table.from_pylist(receipts)
+
+
+def key_codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A key column (any type) as int64 codes, equal where the keys are; a null key is a
+    code of its own per row (never grouped)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = pc.dictionary_encode(column)
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    nulls = np.flatnonzero(codes < 0)
+    codes[nulls] = len(encoded.dictionary) + np.arange(len(nulls))
+    return codes
 
 
 def _check_file(path: Path, schema: FeatureSchema) -> tuple[int, pa.Schema]:
@@ -265,6 +336,7 @@ def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dic
             result.skipped = True
             for key in ("rows_in", "rows_out", "error_rows", "fm_versions", "adapter_versions"):
                 setattr(result, key, done[key])
+            result.users = done.get("users", 0)
         else:
             try:
                 rows, footers[result.path] = _check_file(path, schema)
@@ -356,6 +428,7 @@ def _stamp(
 
     columns = list(dict.fromkeys(
         [k for k in KEY_COLUMNS if k in names] + [s.name for s in input_specs(schema) if s.kind != "length"]
+        + [c for c in [cfg.group_by] if c and c in names]
     ))  # fmt: skip
     # Actors leave a CPU to the read tasks, or a pool as large as the machine waits
     # forever for its input.
@@ -375,6 +448,7 @@ def _stamp(
                 result = live[receipt[PATH_COLUMN]]
                 result.rows_out += receipt["rows_out"]
                 result.error_rows += receipt["error_rows"]
+                result.users += receipt["users"]
                 for key in ("fm_version", "adapter_version"):
                     versions = getattr(result, f"{key}s")
                     if receipt[key] and receipt[key] not in versions:
@@ -421,6 +495,11 @@ def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
     run_staging = cfg.out / STAGING / uuid.uuid4().hex[:12]
     if pending:
         shutil.rmtree(cfg.out / STAGING, ignore_errors=True)
+    if cfg.group_by:
+        lacking = [r for r in pending if cfg.group_by not in footers[r.path].names]
+        if lacking:
+            log.info("gem embed: %d of %d file(s) have no %r column: their users are found by content alone",
+                     len(lacking), len(pending), cfg.group_by)  # fmt: skip
     for result in pending:
         if result.done:  # an empty file
             _commit(result, cfg, run_staging)
@@ -436,4 +515,6 @@ def run_embed(cfg: EmbedConfig, listener: Listener | None = None) -> Summary:
         # Also what a killed run's actors wrote while this one ran: nothing commits it.
         shutil.rmtree(cfg.out / STAGING, ignore_errors=True)
     summary.seconds = time.perf_counter() - start
+    if summary.rows_stamped:
+        log.info("gem embed: users encoded: %s for %s rows", f"{summary.users_encoded:,}", f"{summary.rows_stamped:,}")
     return summary

@@ -25,7 +25,7 @@ from export.contract import (
     ONNX_FILENAME,
     latest_version,
 )
-from model.features import LOGITS, graph_feeds
+from model.features import LOGITS, USER_INDEX, USERS_AXIS, graph_feeds
 from serving.triton.client import BackendTimeout, BackendUnavailable, TritonClient
 
 
@@ -60,8 +60,13 @@ def _versions(out: dict[str, np.ndarray]) -> tuple[int, int]:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, url: str, timeout_s: float = 10.0):
-        self.client = TritonClient(url, timeout_s=timeout_s)
+    def __init__(self, url: str, timeout_s: float = 10.0, user_names: Sequence[str] | None = None):
+        """`user_names`: the schema's user inputs (see `TritonClient`)."""
+        self.client = TritonClient(url, timeout_s=timeout_s, user_names=user_names)
+
+    async def fm_user_inputs(self) -> tuple[str, ...] | None:
+        """The served model's user inputs if it takes the user-indexed form, else None."""
+        return await self.client.user_inputs()
 
     async def infer(
         self,
@@ -92,7 +97,10 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, repository: Path, threads: int = 0):
+    def __init__(self, repository: Path, threads: int = 0, user_names: Sequence[str] | None = None):
+        """`user_names`: the schema's user inputs (`user_input_names`), to expand a
+        user-indexed batch for a per-example FM (default: told by their row counts)."""
+        self.user_names = None if user_names is None else tuple(user_names)
         fm, adapter = published_graphs(repository)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -101,10 +109,19 @@ class OnnxBackend:
         self.adapter = ort.InferenceSession(str(adapter), options)
         self.fm_outputs = [o.name for o in self.fm.get_outputs()]
 
+    def fm_user_inputs(self) -> tuple[str, ...] | None:
+        """The FM's user inputs (those on its users axis) if it takes the user-indexed
+        form, else None."""
+        inputs = self.fm.get_inputs()
+        if all(i.name != USER_INDEX for i in inputs):
+            return None
+        return tuple(i.name for i in inputs if i.shape and i.shape[0] == USERS_AXIS)
+
     def run(self, batch: dict[str, np.ndarray], outputs: Sequence[str]) -> Knowledge:
         """Synchronous inference (the batch job calls this from its actors)."""
-        # A user-indexed FM gets each distinct user once (graph_feeds).
-        feeds = graph_feeds(batch, self.fm.get_inputs())
+        # A user-indexed FM gets each distinct user once; a user-indexed batch is checked
+        # (UserIndexError, naming the input) and expanded for a per-example FM (graph_feeds).
+        feeds = graph_feeds(batch, self.fm.get_inputs(), self.user_names)
         out = dict(zip(self.fm_outputs, self.fm.run(self.fm_outputs, feeds), strict=True))
         logits, surface = ADAPTER_INPUTS
         adapted, adapter_version = self.adapter.run(

@@ -31,7 +31,16 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from export.contract import ADAPTER_OUTPUT
 from model.data.reader import concat
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, sigmoid, zero_batch
+from model.features import (
+    EMBEDDING,
+    LOGITS,
+    USER_EMBEDDING,
+    UserIndexError,
+    input_specs,
+    sigmoid,
+    user_input_names,
+    zero_batch,
+)
 from model.schema import load_schema
 from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend
 from serving.config import FrontendConfig
@@ -110,6 +119,12 @@ def _backend_refusal(e: Exception, timeout_s: float) -> tuple[grpc.StatusCode, s
         return grpc.StatusCode.UNAVAILABLE, "the model backend is unavailable; retry later"
     if isinstance(e, InvalidRequest):
         return INVALID, "the model refused the batch's tensors"
+    if isinstance(e, UserIndexError):
+        # Our own check of a user-indexed batch: the message names the input, no internals.
+        return INVALID, f"the batch's user rows do not hold together: {e}"
+    if isinstance(e, ValueError):
+        # A batch the backend cannot take is the caller's, never an internal failure.
+        return INVALID, "the model refused the batch"
     return grpc.StatusCode.INTERNAL, "the model failed on this call"
 
 
@@ -171,10 +186,11 @@ class KnowledgeIngress:
         self.schema = load_schema(self.cfg.schema_path)
         self.limits = Limits(self.cfg.max_examples_per_call)
         self.dense = [s.name for s in input_specs(self.schema) if s.kind == "dense"]
+        users = user_input_names(self.schema)
         self.backend: Backend = (
-            TritonBackend(self.cfg.triton_url, self.cfg.backend_timeout_s)
+            TritonBackend(self.cfg.triton_url, self.cfg.backend_timeout_s, user_names=users)
             if self.cfg.backend == "triton"
-            else OnnxBackend(self.cfg.repository)
+            else OnnxBackend(self.cfg.repository, user_names=users)
         )
         self._batched.set_max_batch_size(self.cfg.max_batch_examples)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)

@@ -89,6 +89,20 @@ def published_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
     return repo
 
 
+@pytest.fixture(scope="session")
+def shared_user_repo(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema, synth_dir: Path):
+    """(repository, torch model): a published user-indexed (`shared_user`) tiny FM and its
+    adapter (read-only: copy it)."""
+    cfg = preset("tiny").with_(sequence_arch="shared_user")
+    torch.manual_seed(3)
+    model = GEM(schema, cfg).eval()
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
+    root = tmp_path_factory.mktemp("shared-user-repo")
+    ckpt = save_checkpoint(root / "ckpt", schema, cfg, model, adapter, metrics={})
+    export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "model_repo", data=synth_dir))
+    return root / "model_repo", model
+
+
 # Fault injection for the side trainer's crash tests. A `sitecustomize` on PYTHONPATH of
 # the trainer's processes wraps one function (`module:Qualified.name`) so that its Nth
 # call in a process (on rank 0) writes GEM_TEST_HOLD_FILE and waits there to be killed,

@@ -92,6 +92,7 @@ def test_every_good_row_out_once_and_bad_ones_reported(embedded, logged):
         ids_in = pq.read_table(path, columns=["example_id"])["example_id"].to_numpy()
         result = by_name[path.name]
         assert result.rows_in == len(ids_in) == result.rows_out + result.error_rows
+        assert result.users == result.rows_out  # a per-example FM encodes every row's user
         ids_out = read_out(out / path.stem)["example_id"].to_numpy()
         errors = pq.read_table(out / "_errors" / path.stem)["example_id"].to_numpy() if result.error_rows else []
         np.testing.assert_array_equal(np.sort(np.concatenate([ids_out, errors])), np.sort(ids_in))
@@ -203,3 +204,119 @@ def test_no_published_model_is_one_line_before_any_work(gem_bin, logged, tmp_pat
     assert done.returncode == 2
     assert "no published model" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Logged impressions of one request share its user's features; a user-indexed FM encodes
+# each request's user once per batch (--group-by, default request_id).
+REQUESTS = 300
+
+
+def _requests_table(synth_dir, schema) -> pa.Table:
+    """REQUESTS requests of 2-12 impressions, each request's rows with the user features
+    of its first row, shuffled; requests 1 and 2 are request 0's user (same features),
+    which only the key keeps apart. Keys are strings (`req-<n>`)."""
+    from model.features import input_specs
+
+    rng = np.random.default_rng(13)
+    sizes = rng.integers(2, 13, REQUESTS)
+    request = np.repeat(np.arange(REQUESTS), sizes)
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    source = first[request]
+    source[np.isin(request, [1, 2])] = 0
+    table = pq.read_table(resolve_paths(synth_dir)[0]).slice(0, len(request))
+    for spec in input_specs(schema):
+        if spec.side == "user" and spec.kind != "length":
+            table = table.set_column(table.schema.get_field_index(spec.name), spec.name, table[spec.name].take(source))
+    table = table.append_column("request_id", pa.array([f"req-{r}" for r in request]))
+    return table.take(rng.permutation(len(request)))
+
+
+@pytest.fixture(scope="module")
+def requests_files(synth_dir, schema, tmp_path_factory):
+    """`requests.parquet`, and `changed.parquet`: the same with one impression of
+    request 5 whose history changed (the key's rows disagree)."""
+    folder = tmp_path_factory.mktemp("requests")
+    table = _requests_table(synth_dir, schema)
+    pq.write_table(table, folder / "requests.parquet")
+    row = table["request_id"].to_pylist().index("req-5")
+    history = table["hist_item_id"].to_pylist()
+    history[row] = [item + 1 for item in history[row]] or [7]
+    changed = table
+    if len(history[row]) == 1 and table["hist_item_id"][row].as_py() == []:  # an empty history gets one event
+        for name in ("hist_category_id", "hist_action_type"):
+            values = table[name].to_pylist()
+            values[row] = [1]
+            changed = changed.set_column(
+                changed.schema.get_field_index(name), name, pa.array(values, pa.list_(pa.int64()))
+            )
+    changed = changed.set_column(
+        changed.schema.get_field_index("hist_item_id"), "hist_item_id", pa.array(history, pa.list_(pa.int64()))
+    )
+    pq.write_table(changed, folder / "changed.parquet")
+    return folder / "requests.parquet", folder / "changed.parquet"
+
+
+@pytest.fixture(scope="module")
+def ungrouped(requests_files, shared_user_repo, tmp_path_factory):
+    """Both files on the user-indexed FM without key grouping (users found by content)."""
+    out = tmp_path_factory.mktemp("ungrouped")
+    source = str(requests_files[0].parent)
+    summary = run_embed(EmbedConfig(source=source, out=out, repository=shared_user_repo[0], batch_size=8192,
+                                    group_by=None))  # fmt: skip
+    return out, {f.path.name: f for f in summary.files}
+
+
+def test_grouped_by_request_each_user_is_encoded_once_and_stamps_the_same(
+    requests_files, ungrouped, shared_user_repo, schema, tmp_path
+):
+    path = requests_files[0]
+    reference, by_content = ungrouped
+    # Requests 1 and 2 have request 0's features: found by content, they are one user.
+    assert by_content[path.name].users == REQUESTS - 2
+    summary = run_embed(EmbedConfig(source=str(path), out=tmp_path / "out", repository=shared_user_repo[0],
+                                    batch_size=4096))  # fmt: skip
+    (result,) = summary.files
+    rows = pq.read_metadata(path).num_rows
+    assert result.rows_out == rows and result.users == summary.users_encoded == REQUESTS
+    got = read_out(tmp_path / "out" / path.stem)
+    assert "request_id" not in got.column_names
+    assert_same_rows(got, read_out(reference / path.stem), "grouped vs ungrouped")
+    # And both are the per-example model, row by row.
+    table = pq.read_table(path).sort_by("example_id")
+    batch = table_to_batch(table, schema, labels=False)
+    with torch.no_grad():
+        want = shared_user_repo[1]({k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()})
+    for t, task in enumerate(schema.task_names):
+        np.testing.assert_allclose(got[f"knowledge_{task}"], torch.sigmoid(want["logits"][:, t]), atol=1e-4)
+
+
+def test_a_key_whose_rows_disagree_falls_back_to_content_and_stamps_correctly(
+    gem, requests_files, ungrouped, shared_user_repo, tmp_path
+):
+    path = requests_files[1]
+    reference, by_content = ungrouped
+    done = gem("embed", str(path), "--out", str(tmp_path / "out"), "--repo", str(shared_user_repo[0]),
+               "--group-by", "request_id", "--batch-size", "4096")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_metadata(path).num_rows
+    # The changed impression is a user of its own; requests 0-2 are one user again (by content).
+    assert by_content[path.name].users == REQUESTS - 2 + 1
+    assert f"users encoded: {REQUESTS - 1:,} for {rows:,} rows" in done.stderr, done.stderr
+    assert_same_rows(read_out(tmp_path / "out" / path.stem), read_out(reference / path.stem), "fallback")
+
+
+def test_triton_gets_pre_indexed_batches_of_a_user_indexed_fm(
+    requests_files, ungrouped, shared_user_repo, triton_config, tmp_path
+):
+    path = requests_files[0]
+    reference, _ = ungrouped
+    repo = tmp_path / "repo"
+    shutil.copytree(shared_user_repo[0], repo)
+    with TritonServer(triton_config(repo, tmp_path / "triton")) as server:
+        cfg = EmbedConfig(source=str(path), out=tmp_path / "out", backend="triton", triton_url=server.cfg.grpc_url,
+                          batch_size=4096)  # fmt: skip
+        summary = run_embed(cfg)
+    assert summary.files[0].rows_out == pq.read_metadata(path).num_rows and summary.users_encoded == REQUESTS
+    got, want = read_out(tmp_path / "out" / path.stem), read_out(reference / path.stem)
+    for column in ("knowledge_click", "adapted_conversion"):
+        np.testing.assert_allclose(got[column], want[column], atol=1e-5)

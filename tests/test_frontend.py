@@ -138,12 +138,15 @@ def repo_session(published_repo):
 
 BAD_CASES = (
     "wrong dtype", "wrong shape", "unknown feature", "missing feature", "surface out of range", "rows disagree",
-    "too long sequence", "empty batch", "oversized call", "non-finite dense",
+    "too long sequence", "empty batch", "oversized call", "non-finite dense", "shared column of 0 rows",
+    "shared column of 2 rows",
 )  # fmt: skip
 
 
 def bad_request(schema, case):
+    """(features, or (features, shared), and what the refusal must name)."""
     good = random_batch(schema, 4, 3)
+    per_ad = {k: v for k, v in good.items() if k != "user_id"}
     return {
         "wrong dtype": ({**good, "user_id": good["user_id"].astype(np.float32)}, "user_id"),
         "wrong shape": ({**good, "hist_item_id": good["hist_item_id"][:, 0]}, "hist_item_id"),
@@ -155,6 +158,9 @@ def bad_request(schema, case):
         "empty batch": ({k: v[:0] for k, v in good.items()}, "empty batch"),
         "oversized call": (random_batch(schema, 1001, 1), "limit of 1000"),
         "non-finite dense": ({**good, "ad_bid_log": np.full(4, np.nan, np.float32)}, "ad_bid_log"),
+        # The shared form: one row per shared column, whatever the rows of `features`.
+        "shared column of 0 rows": ((per_ad, {"user_id": good["user_id"][:0]}), "'user_id' must have exactly one row"),
+        "shared column of 2 rows": ((per_ad, {"user_id": good["user_id"][:2]}), "'user_id' must have exactly one row"),
     }[case]
 
 
@@ -162,11 +168,12 @@ def bad_request(schema, case):
 def test_bad_input_is_invalid_argument_and_others_succeed(stack, schema, case):
     address, _, _ = stack
     bad, named = bad_request(schema, case)
+    features, shared = bad if isinstance(bad, tuple) else (bad, None)
     good = random_batch(schema, 8, 5)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         goods = [pool.submit(generate, address, "triton", good) for _ in range(6)]
         with pytest.raises(grpc.RpcError) as e:
-            generate(address, "triton", bad)
+            generate(address, "triton", features, shared)
         assert all(f.result()[0]["labels"].shape == (8, 2) for f in goods)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in e.value.details()

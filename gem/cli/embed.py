@@ -41,18 +41,29 @@ def embed_cmd(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: a local Ray); --out must then be shared storage.")
     ] = None,
+    group_by: Annotated[
+        str,
+        typer.Option(
+            metavar="COLUMN",
+            help="Request or user key column: with a user-indexed (shared_user) model, the rows of one key in a "
+            "batch share one user encoding (checked; rows that differ are never merged). A file without the "
+            "column: users found by their features alone. '' turns key grouping off.",
+        ),
+    ] = "request_id",
     schema: SchemaOption = DEFAULT_SCHEMA_PATH,
 ) -> None:
     """Stamp GEM's knowledge (labels and adapted labels per task, embeddings, versions) onto
     logged examples, as one Ray Data job over all files. Resumable: each file's output is
-    committed when complete, and a rerun skips committed files."""
+    committed when complete, and a rerun skips committed files. Logged rows are one per
+    impression: a user-indexed model encodes each user of a batch once (--group-by), and
+    the summary says how many users were encoded for how many rows."""
     from jobs.embed import EmbedConfig, Listener, run_embed
     from model.data.reader import DataError
 
     cfg = EmbedConfig(
         source=source, out=out, repository=repo, schema_path=schema, backend=backend, triton_url=triton_url,
         batch_size=batch_size, actors=actors, threads=threads, overwrite=overwrite, fail_on_error=fail_on_error,
-        limit=limit, address=address,
+        limit=limit, address=address, group_by=group_by or None,
     )  # fmt: skip
 
     class Bar(Listener):
@@ -69,21 +80,23 @@ def embed_cmd(
             elif result.error:
                 log.error("%s: %s", result.path.name, result.error)
             else:
-                log.info("%s: %s rows out, %s refused, fm v%s, adapter v%s", result.path.name,
-                         f"{result.rows_out:,}", f"{result.error_rows:,}",
+                log.info("%s: %s rows out, %s refused, %s users encoded, fm v%s, adapter v%s", result.path.name,
+                         f"{result.rows_out:,}", f"{result.error_rows:,}", f"{result.users:,}",
                          ",".join(map(str, result.fm_versions)) or "-",
                          ",".join(map(str, result.adapter_versions)) or "-")  # fmt: skip
 
     with progress("rows") as bar:
         summary = run_embed(cfg, Bar())
     table = Table(title=f"gem embed -> {out}")
-    for col in ("files", "skipped", "failed", "rows in", "rows out", "error rows", "seconds", "rows/s"):
+    columns = ("files", "skipped", "failed", "rows in", "rows out", "error rows", "users encoded", "seconds",
+               "rows/s")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="right")
     rate = summary.rows_done_now / summary.seconds if summary.seconds else 0.0
     table.add_row(
         str(len(summary.files)), str(sum(f.skipped for f in summary.files)), str(len(summary.failed_files)),
-        f"{summary.rows_in:,}", f"{summary.rows_out:,}", f"{summary.error_rows:,}", f"{summary.seconds:.1f}",
-        f"{rate:,.0f}",
+        f"{summary.rows_in:,}", f"{summary.rows_out:,}", f"{summary.error_rows:,}", f"{summary.users_encoded:,}",
+        f"{summary.seconds:.1f}", f"{rate:,.0f}",
     )  # fmt: skip
     Console().print(table)
     if summary.failed_files:

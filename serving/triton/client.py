@@ -20,7 +20,14 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS, USER_INPUTS_PARAMETER
-from model.features import share_users
+from model.features import (
+    USER_INDEX,
+    candidate_rows,
+    check_user_indexed,
+    expand_users,
+    indexed_user_names,
+    share_users,
+)
 
 
 class BackendError(RuntimeError):
@@ -94,9 +101,12 @@ class TritonClient:
         timeout_s: float = 10.0,
         max_batch_size: int = 4096,
         admin_key: str | None = None,
+        user_names: Sequence[str] | None = None,
     ):
         """`admin_key`: the key of Triton's restricted model-repository API (default:
-        $GEM_TRITON_ADMIN_KEY); sent only with load, unload and the repository index."""
+        $GEM_TRITON_ADMIN_KEY); sent only with load, unload and the repository index.
+        `user_names`: the schema's user inputs (`user_input_names`), to expand a
+        user-indexed batch for a per-example model (default: told by their row counts)."""
         import os
 
         self.url = url
@@ -112,6 +122,7 @@ class TritonClient:
         self.model = model
         self.timeout_s = timeout_s
         self.max_batch_size = max_batch_size
+        self.user_names = None if user_names is None else tuple(user_names)
         self._client = InferenceServerClient(url, channel_args=_channel_args())
         # Model -> its user inputs if it takes the user-indexed form, else None.
         self._forms: dict[str, tuple[str, ...] | None] = {}
@@ -130,6 +141,30 @@ class TritonClient:
             batched = int(config.get("max_batch_size", 0)) > 0
             self._forms[model] = None if batched or not users else tuple(users.split(","))
         return self._forms[model]
+
+    async def user_inputs(self, model: str | None = None) -> tuple[str, ...] | None:
+        """The user inputs of the model (default: the client's) if it takes the
+        user-indexed form, else None."""
+        return await self._user_inputs(model or self.model)
+
+    async def _form(
+        self, batch: dict[str, np.ndarray], model: str
+    ) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
+        """The batch in the model's form, and the model's user inputs (None: per example).
+        A user-indexed batch is checked (`UserIndexError` naming the input, before Triton
+        sees it) and expanded for a per-example model; a per-example one becomes
+        user-indexed (each distinct user once) for a user-indexed model."""
+        user_inputs = await self._user_inputs(model)
+        if USER_INDEX in batch:
+            if user_inputs is None:
+                names = indexed_user_names(batch, self.user_names)
+                check_user_indexed(batch, names)
+                batch = expand_users(batch, names)
+            else:
+                check_user_indexed(batch, user_inputs)
+        elif user_inputs is not None:
+            batch = share_users(batch, user_inputs)
+        return batch, user_inputs
 
     async def close(self) -> None:
         await self._client.close()
@@ -152,17 +187,23 @@ class TritonClient:
         """Runs `batch` through the model (the ensemble by default) at `version`
         (default: the latest loaded); batches over `chunk` rows (default
         `max_batch_size`) go as several calls. `timeout_s` (default: the client's) bounds
-        the whole call; past it, `BackendTimeout`."""
-        rows = len(next(iter(batch.values())))
+        the whole call; past it, `BackendTimeout`. The batch may be per example or
+        user-indexed (`user_index`, checked before it is sent); chunks count candidates."""
+        model = model or self.model
+        batch, user_inputs = await self._form(dict(batch), model)
+        rows = len(batch[USER_INDEX]) if USER_INDEX in batch else len(next(iter(batch.values())))
         chunk = min(chunk or self.max_batch_size, self.max_batch_size)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if rows <= chunk:
-            return await self._infer(batch, outputs, version, model or self.model, timeout_s)
+            return await self._infer(batch, outputs, version, model, timeout_s)
+
+        def part(i: int) -> dict[str, np.ndarray]:
+            if USER_INDEX in batch:
+                return candidate_rows(batch, user_inputs or (), i, i + chunk)
+            return {k: v[i : i + chunk] for k, v in batch.items()}
+
         parts = await asyncio.gather(
-            *(
-                self._infer({k: v[i : i + chunk] for k, v in batch.items()}, outputs, version, model, timeout_s)
-                for i in range(0, rows, chunk)
-            )
+            *(self._infer(part(i), outputs, version, model, timeout_s) for i in range(0, rows, chunk))
         )
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -180,10 +221,8 @@ class TritonClient:
             # both ensemble steps live: Triton 2.51 deadlocks ("at least one output is
             # not set") when a request leaves one step without a requested output.
             outputs = list(dict.fromkeys([*outputs, FM_VERSION, ADAPTER_VERSION]))
-        user_inputs = await self._user_inputs(model)
-        if user_inputs is not None:
-            # A user-indexed model (not batched by Triton): each distinct user once.
-            batch = share_users(dict(batch), user_inputs)
+        # Again here: the model may have changed form since `infer` asked.
+        batch, user_inputs = await self._form(dict(batch), model)
         inputs = []
         for name, array in batch.items():
             # Triton declares [B] inputs as [B, 1] (a batched model needs a non-batch dim).
