@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-# interformer: per-example InterFormer (every candidate runs the whole sequence arch).
+# interformer (the presets' default): per-example InterFormer (every candidate runs the
+#   whole sequence arch); faster when nothing is shared (every row its own user).
 # shared_user: the sequence side depends on user-side inputs only and runs once per
 #   user; candidates meet the history through target attention (M-FALCON) and the
-#   interaction arch. Takes user-indexed batches (model.features.share_users).
+#   interaction arch. Takes user-indexed batches (model.features.share_users). 4-7x the
+#   examples/s of interformer for a ranker's call of one user (bench/README.md); its
+#   quality is within the seed-to-seed spread of interformer's on the synthetic data but
+#   not shown within 0.002, so it is not yet the default (`gem train --arch shared_user`).
 # mean_pool: the ablation (each sequence mean-pooled into one token).
 SequenceArch = Literal["interformer", "shared_user", "mean_pool"]
 SEQUENCE_ARCHS = ("interformer", "shared_user", "mean_pool")
@@ -37,8 +41,9 @@ class GEMConfig:
     cls_tokens: int = 2
     pma_queries: int = 2  # pooling by multi-head attention, learned queries
     recent_events: int = 4
-    # shared_user: candidate queries of the target attention, per sequence and layer.
-    target_queries: int = 4
+    # shared_user: candidate queries of the target attention over each sequence's final
+    # states (the experiments that chose 16: model/shared_user.py's docstring).
+    target_queries: int = 16
     # Shared trunk and heads.
     trunk_hidden: int = 256
     embedding_dim: int = 64  # the `embedding` output
