@@ -30,6 +30,14 @@ from rich.text import Text
 
 from model.config import PRESETS
 
+
+def stdout() -> Console:
+    """Tables go to stdout: a terminal's width there, else (a log file, compose, CI)
+    wide enough that no figure is cut to an ellipsis."""
+    out = Console()
+    return out if out.is_terminal else Console(width=200)
+
+
 console = Console(stderr=True)
 log = logging.getLogger("gem")
 

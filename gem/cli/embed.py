@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from gem.cli.common import DEFAULT_REPO, RepoOption, SchemaOption, friendly_errors, log, progress
+from gem.cli.common import DEFAULT_REPO, RepoOption, SchemaOption, friendly_errors, log, progress, stdout
 from model.schema import DEFAULT_SCHEMA_PATH
 
 
@@ -98,7 +97,7 @@ def embed_cmd(
         f"{summary.rows_in:,}", f"{summary.rows_out:,}", f"{summary.error_rows:,}", f"{summary.users_encoded:,}",
         f"{summary.seconds:.1f}", f"{rate:,.0f}",
     )  # fmt: skip
-    Console().print(table)
+    stdout().print(table)
     if summary.failed_files:
         raise DataError("; ".join(f"{f.path.name}: {f.error}" for f in summary.failed_files))
     if summary.error_rows and fail_on_error:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from export.contract import CONTAINER_REPOSITORY
@@ -21,6 +20,7 @@ from gem.cli.common import (
     console,
     friendly_errors,
     log,
+    stdout,
 )
 from model.schema import DEFAULT_SCHEMA_PATH, load_schema
 
@@ -104,7 +104,7 @@ def export_cmd(
     if data is None and any(DEFAULT_DATA.glob("*.parquet")):
         data = DEFAULT_DATA
     report = run_export(checkpoint, repo, data, keep, tensorrt, load, fp16)
-    Console().print(parity_table(report))
+    stdout().print(parity_table(report))
 
 
 @friendly_errors
@@ -238,4 +238,4 @@ def triton_status(
         table.add_column(col)
     for v in asyncio.run(versions()):
         table.add_row(v.model, str(v.version), v.state, v.reason.splitlines()[0] if v.reason else "")
-    Console().print(table)
+    stdout().print(table)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from gem.cli.common import (
@@ -20,6 +19,7 @@ from gem.cli.common import (
     console,
     friendly_errors,
     progress,
+    stdout,
     wait_for_ctrl_c,
 )
 
@@ -79,9 +79,9 @@ def bootstrap(checkpoint: Path, data: Path, repo: Path, train_when_published: bo
         with console.status("bootstrapping"):
             result = run_bootstrap(cfg, listener)
     if result.metrics is not None:
-        Console().print(metric_table(result.metrics))
+        stdout().print(metric_table(result.metrics))
     if result.export is not None:
-        Console().print(parity_table(result.export))
+        stdout().print(parity_table(result.export))
 
 
 @friendly_errors
@@ -222,7 +222,7 @@ def query(
             cells += [f"{reply.outputs['labels'][i, t]:.4f}", f"{reply.outputs['adapted_labels'][i, t]:.4f}"]
         cells.append(" ".join(f"{x:+.3f}" for x in reply.outputs["embedding"][i, :3]))
         table.add_row(*cells)
-    Console().print(table)
+    stdout().print(table)
 
 
 def health(

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gem.cli.common import console, friendly_errors
+from gem.cli.common import console, friendly_errors, stdout
 from model.schema import DEFAULT_SCHEMA_PATH
 from students.config import REFERENCE_CONFIG
 from students.variants import NAMES, SHARE_MODES
@@ -107,6 +106,6 @@ def train_cmd(
     with progress:
         result = train_student(cfg, on_step=on_step, on_start=on_start)
     title = escape(f"student [{v.name}] on {', '.join(result.metrics['test_shards'])}")
-    Console().print(metrics_table(title, {v.name: result.metrics["test"]}))
+    stdout().print(metrics_table(title, {v.name: result.metrics["test"]}))
     rate = result.examples_per_s
     console.print(f"checkpoint written to {result.checkpoint} ({rate:,.0f} examples/s)", highlight=False)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from gem.cli.common import (
@@ -19,6 +18,7 @@ from gem.cli.common import (
     friendly_errors,
     log,
     progress,
+    stdout,
 )
 from model.schema import DEFAULT_SCHEMA_PATH
 
@@ -141,4 +141,4 @@ def train_cmd(
         sequence_arch=arch,
     )
     metrics = run_training(cfg, progress_every)
-    Console().print(metric_table(metrics))
+    stdout().print(metric_table(metrics))

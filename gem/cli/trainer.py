@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from gem.cli.common import (
@@ -18,6 +17,7 @@ from gem.cli.common import (
     SchemaOption,
     friendly_errors,
     log,
+    stdout,
 )
 from model.schema import DEFAULT_SCHEMA_PATH
 
@@ -113,7 +113,7 @@ def trainer_status(state: StateOption = DEFAULT_TRAINER_STATE, repo: RepoOption 
         )
     for model, versions in s["versions"].items():
         table.add_row(f"{model} versions", ", ".join(map(str, versions)) or "-")
-    Console().print(table)
+    stdout().print(table)
 
 
 @trainer_app.command("rollback")
