@@ -90,6 +90,20 @@ def published_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
 
 
 @pytest.fixture(scope="session")
+def per_example_repo(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema, synth_dir: Path) -> Path:
+    """A published per-example (`interformer`) tiny FM: one batch axis, batched by Triton
+    (read-only: copy it). The presets' default arch is `shared_user`."""
+    cfg = preset("tiny").with_(sequence_arch="interformer")
+    torch.manual_seed(0)
+    model = GEM(schema, cfg).eval()
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
+    root = tmp_path_factory.mktemp("per-example-repo")
+    ckpt = save_checkpoint(root / "ckpt", schema, cfg, model, adapter, metrics={})
+    export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "model_repo", data=synth_dir))
+    return root / "model_repo"
+
+
+@pytest.fixture(scope="session")
 def shared_user_repo(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema, synth_dir: Path):
     """(repository, torch model): a published user-indexed (`shared_user`) tiny FM and its
     adapter (read-only: copy it)."""

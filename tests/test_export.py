@@ -12,7 +12,7 @@ from model.adapter import StudentAdapter
 from model.config import preset
 from model.data.reader import read_batch, resolve_paths
 from model.embedding import dense_stats, set_dense_stats
-from model.features import FM_OUTPUTS, input_names, random_batch
+from model.features import FM_OUTPUTS, graph_feeds, input_specs, random_batch, user_indexed_specs
 from model.gem import GEM
 
 
@@ -26,8 +26,9 @@ def exported(tmp_path_factory, schema):
 
 
 def test_signature_is_named_from_the_schema(exported, schema):
-    _, _, proto = exported
-    assert [i.name for i in proto.graph.input] == list(input_names(schema))
+    model, _, proto = exported
+    specs = user_indexed_specs(schema) if model.cfg.user_indexed else input_specs(schema)
+    assert [i.name for i in proto.graph.input] == [s.name for s in specs]
     assert [o.name for o in proto.graph.output] == list(FM_OUTPUTS)
     seq = next(i for i in proto.graph.input if i.name == "hist_item_id")
     dims = seq.type.tensor_type.shape.dim
@@ -108,7 +109,7 @@ def test_after_tasks_stay_below_their_parent_through_onnx(tmp_path, schema, synt
     ad = ort.InferenceSession(str(adapter_path), providers=["CPUExecutionProvider"])
     click, conversion = schema.task_names.index("click"), schema.task_names.index("conversion")
     for batch in batches:
-        (logits,) = fm.run(["logits"], {n: batch[n] for n in input_names(schema)})
+        (logits,) = fm.run(["logits"], graph_feeds(batch, fm.get_inputs()))
         (adapted,) = ad.run([ADAPTER_OUTPUT], {"fm_logits": logits, "surface": batch["surface"]})
         for out in (logits, adapted):
             assert np.isfinite(out).all()

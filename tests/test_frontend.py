@@ -27,7 +27,7 @@ from ray import serve
 from export.contract import FM_MODEL
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
-from model.features import input_specs, random_batch, sigmoid
+from model.features import graph_feeds, input_specs, random_batch, sigmoid
 from serving import launcher
 from serving.config import SERVICER_FUNCTIONS, FrontendConfig
 from serving.ingress import KnowledgeIngress
@@ -127,7 +127,35 @@ def test_200_concurrent_calls_get_their_own_rows(stack, repo_session, schema):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         replies = list(pool.map(lambda b: generate(address, "triton", b, outputs=[pb.OUTPUT_LABELS])[0], batches))
     for batch, reply in zip(batches, replies, strict=True):
-        (want,) = repo_session.run(["logits"], batch)
+        (want,) = repo_session.run(["logits"], graph_feeds(batch, repo_session.get_inputs()))
+        np.testing.assert_allclose(reply["labels"], sigmoid(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_merged_calls_of_different_users_keep_their_users_apart(stack, repo_session, schema, app):
+    """Shared-form calls (U = 1) of different users, interleaved with per-example calls of
+    1 to 12 users (some users repeated within the call), all in flight at once so the
+    front end merges them: every call gets the rows of its own users, as the served FM
+    computes them on that call alone."""
+    address, _, _ = stack
+    user = {s.name for s in input_specs(schema) if s.side == "user"}
+    rng = np.random.default_rng(3)
+    calls = []
+    for i in range(48):
+        sample = random_batch(schema, int(rng.integers(1, 40)), int(rng.integers(1, 24)), seed=100 + i)
+        rows = len(sample["surface"])
+        if i % 2 == 0:  # shared form: one user for every candidate
+            ads = {k: v for k, v in sample.items() if k not in user}
+            calls.append((ads, {k: v[:1] for k, v in sample.items() if k in user}))
+        else:  # per example: rows drawn from a handful of users
+            owner = rng.integers(0, min(rows, 12), rows)
+            calls.append(({k: (v[owner] if k in user else v) for k, v in sample.items()}, {}))
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        replies = list(pool.map(lambda c: generate(address, app, c[0], c[1], outputs=[pb.OUTPUT_LABELS])[0], calls))
+    for (features, shared), reply in zip(calls, replies, strict=True):
+        rows = len(features["surface"])
+        batch = {**features, **{k: np.repeat(v, rows, axis=0) for k, v in shared.items()}}
+        (want,) = repo_session.run(["logits"], graph_feeds(batch, repo_session.get_inputs()))
         np.testing.assert_allclose(reply["labels"], sigmoid(want), atol=1e-5)
 
 

@@ -23,7 +23,7 @@ from export.tensorrt import (
 )
 from export.triton_config import config_filename, from_pbtxt
 from model.checkpoint import load_checkpoint
-from model.features import FM_OUTPUTS, input_specs, random_batch
+from model.features import FM_OUTPUTS, graph_feeds, input_specs, random_batch
 
 
 def read_config(path) -> mc.ModelConfig:
@@ -36,10 +36,12 @@ def repo(published_repo, tmp_path):
     return ModelRepository(tmp_path / "repo")
 
 
-def test_every_flavour_is_configured_from_the_same_onnx(repo, schema):
+def test_every_flavour_is_configured_from_the_same_onnx(per_example_repo, schema):
+    # A per-example FM: one batch axis, so Triton batches it (a user-indexed FM's configs:
+    # tests/test_shared_user.py).
     specs = {s.name: s for s in input_specs(schema)}
     for flavour in FLAVOURS:
-        config = read_config(repo.root / FM_MODEL / config_filename(flavour))
+        config = read_config(per_example_repo / FM_MODEL / config_filename(flavour))
         assert [i.name for i in config.input] == list(specs)
         for entry in config.input:
             # [B] inputs are [1] reshaped to []; sequences have a ragged axis.
@@ -49,9 +51,9 @@ def test_every_flavour_is_configured_from_the_same_onnx(repo, schema):
         assert config.dynamic_batching.max_queue_delay_microseconds > 0
         assert config.version_policy.latest.num_versions >= 1
         assert config.model_warmup and config.instance_group
-    assert read_config(repo.root / FM_MODEL / "config.pbtxt").backend == "onnxruntime"
-    assert read_config(repo.root / FM_MODEL / "configs/python.pbtxt").backend == "python"
-    assert read_config(repo.root / FM_MODEL / "configs/tensorrt.pbtxt").platform == "tensorrt_plan"
+    assert read_config(per_example_repo / FM_MODEL / "config.pbtxt").backend == "onnxruntime"
+    assert read_config(per_example_repo / FM_MODEL / "configs/python.pbtxt").backend == "python"
+    assert read_config(per_example_repo / FM_MODEL / "configs/tensorrt.pbtxt").platform == "tensorrt_plan"
 
 
 def test_ensemble_feeds_fm_logits_through_the_adapter(repo):
@@ -66,7 +68,7 @@ def test_ensemble_feeds_fm_logits_through_the_adapter(repo):
 
 def test_stamped_graph_reports_its_version_per_row(published_repo, schema):
     session = ort.InferenceSession(str(published_repo / FM_MODEL / "1" / "model.onnx"))
-    batch = random_batch(schema, 9, 4)
+    batch = graph_feeds(random_batch(schema, 9, 4), session.get_inputs())
     (versions,) = session.run([FM_VERSION], batch)
     assert versions.shape == (9, 1) and (versions == 1).all()
 
@@ -74,8 +76,9 @@ def test_stamped_graph_reports_its_version_per_row(published_repo, schema):
 def test_stamp_does_not_change_the_other_outputs(published_repo, schema):
     proto = onnx.load(str(published_repo / FM_MODEL / "1" / "model.onnx"))
     restamped = stamp_version(proto, "again", 7)
-    batch = random_batch(schema, 5, 3)
-    before = ort.InferenceSession(proto.SerializeToString()).run(list(FM_OUTPUTS), batch)
+    session = ort.InferenceSession(proto.SerializeToString())
+    batch = graph_feeds(random_batch(schema, 5, 3), session.get_inputs())
+    before = session.run(list(FM_OUTPUTS), batch)
     *after, again = ort.InferenceSession(restamped.SerializeToString()).run([*FM_OUTPUTS, "again"], batch)
     for x, y in zip(before, after, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -118,15 +121,16 @@ def test_unreadable_onnx_and_unknown_model_are_refused(repo, tmp_path):
     assert repo.versions(FM_MODEL) == [1]
 
 
-def test_tensorrt_profiles_cover_batch_and_sequence(published_repo, schema):
-    proto = onnx.load(str(published_repo / FM_MODEL / "1" / "model.onnx"))
+def test_tensorrt_profiles_cover_batch_and_sequence(per_example_repo, schema):
+    # One batch axis (a user-indexed FM's two axes: tests/test_shared_user.py).
+    proto = onnx.load(str(per_example_repo / FM_MODEL / "1" / "model.onnx"))
     cfg = ProfileConfig(opt_batch=256, max_batch=2048, opt_seq=64, max_seq=256)
     by_name = {p.name: p for p in profiles(proto, cfg)}
     assert set(by_name) == {s.name for s in input_specs(schema)}
     assert (by_name["user_id"].min, by_name["user_id"].opt, by_name["user_id"].max) == ((1,), (256,), (2048,))
     seq = by_name["hist_item_id"]
     assert (seq.min, seq.opt, seq.max) == ((1, 1), (256, 64), (2048, 256))
-    command = trtexec_command(published_repo / "m.onnx", published_repo / "m.plan", tuple(by_name.values()))
+    command = trtexec_command(per_example_repo / "m.onnx", per_example_repo / "m.plan", tuple(by_name.values()))
     assert "--stronglyTyped" in command
     assert any(a.startswith("--maxShapes=") and "hist_item_id:2048x256" in a for a in command)
 
@@ -155,9 +159,8 @@ def test_fp16_graph_is_published_beside_the_fp32_one(tiny_checkpoint, tmp_path, 
     assert [i.type.tensor_type.elem_type for i in half.graph.input] == [
         i.type.tensor_type.elem_type for i in onnx.load(str(report.fm.path / "model.onnx")).graph.input
     ], "the serving signature is unchanged"
-    (versions,) = ort.InferenceSession(str(report.fm.path / FP16_FILENAME)).run(
-        [FM_VERSION], random_batch(schema, 3, 2)
-    )
+    session = ort.InferenceSession(str(report.fm.path / FP16_FILENAME))
+    (versions,) = session.run([FM_VERSION], graph_feeds(random_batch(schema, 3, 2), session.get_inputs()))
     assert (versions == 1).all()
     assert forbidden_ops(half) == []
     command = container_command(tmp_path / "repo", report.fm.path, ProfileConfig(), fp16=True)
