@@ -8,6 +8,8 @@ sequence modeling (vs mean pooling).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -68,16 +70,25 @@ class PooledMLP(nn.Module):
         return {LOGITS: self.mlp(torch.cat([tokens.flatten(1), *pooled], dim=1))}
 
 
-def build_models(schema: FeatureSchema, cfg: GEMConfig, baselines: bool) -> dict[str, nn.Module]:
-    """GEM first, then (optionally) the baselines, keyed by the name metrics use."""
-    models: dict[str, nn.Module] = {"gem": GEM(schema, cfg)}
+def build_models(
+    schema: FeatureSchema, cfg: GEMConfig, baselines: bool, seed: int | None = None
+) -> dict[str, nn.Module]:
+    """GEM first, then (optionally) the baselines, keyed by the name metrics use. With
+    `seed`, every model is initialized from that seed alone, so a row of the metric
+    table does not depend on which models were built before it."""
+    makers: dict[str, Callable[[], nn.Module]] = {"gem": lambda: GEM(schema, cfg)}
     if baselines:
         # The other of the two full archs, so both are compared on the same data.
-        if cfg.sequence_arch == "shared_user":
-            models["gem_per_example"] = GEM(schema, cfg.with_(sequence_arch="interformer"))
-        elif cfg.sequence_arch == "interformer":
-            models["gem_shared_user"] = GEM(schema, cfg.with_(sequence_arch="shared_user"))
-        models["gem_mean_pool"] = GEM(schema, cfg.with_(sequence_arch="mean_pool"))
-        models["pooled_mlp"] = PooledMLP(schema, cfg)
-        models["logistic"] = LogisticRegression(schema, cfg.seq_len)
+        other = {"shared_user": ("gem_per_example", "interformer"), "interformer": ("gem_shared_user", "shared_user")}
+        if cfg.sequence_arch in other:
+            name, arch = other[cfg.sequence_arch]
+            makers[name] = lambda: GEM(schema, cfg.with_(sequence_arch=arch))
+        makers["gem_mean_pool"] = lambda: GEM(schema, cfg.with_(sequence_arch="mean_pool"))
+        makers["pooled_mlp"] = lambda: PooledMLP(schema, cfg)
+        makers["logistic"] = lambda: LogisticRegression(schema, cfg.seq_len)
+    models = {}
+    for name, make in makers.items():
+        if seed is not None:
+            torch.manual_seed(seed)
+        models[name] = make()
     return models

@@ -67,6 +67,22 @@ def test_gradients_reach_every_parameter_of_every_model(schema, tiny):
         assert not missing, f"{name}: no gradient reaches {missing}"
 
 
+def test_each_model_starts_from_the_seed_alone(schema, tiny):
+    """A row of `gem train --baselines` must not depend on which models came before it:
+    the baselines of an interformer GEM and of a shared-user GEM start identical."""
+    per_example = build_models(schema, tiny.with_(sequence_arch="interformer"), baselines=True, seed=3)
+    shared = build_models(schema, tiny.with_(sequence_arch="shared_user"), baselines=True, seed=3)
+    for name in ("gem_mean_pool", "pooled_mlp", "logistic"):
+        a, b = per_example[name].state_dict(), shared[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # The same seed, the same first model; another seed, another one.
+    again = build_models(schema, tiny.with_(sequence_arch="interformer"), baselines=False, seed=3)["gem"]
+    other = build_models(schema, tiny.with_(sequence_arch="interformer"), baselines=False, seed=4)["gem"]
+    a, b, c = (m.state_dict() for m in (per_example["gem"], again, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_padding_beyond_the_length_is_ignored(schema, tiny):
     torch.manual_seed(0)
     model = GEM(schema, tiny)

@@ -379,7 +379,7 @@ def train(
     test_labels = labels_of(test_data, schema)
     stats = dense_stats(schema.dense, train_data)
 
-    models = build_models(schema, model_cfg, cfg.baselines)
+    models = build_models(schema, model_cfg, cfg.baselines, seed=cfg.seed)
     metrics: dict = {
         "preset": cfg.preset,
         "gem_arch": model_cfg.sequence_arch,
