@@ -53,7 +53,8 @@ def test_ensemble_equals_onnx_runtime_and_pytorch(server, repo, tiny_checkpoint,
     batch = random_batch(schema, 50, 24, seed=11)
     out = run(infer(server, batch))
     session = ort.InferenceSession(str(repo.root / FM_MODEL / "1" / "model.onnx"))
-    for name, want in zip(FM_OUTPUTS, session.run(list(FM_OUTPUTS), batch), strict=True):
+    feeds = graph_feeds(batch, session.get_inputs())
+    for name, want in zip(FM_OUTPUTS, session.run(list(FM_OUTPUTS), feeds), strict=True):
         np.testing.assert_allclose(out[name], want, atol=1e-5, err_msg=name)
     with torch.no_grad():
         torch_out = ckpt.model({k: torch.from_numpy(v) for k, v in batch.items()})

@@ -143,19 +143,18 @@ def _torch(model, batch):
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_onnx_runtime_backend_refuses_bad_pre_indexed_batches(shared_user_repo, published_repo, schema, case):
+def test_onnx_runtime_backend_refuses_bad_pre_indexed_batches(shared_user_repo, per_example_repo, schema, case):
     from serving.backends import OnnxBackend
 
     batch, named, fragment = bad_batch(schema, case)
-    for backend in (OnnxBackend(shared_user_repo[0]), OnnxBackend(published_repo, user_names=user_input_names(schema))):
+    per_example = OnnxBackend(per_example_repo, user_names=user_input_names(schema))
+    for backend in (OnnxBackend(shared_user_repo[0]), per_example):
         with pytest.raises(UserIndexError) as e:
             backend.run(batch, [LOGITS])
         assert e.value.name == named and fragment in str(e.value), (backend.fm_user_inputs(), str(e.value))
 
 
-def test_good_pre_indexed_batches_equal_the_per_example_result(
-    shared_user_repo, published_repo, tiny_checkpoint, schema
-):
+def test_good_pre_indexed_batches_equal_the_per_example_result(shared_user_repo, per_example_repo, schema):
     from model.checkpoint import load_checkpoint
     from serving.backends import OnnxBackend
 
@@ -163,11 +162,11 @@ def test_good_pre_indexed_batches_equal_the_per_example_result(
     batches = [
         random_user_batch(schema, u, b, length, seed=u + b) for u, b, length in ((1, 7, 5), (4, 19, 9), (6, 6, 3))
     ]
-    per_example = OnnxBackend(published_repo)
-    named = OnnxBackend(published_repo, user_names=users)
+    per_example = OnnxBackend(per_example_repo)
+    named = OnnxBackend(per_example_repo, user_names=users)
     indexed = OnnxBackend(shared_user_repo[0])
     assert per_example.fm_user_inputs() is None and set(indexed.fm_user_inputs()) == set(users)
-    tiny = load_checkpoint(tiny_checkpoint).model
+    tiny = load_checkpoint(per_example_repo.parent / "ckpt").model
     for batch in batches:
         rows = expand_users(batch, users)
         for backend, model in ((named, tiny), (indexed, shared_user_repo[1])):
