@@ -89,32 +89,30 @@ def published_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
     return repo
 
 
-@pytest.fixture(scope="session")
-def per_example_repo(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema, synth_dir: Path) -> Path:
-    """A published per-example (`interformer`) tiny FM: one batch axis, batched by Triton
-    (read-only: copy it). The presets' default arch is `shared_user`."""
-    cfg = preset("tiny").with_(sequence_arch="interformer")
-    torch.manual_seed(0)
+def _published_tiny(root: Path, schema: FeatureSchema, synth_dir: Path, arch: str, seed: int) -> tuple[Path, GEM]:
+    """An untrained tiny GEM of `arch` saved under root/ckpt and published to
+    root/model_repo; returns (repository, torch model)."""
+    cfg = preset("tiny").with_(sequence_arch=arch)
+    torch.manual_seed(seed)
     model = GEM(schema, cfg).eval()
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-    root = tmp_path_factory.mktemp("per-example-repo")
     ckpt = save_checkpoint(root / "ckpt", schema, cfg, model, adapter, metrics={})
     export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "model_repo", data=synth_dir))
-    return root / "model_repo"
+    return root / "model_repo", model
+
+
+@pytest.fixture(scope="session")
+def per_example_repo(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema, synth_dir: Path) -> Path:
+    """A published per-example (`interformer`) tiny FM, one batch axis, batched by Triton,
+    whatever the presets' arch (read-only: copy it); its checkpoint is beside it (../ckpt)."""
+    return _published_tiny(tmp_path_factory.mktemp("per-example-repo"), schema, synth_dir, "interformer", 0)[0]
 
 
 @pytest.fixture(scope="session")
 def shared_user_repo(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSchema, synth_dir: Path):
     """(repository, torch model): a published user-indexed (`shared_user`) tiny FM and its
     adapter (read-only: copy it)."""
-    cfg = preset("tiny").with_(sequence_arch="shared_user")
-    torch.manual_seed(3)
-    model = GEM(schema, cfg).eval()
-    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-    root = tmp_path_factory.mktemp("shared-user-repo")
-    ckpt = save_checkpoint(root / "ckpt", schema, cfg, model, adapter, metrics={})
-    export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "model_repo", data=synth_dir))
-    return root / "model_repo", model
+    return _published_tiny(tmp_path_factory.mktemp("shared-user-repo"), schema, synth_dir, "shared_user", 3)
 
 
 # Fault injection for the side trainer's crash tests. A `sitecustomize` on PYTHONPATH of
