@@ -241,28 +241,41 @@ def indexed_user_names(batch: dict[str, np.ndarray], known: Iterable[str] | None
     )
 
 
+def in_graph_form(
+    batch: dict[str, np.ndarray], graph_users: Iterable[str] | None, user_names: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """`batch` in the form a graph takes; `graph_users` are the graph's user inputs when it
+    takes the user-indexed form, None for a per-example graph. A per-example batch becomes
+    user-indexed (identical user rows merged) for a user-indexed graph; a user-indexed
+    batch is checked (`check_user_indexed`) and, for a per-example graph, expanded
+    (`expand_users`; its user inputs are `user_names` when given, else told by their row
+    counts). One rule for every place a batch meets a graph (ONNX Runtime, Triton)."""
+    if graph_users is not None:
+        if USER_INDEX in batch:
+            check_user_indexed(batch, graph_users)
+            return batch
+        return share_users(batch, graph_users)
+    if USER_INDEX in batch:
+        users = indexed_user_names(batch, user_names)
+        check_user_indexed(batch, users)
+        return expand_users(batch, users)
+    return batch
+
+
 def graph_feeds(
     batch: dict[str, np.ndarray], graph_inputs: Iterable, user_names: Iterable[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """The feeds of an FM graph from a batch; `graph_inputs` as ONNX Runtime lists them
-    (`session.get_inputs()`: `.name`, `.shape`). The graph's user inputs are those on its
-    USERS_AXIS. A per-example batch becomes the user-indexed form (identical user rows
-    merged) when the graph takes that form; a user-indexed batch is checked
-    (`check_user_indexed`) and, for a per-example graph, expanded (`expand_users`; its
-    user inputs are `user_names` when given, else told by their row counts)."""
+    """The feeds of an FM graph from a batch (`in_graph_form`); `graph_inputs` as ONNX
+    Runtime lists them (`session.get_inputs()`: `.name`, `.shape`). The graph's user
+    inputs are those on its USERS_AXIS."""
     graph_inputs = list(graph_inputs)
     names = [i.name for i in graph_inputs]
+    graph_users = None
     if USER_INDEX in names:
         graph_users = [i.name for i in graph_inputs if i.shape and i.shape[0] == USERS_AXIS]
-        if USER_INDEX in batch:
-            check_user_indexed({n: batch[n] for n in names if n in batch}, graph_users)
-        else:
-            batch = share_users(batch, graph_users)
-    elif USER_INDEX in batch:
-        users = indexed_user_names(batch, user_names)
-        check_user_indexed({n: batch[n] for n in (*names, USER_INDEX) if n in batch}, users)
-        batch = expand_users(batch, users)
-    return {n: np.ascontiguousarray(batch[n]) for n in names}
+    own = {n: batch[n] for n in dict.fromkeys((*names, USER_INDEX)) if n in batch}
+    formed = in_graph_form(own, graph_users, user_names)
+    return {n: np.ascontiguousarray(formed[n]) for n in names}
 
 
 def candidate_rows(

@@ -20,14 +20,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS, USER_INPUTS_PARAMETER
-from model.features import (
-    USER_INDEX,
-    candidate_rows,
-    check_user_indexed,
-    expand_users,
-    indexed_user_names,
-    share_users,
-)
+from model.features import USER_INDEX, candidate_rows, in_graph_form
 
 
 class BackendError(RuntimeError):
@@ -150,21 +143,10 @@ class TritonClient:
     async def _form(
         self, batch: dict[str, np.ndarray], model: str
     ) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
-        """The batch in the model's form, and the model's user inputs (None: per example).
-        A user-indexed batch is checked (`UserIndexError` naming the input, before Triton
-        sees it) and expanded for a per-example model; a per-example one becomes
-        user-indexed (each distinct user once) for a user-indexed model."""
+        """The batch in the model's form (`in_graph_form`: checked before Triton sees it),
+        and the model's user inputs (None: per example)."""
         user_inputs = await self._user_inputs(model)
-        if USER_INDEX in batch:
-            if user_inputs is None:
-                names = indexed_user_names(batch, self.user_names)
-                check_user_indexed(batch, names)
-                batch = expand_users(batch, names)
-            else:
-                check_user_indexed(batch, user_inputs)
-        elif user_inputs is not None:
-            batch = share_users(batch, user_inputs)
-        return batch, user_inputs
+        return in_graph_form(batch, user_inputs, self.user_names), user_inputs
 
     async def close(self) -> None:
         await self._client.close()
