@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-# interformer (the presets' default): per-example InterFormer (every candidate runs the
-#   whole sequence arch); faster when nothing is shared (every row its own user).
-# shared_user: the sequence side depends on user-side inputs only and runs once per
-#   user; candidates meet the history through target attention (M-FALCON) and the
-#   interaction arch. Takes user-indexed batches (model.features.share_users). 4-7x the
-#   examples/s of interformer for a ranker's call of one user (bench/README.md); its
-#   quality is within the seed-to-seed spread of interformer's on the synthetic data but
-#   not shown within 0.002, so it is not yet the default (`gem train --arch shared_user`).
+# shared_user (the presets' default): the sequence side depends on user-side inputs only
+#   and runs once per user; candidates meet the history through target attention
+#   (M-FALCON) and the interaction arch. Takes user-indexed batches
+#   (model.features.share_users). 9.75x the examples/s of interformer for a ranker's
+#   call of one user (bench/README.md); on `small`, five seeds each, its mean test AUC
+#   is 0.002 / 0.004 above interformer's (click / conversion).
+# interformer: per-example InterFormer (every candidate runs the whole sequence arch),
+#   what GEM was before; with nothing shared (every row its own user) both run at the
+#   same speed.
 # mean_pool: the ablation (each sequence mean-pooled into one token).
 SequenceArch = Literal["interformer", "shared_user", "mean_pool"]
 SEQUENCE_ARCHS = ("interformer", "shared_user", "mean_pool")
@@ -34,7 +35,7 @@ class GEMConfig:
     wukong_lcb_tokens: int = 8  # tokens out of the linear compression block
     wukong_mlp_hidden: int = 128
     # InterFormer: sequence/cross/interaction layers.
-    sequence_arch: SequenceArch = "interformer"
+    sequence_arch: SequenceArch = "shared_user"
     interformer_layers: int = 2
     heads: int = 4
     seq_len: int = 128  # newest events the model reads (prefix of the sequence)
@@ -42,7 +43,7 @@ class GEMConfig:
     pma_queries: int = 2  # pooling by multi-head attention, learned queries
     recent_events: int = 4
     # shared_user: candidate queries of the target attention over each sequence's final
-    # states (the experiments that chose 16: model/shared_user.py's docstring).
+    # states (the experiments that chose 16, and 4 for `tiny`: model/shared_user.py).
     target_queries: int = 16
     # Shared trunk and heads.
     trunk_hidden: int = 256
@@ -99,6 +100,7 @@ PRESETS: dict[str, GEMConfig] = {
         cls_tokens=1,
         pma_queries=1,
         recent_events=2,
+        target_queries=4,
         trunk_hidden=64,
         embedding_dim=32,
         user_embedding_dim=16,
