@@ -7,7 +7,7 @@ one process per GPU, any number of nodes, nothing here changes) or by `spawn` fo
 Strategies:
 - `ddp` (default): DistributedDataParallel over the whole model. Gradients are averaged
   across ranks every step, so the replicas stay identical.
-- `fsdp2`: `torch.distributed.fsdp.fully_shard` on each dense block (Wukong, InterFormer,
+- `fsdp2`: `torch.distributed.fsdp.fully_shard` on each dense block (Wukong, the sequence arch,
   trunk, towers, user tower) over a 1-D DeviceMesh, then on the root, which holds the
   embedding tables: parameters, gradients and optimizer state are sharded.
 - `hsdp`: the same over a 2-D mesh (replicate across nodes x shard within a node).
