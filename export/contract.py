@@ -48,6 +48,11 @@ FLAVOURS = ("onnxruntime", "python", "tensorrt")
 DEFAULT_FLAVOUR = "onnxruntime"
 # Where the containers (compose, the TensorRT build) mount the repository.
 CONTAINER_REPOSITORY = Path("/models")
+# The most examples one Triton batch, one front-end batch and one call may hold (the
+# Triton configs' max_batch_size and the front end's defaults).
+MAX_BATCH_EXAMPLES = 4096
+# Where the local Triton serves gRPC (the stack, the front end and `gem embed` default).
+TRITON_GRPC_URL = "127.0.0.1:8001"
 # Versions Triton refused, moved aside with the reason; their numbers are not reused.
 REJECTED = ".rejected"
 
