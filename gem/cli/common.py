@@ -22,6 +22,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -119,6 +120,29 @@ def progress(unit: str) -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+
+
+class BarProgress:
+    """`model.progress.Progress` drawn on a rich progress bar: one bar per started unit,
+    notes as log lines."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task: TaskID | None = None
+
+    def start(self, task: str, total: int | None = None) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total or 0)
+        self.task = self.bar.add_task(task, total=total)
+
+    def advance(self, n: int, **figures: float) -> None:
+        if self.task is None:
+            self.start("working")
+        assert self.task is not None
+        self.bar.advance(self.task, n)
+
+    def note(self, message: str) -> None:
+        log.info("%s", message)
 
 
 def wait_for_ctrl_c() -> None:
