@@ -55,7 +55,7 @@ from students.train import StudentTrainConfig, train_student
 from students.variants import parse_variant
 from trainer.coordinator import fit_refresh
 from trainer.evaluation import evaluate
-from trainer.train import TrainConfig, labels_of, make_optimizers, predict, train, train_steps
+from trainer.train import TRAINING_DEFAULTS, TrainConfig, labels_of, make_optimizers, predict, train, train_steps
 
 console = Console(stderr=True)
 log = logging.getLogger("bench.students")
@@ -260,12 +260,14 @@ def run(cfg: BenchConfig) -> BenchResult:
             # The FM kept training through the later shards (warm start, as the side trainer does).
             start = time.perf_counter()
             fresh = load_checkpoint(stale.checkpoint, schema).model
-            optimizers = make_optimizers(fresh, TrainConfig.lr, TrainConfig.embedding_lr)
+            # The preset's rates and batch size, as the stale FM's training used them.
+            settings = TRAINING_DEFAULTS[cfg.preset]
+            optimizers = make_optimizers(fresh, settings["lr"], settings["embedding_lr"])
             rng = np.random.default_rng(cfg.seed)
             for _ in range(cfg.fm_epochs):
                 for path in later[:-1]:
                     batch = read_batch(path, schema, max_seq_len=ckpt.config.seq_len)
-                    train_steps(fresh, optimizers, batch, schema, TrainConfig.batch_size, rng)
+                    train_steps(fresh, optimizers, batch, schema, int(settings["batch_size"]), rng)
             result.teachers["fresh FM"] = evaluate(schema, predict(fresh, test_batch, schema), labels, surf)
             _timed(result, "fresh FM (the stale FM trained on through the later shards)", start)
     return result
