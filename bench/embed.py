@@ -31,7 +31,7 @@ from model.data.reader import resolve_paths, table_to_batch
 from model.data.synth import SynthConfig, write_shards
 from model.gem import GEM
 from model.schema import load_schema
-from serving.backends import OnnxBackend
+from serving.backends.onnx import OnnxBackend
 
 
 def main() -> None:

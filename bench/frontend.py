@@ -45,12 +45,12 @@ from model.config import PRESETS, preset
 from model.features import USER_INDEX, expand_users, random_batch, random_call, user_input_names
 from model.gem import GEM
 from model.schema import load_schema
-from serving import launcher
-from serving.backends import OnnxBackend
+from serving.backends.onnx import OnnxBackend
+from serving.backends.triton_client import TritonClient
 from serving.config import FrontendConfig
-from serving.net import free_ports
-from serving.triton.client import TritonClient
-from serving.triton.server import TritonConfig, TritonServer
+from serving.local import launcher
+from serving.local.ports import free_ports
+from serving.local.triton import TritonConfig, TritonServer
 
 APPS = ("triton", "embedded")
 
@@ -150,7 +150,7 @@ def served(repo: Path, work: Path) -> Iterator[tuple[str, str]]:
         address = launcher.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton")
         from ray import serve
 
-        from serving.ingress import KnowledgeIngress
+        from serving.servicer import KnowledgeIngress
 
         embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
         serve.run(embedded.bind(FrontendConfig(backend="onnxruntime", repository=repo)), name="embedded",

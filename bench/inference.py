@@ -30,9 +30,9 @@ from model.config import PRESETS, preset
 from model.features import FM_OUTPUTS, random_batch
 from model.gem import GEM
 from model.schema import load_schema
-from serving.net import free_ports
-from serving.triton.client import TritonClient
-from serving.triton.server import TritonConfig, TritonServer
+from serving.backends.triton_client import TritonClient
+from serving.local.ports import free_ports
+from serving.local.triton import TritonConfig, TritonServer
 
 
 def main() -> None:

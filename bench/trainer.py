@@ -46,9 +46,9 @@ from model.config import PRESETS
 from model.features import random_batch, sigmoid
 from model.gem import GEM
 from model.schema import SURFACE_INPUT, load_schema
-from serving.net import free_ports
-from serving.triton.client import TritonClient
-from serving.triton.server import TritonConfig, TritonServer
+from serving.backends.triton_client import TritonClient
+from serving.local.ports import free_ports
+from serving.local.triton import TritonConfig, TritonServer
 from trainer import distributed as D
 from trainer.config import TrainerConfig
 from trainer.coordinator import fit_refresh

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from export.contract import ADAPTER_OUTPUT
+from export.contract import ADAPTER_OUTPUT, TRITON_GRPC_URL
 from model.data.reader import DataError, check_footer, resolve_paths, table_to_batch
 from model.features import (
     EMBEDDING,
@@ -54,7 +54,8 @@ from model.features import (
     zero_batch,
 )
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
-from serving.backends import OnnxBackend, TritonBackend, published_graphs
+from serving.backends.base import BackendConfig, BackendKind, make_backend
+from serving.backends.onnx import published_graphs
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ class EmbedConfig:
     repository: Path = Path("model_repo")
     schema_path: Path = DEFAULT_SCHEMA_PATH
     # "onnxruntime" (in the actors) or "triton".
-    backend: str = "onnxruntime"
-    triton_url: str = "127.0.0.1:8001"
+    backend: BackendKind = "onnxruntime"
+    triton_url: str = TRITON_GRPC_URL
     batch_size: int = 2048
     actors: int = 1
     # ONNX Runtime threads per actor (0: the node's cores divided among the actors).
@@ -93,8 +94,7 @@ class EmbedConfig:
     group_by: str | None = "request_id"
 
     def __post_init__(self) -> None:
-        if self.backend not in ("onnxruntime", "triton"):
-            raise ValueError(f"backend must be 'onnxruntime' or 'triton', got {self.backend!r}")
+        BackendConfig(self.backend)  # refuses an unknown backend
         if self.batch_size < 1 or self.actors < 1:
             raise ValueError("batch_size and actors must be at least 1")
         if self.limit is not None and self.limit < 1:
@@ -193,20 +193,18 @@ class KnowledgeStamper:
         self.schema, self.staging = schema_from_yaml(schema_yaml), Path(staging)
         self.group_by = cfg.group_by
         users = user_input_names(self.schema)
-        if cfg.backend == "onnxruntime":
-            # The node's cores shared among the pool (actors spread evenly over nodes).
-            threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
-            backend = OnnxBackend(cfg.repository, threads=threads, user_names=users)
-            self.infer = lambda batch: backend.run(batch, MODEL_OUTPUTS)
-            # The FM's user inputs if it takes the user-indexed form, else None.
-            self.fm_users = backend.fm_user_inputs()
-        else:
-            # The asyncio Triton client wants its loop current while it is made.
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            backend = TritonBackend(cfg.triton_url, timeout_s=120, user_names=users)
-            self.infer = lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS))
-            self.fm_users = loop.run_until_complete(backend.fm_user_inputs())
+        # The node's cores shared among the pool (actors spread evenly over nodes).
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
+        backend = make_backend(
+            BackendConfig(cfg.backend, cfg.triton_url, cfg.repository, timeout_s=120, threads=threads),
+            user_names=users,
+        )
+        # One loop per actor, current while the backend works (the Triton client wants it).
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.infer = lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS))
+        # The FM's user inputs if it takes the user-indexed form, else None.
+        self.fm_users = loop.run_until_complete(backend.fm_user_inputs())
         # Output widths from one all-zero row, for batches in which no row can be served.
         probe = self.infer(zero_batch(self.schema)).outputs
         self.widths = {name: probe[name].shape[1] for name in (EMBEDDING, USER_EMBEDDING)}

@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.report import slo_violations
-from serving.net import free_ports
-from serving.stack import StackConfig, local_stack
+from serving.local.ports import free_ports
+from serving.local.stack import StackConfig, local_stack
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

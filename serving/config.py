@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from export.contract import MAX_BATCH_EXAMPLES, TRITON_GRPC_URL
 from model.schema import DEFAULT_SCHEMA_PATH
+from serving.backends.base import BackendConfig, BackendKind
 
 SERVICER_FUNCTIONS = (
     # Raw-bytes requests: malformed protobuf is refused by the ingress (serving/grpc_api.py).
@@ -37,14 +39,14 @@ def max_message_bytes(schema, max_examples: int) -> int:
 @dataclass(frozen=True)
 class FrontendConfig:
     # "triton" (default) or "onnxruntime" (embedded: no Triton).
-    backend: str = "triton"
-    triton_url: str = "127.0.0.1:8001"
+    backend: BackendKind = "triton"
+    triton_url: str = TRITON_GRPC_URL
     # For the embedded backend: the repository whose latest versions it loads.
     repository: Path = Path("model_repo")
     schema_path: Path = DEFAULT_SCHEMA_PATH
     # Examples per backend batch (calls are merged up to this) and per call.
-    max_batch_examples: int = 4096
-    max_examples_per_call: int = 4096
+    max_batch_examples: int = MAX_BATCH_EXAMPLES
+    max_examples_per_call: int = MAX_BATCH_EXAMPLES
     # How long the first call of a batch waits for others to join it.
     batch_wait_timeout_s: float = 0.002
     # The longest a backend call may take; a caller's shorter deadline (TIMEOUT_METADATA)
@@ -58,10 +60,13 @@ class FrontendConfig:
     auth_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""), repr=False)
 
     def __post_init__(self) -> None:
-        if self.backend not in ("triton", "onnxruntime"):
-            raise ValueError(f"backend must be 'triton' or 'onnxruntime', got {self.backend!r}")
+        BackendConfig(self.backend)  # refuses an unknown backend
         if self.max_examples_per_call > self.max_batch_examples:
             raise ValueError("max_examples_per_call cannot exceed max_batch_examples (a call must fit in a batch)")
+
+    @property
+    def backend_config(self) -> BackendConfig:
+        return BackendConfig(self.backend, self.triton_url, self.repository, self.backend_timeout_s)
 
     @classmethod
     def from_args(cls, args: dict) -> FrontendConfig:

@@ -25,7 +25,6 @@ MAX_MESSAGE = 1024
 MAX_VIOLATIONS = 16
 # The trailer clients read rich status details from (grpcio-status, grpc-go, ...).
 DETAILS_KEY = "grpc-status-details-bin"
-REQUEST_ID_KEY = "request_id"
 
 
 def quote(name: object) -> str:

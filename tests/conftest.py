@@ -18,8 +18,8 @@ from model.config import preset
 from model.data.synth import SynthConfig, write_shards
 from model.gem import GEM
 from model.schema import FeatureSchema, load_schema
-from serving.net import free_ports
-from serving.triton.server import TritonConfig
+from serving.local.ports import free_ports
+from serving.local.triton import TritonConfig
 
 
 @pytest.fixture(scope="session")

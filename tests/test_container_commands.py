@@ -27,7 +27,7 @@ from export.tensorrt import container_build, container_command, serving_profile
 from export.triton_config import ServingConfig
 from gem import cli
 from model.schema import load_schema
-from serving.net import free_ports
+from serving.local.ports import free_ports
 
 runner = CliRunner()
 
@@ -153,7 +153,7 @@ def test_bootstrap_does_nothing_on_a_published_repository(tmp_path, calls):
 def test_up_still_trains_a_missing_checkpoint_before_serving(tmp_path, calls, monkeypatch):
     """`gem up` runs the same bootstrap, and as before also trains a missing checkpoint
     when the repository is already published."""
-    import serving.stack
+    import serving.local.stack
 
     served = []
 
@@ -162,7 +162,7 @@ def test_up_still_trains_a_missing_checkpoint_before_serving(tmp_path, calls, mo
         served.append(cfg.repository)
         yield "127.0.0.1:1"
 
-    monkeypatch.setattr(serving.stack, "local_stack", stack)
+    monkeypatch.setattr(serving.local.stack, "local_stack", stack)
     from gem.cli import serve
 
     monkeypatch.setattr(serve, "_ready_message", lambda *args: None)

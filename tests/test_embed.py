@@ -20,8 +20,8 @@ import torch
 from jobs.embed import EmbedConfig, run_embed
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
-from serving.net import free_ports
-from serving.triton.server import TritonConfig, TritonServer
+from serving.local.ports import free_ports
+from serving.local.triton import TritonConfig, TritonServer
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
 pytestmark = pytest.mark.stack

@@ -28,11 +28,11 @@ from export.contract import FM_MODEL
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
 from model.features import graph_feeds, input_specs, random_batch, sigmoid
-from serving import launcher
 from serving.config import SERVICER_FUNCTIONS, FrontendConfig
-from serving.ingress import KnowledgeIngress
-from serving.net import free_ports
-from serving.triton.server import TritonServer
+from serving.local import launcher
+from serving.local.ports import free_ports
+from serving.local.triton import TritonServer
+from serving.servicer import KnowledgeIngress
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
 pytestmark = pytest.mark.stack
@@ -344,7 +344,7 @@ def test_serve_config_file_is_valid_and_matches_the_code():
     config = ServeDeploySchema(**yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text()))
     assert tuple(config.grpc_options.grpc_servicer_functions) == SERVICER_FUNCTIONS
     (app,) = config.applications
-    assert app.import_path == "serving.ingress:app_builder"
+    assert app.import_path == "serving.servicer:app_builder"
     FrontendConfig.from_args(app.args)  # every arg is a known setting
     assert app.deployments[0].max_ongoing_requests >= 512
 

@@ -20,10 +20,11 @@ from gem.knowledge.wire import WireError, cut, decode, encode
 from google.rpc import error_details_pb2, status_pb2
 
 from model.features import input_specs, random_batch
-from serving.backends import Knowledge
+from serving.backends.base import Knowledge
 from serving.config import max_message_bytes
+from serving.dataplane import Call, check_finite
 from serving.errors import Refusal, Violation, status_details
-from serving.ingress import Call, _check_finite, _parse
+from serving.servicer import parse
 from serving.validation import Limits, RequestError, assemble
 
 
@@ -64,10 +65,10 @@ def test_status_details_carry_bad_request_field_violations():
 
 def test_malformed_bytes_are_a_refusal_and_good_bytes_a_message():
     with pytest.raises(Refusal) as e:
-        _parse(pb.GenerateRequest, b"\x08" + b"\xff" * 11)
+        parse(pb.GenerateRequest, b"\x08" + b"\xff" * 11)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     message = pb.GenerateRequest(outputs=[pb.OUTPUT_LABELS])
-    assert _parse(pb.GenerateRequest, message.SerializeToString()) == message
+    assert parse(pb.GenerateRequest, message.SerializeToString()) == message
 
 
 def test_raw_servicer_hands_the_bytes_over(tmp_path):
@@ -114,14 +115,14 @@ def test_non_finite_outputs_refuse_the_call_and_name_the_dense_feature(schema):
     batch["ad_bid_log"] = np.array([0.0, 3e38, 0.0], np.float32)
     call = Call(batch, ("logits",))
     dense = [s.name for s in input_specs(schema) if s.kind == "dense"]
-    _check_finite(call, Knowledge({"logits": np.zeros((3, 2), np.float32)}, 1, 1), dense)
+    check_finite(call, Knowledge({"logits": np.zeros((3, 2), np.float32)}, 1, 1), dense)
     with pytest.raises(Refusal) as e:
-        _check_finite(call, Knowledge({"logits": np.array([[0, 0], [np.nan, 0], [0, 0]], np.float32)}, 1, 1), dense)
+        check_finite(call, Knowledge({"logits": np.array([[0, 0], [np.nan, 0], [0, 0]], np.float32)}, 1, 1), dense)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'ad_bid_log'" in e.value.message
 
 
 def test_triton_listens_on_loopback_with_a_restricted_control_api(tmp_path):
-    from serving.triton.server import TritonConfig, command
+    from serving.local.triton import TritonConfig, command
 
     cfg = TritonConfig(repository=tmp_path, work_dir=tmp_path, admin_key="k3y")
     args = command(cfg, tmp_path, [])
@@ -164,8 +165,8 @@ class FakeServer:
 
 
 def test_supervisor_restarts_an_exited_triton_with_backoff(monkeypatch, tmp_path):
-    from serving.triton import supervisor
-    from serving.triton.server import TritonConfig
+    from serving.local import supervisor
+    from serving.local.triton import TritonConfig
 
     monkeypatch.setattr(supervisor, "TritonServer", FakeServer)
     monkeypatch.setattr(supervisor, "clean_shared_memory", lambda pid=None: [])

@@ -35,7 +35,7 @@ from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from serving.net import free_ports
+from serving.local.ports import free_ports
 
 pytestmark = pytest.mark.stack
 

@@ -19,9 +19,9 @@ from gem.knowledge import KnowledgeClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.report import slo_violations
-from serving.net import free_ports
+from serving.local.ports import free_ports
+from serving.local.stack import StackConfig, local_stack
 from serving.prometheus import CALLS, DOCUMENTED, EXAMPLES_SERVED, MODEL_VERSION
-from serving.stack import StackConfig, local_stack
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
 pytestmark = pytest.mark.stack

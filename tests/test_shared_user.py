@@ -204,7 +204,7 @@ def test_tensorrt_profiles_cover_both_axes(shared_repo, schema):
 def test_embedded_backend_and_gate_take_per_example_batches(shared_repo, schema):
     from export.contract import FM_MODEL
     from model.features import LOGITS
-    from serving.backends import OnnxBackend
+    from serving.backends.onnx import OnnxBackend
     from trainer.gate import onnx_logits
 
     root, model = shared_repo
@@ -226,9 +226,9 @@ def test_triton_serves_the_user_indexed_ensemble(shared_repo, schema, tmp_path):
     import shutil
 
     from model.features import LOGITS
-    from serving.net import free_ports
-    from serving.triton.client import TritonClient
-    from serving.triton.server import TritonConfig, TritonServer
+    from serving.backends.triton_client import TritonClient
+    from serving.local.ports import free_ports
+    from serving.local.triton import TritonConfig, TritonServer
 
     root, model = shared_repo
     repo = tmp_path / "repo"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.net import free_ports
+from serving.local.ports import free_ports
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
 pytestmark = pytest.mark.stack

@@ -19,11 +19,11 @@ import torch
 
 from model.data.reader import table_to_batch
 from model.features import EMBEDDING, USER_EMBEDDING, input_specs
-from serving import launcher
-from serving.backends import OnnxBackend
+from serving.backends.onnx import OnnxBackend
 from serving.config import FrontendConfig
-from serving.net import free_ports
-from serving.triton.server import TritonServer
+from serving.local import launcher
+from serving.local.ports import free_ports
+from serving.local.triton import TritonServer
 from students.config import load_student_config
 from students.model import SERVING
 from students.train import build_student, save_student

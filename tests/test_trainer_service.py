@@ -18,9 +18,9 @@ from export.publish import ExportConfig, export_checkpoint
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.features import random_batch
-from serving.net import free_ports
-from serving.triton.client import TritonClient
-from serving.triton.server import TritonConfig, TritonServer
+from serving.backends.triton_client import TritonClient
+from serving.local.ports import free_ports
+from serving.local.triton import TritonConfig, TritonServer
 from tests.trainer_support import gem, ledger, make_stream, shard_lines, shuffle_labels, start_gem
 from trainer import distributed as D
 from trainer.config import TrainerConfig

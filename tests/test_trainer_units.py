@@ -15,7 +15,7 @@ from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.publish import ExportConfig, export_adapter_only
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
-from serving.net import free_ports
+from serving.local.ports import free_ports
 from trainer import distributed as D
 from trainer.gate import GateConfig, decide, onnx_logits, task_metrics
 from trainer.ledger import REFUSED, TRAINED, Ledger, ShardId, TrainerRecord

@@ -18,10 +18,11 @@ from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.features import FM_OUTPUTS, graph_feeds, random_batch
-from serving.net import free_ports
-from serving.triton.client import BackendUnavailable, InvalidRequest, TritonClient
+from serving.backends.errors import BackendUnavailable, InvalidRequest
+from serving.backends.triton_client import TritonClient
+from serving.local.ports import free_ports
+from serving.local.triton import TritonError, TritonServer
 from serving.triton.rollout import roll_out
-from serving.triton.server import TritonError, TritonServer
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
 pytestmark = pytest.mark.stack

@@ -411,7 +411,7 @@ class Coordinator:
         url = self.cfg.triton_url
         if url is None:
             return versions
-        from serving.triton.client import BackendError
+        from serving.backends.errors import BackendError
         from serving.triton.rollout import roll_out_published
 
         try:

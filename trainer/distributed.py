@@ -124,7 +124,7 @@ def spawn(fn: Callable[..., Any], procs: int, *args: Any) -> None:
     if any of them fails (and then stops the others)."""
     import torch.multiprocessing as mp
 
-    from serving.net import free_ports
+    from serving.local.ports import free_ports
 
     (port,) = free_ports(1)
     mp.spawn(_spawned, args=(fn, procs, port, args), nprocs=procs, join=True)

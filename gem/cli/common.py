@@ -67,8 +67,8 @@ _USER_ERRORS = {
     "export.onnx_export": "ExportError",
     "export.repository": "RepositoryError",
     "export.tensorrt": "TensorRTUnavailable",
-    "serving.triton.server": "TritonError",
-    "serving.triton.client": "BackendError",
+    "serving.local.triton": "TritonError",
+    "serving.backends.triton_client": "BackendError",
 }
 
 

@@ -68,7 +68,7 @@ def run_export(
             status.update("building the TensorRT plan")
             build_plan(report.fm.path, serving_profile(ckpt.schema, cfg.serving.max_batch_size), fp16)
     if triton_url:
-        from serving.triton.client import BackendError
+        from serving.backends.errors import BackendError
         from serving.triton.rollout import roll_out_published
 
         versions = {report.fm.model: report.fm.version, report.adapter.model: report.adapter.version}
@@ -135,7 +135,7 @@ def tensorrt_script(
 
 
 def _triton_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int):
-    from serving.triton.server import TritonConfig
+    from serving.local.triton import TritonConfig
 
     return TritonConfig(
         repository=repo, work_dir=TRITON_WORK_DIR, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
@@ -165,7 +165,7 @@ def triton_up(
     repository APIs need the key in artifacts/triton/server.json ($GEM_TRITON_ADMIN_KEY)."""
     import dataclasses
 
-    from serving.triton.server import TritonServer
+    from serving.local.triton import TritonServer
 
     if not repo.is_dir():
         raise FileNotFoundError(f"no model repository at {repo}; run `gem export` first")
@@ -196,12 +196,10 @@ def triton_down(
 ) -> None:
     """Stop the Triton that `gem triton up` left running, or the one a `gem up` runs
     (that stops the `gem up`: its supervisor would restart Triton otherwise)."""
-    import json
+    from serving.local.state import read_state
+    from serving.local.triton import stop_detached
 
-    from serving.triton.server import stop_detached
-
-    state = work_dir / "server.json"
-    owner = json.loads(state.read_text()).get("owner") if state.exists() else None
+    owner = (read_state(work_dir) or {}).get("owner")
     pid = stop_detached(work_dir)
     if pid is None:
         log.info("no Triton was started from %s", work_dir.absolute())
@@ -219,8 +217,8 @@ def triton_status(
     """Show every model version Triton knows and its state."""
     import asyncio
 
-    from serving.triton.client import TritonClient
-    from serving.triton.server import TritonError, detached_config
+    from serving.backends.triton_client import TritonClient
+    from serving.local.triton import TritonError, detached_config
 
     key = None
     if url is None:

@@ -124,7 +124,7 @@ def up(
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
     the Ray Serve gRPC front end, and serve until Ctrl-C."""
-    from serving.stack import StackConfig, check_ports, local_stack
+    from serving.local.stack import StackConfig, check_ports, local_stack
 
     cfg = StackConfig(
         repository=repo,
@@ -162,8 +162,8 @@ def serve_cmd(
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
     cluster, use `serve deploy serving/serve_config.yaml`."""
-    from serving import launcher
     from serving.config import FrontendConfig
+    from serving.local import launcher
 
     address = launcher.start(
         FrontendConfig(backend=backend, triton_url=triton_url, repository=repo),
@@ -232,7 +232,7 @@ def health(
     """Ask a server's standard gRPC health service (grpc.health.v1) once: exit 0 when it
     answers SERVING, 1 otherwise, with a one-line reason. The compose healthcheck of the
     front end."""
-    from serving.health import check
+    from serving.local.health import check
 
     serving, status = check(address, timeout)
     typer.echo(f"{address}: {status}", err=not serving)

@@ -72,9 +72,12 @@ def trainer_run(
     version, refreshes the Student Adapter, publishes new versions atomically and loads them
     into Triton. Exactly once: killed at any point, it resumes without skipping or
     repeating a shard."""
+    from serving.local.triton import use_stored_admin_key
     from trainer.config import TrainerConfig
     from trainer.loop import run
 
+    if triton_url:
+        use_stored_admin_key()  # of a `gem up` / `gem triton up` started from another shell
     cfg = TrainerConfig(
         stream=stream, repository=repo, state_dir=state, checkpoint=checkpoint, preset=preset, schema_path=schema,
         procs=procs, strategy=strategy, triton_url=triton_url, keep=keep, tolerance=tolerance,
@@ -129,8 +132,11 @@ def trainer_rollback(
     """Serve an older version again: the newer versions are moved to <model>/.rejected/
     (their numbers are not reused), and Triton reloads the model when --triton-url is given."""
     from export.repository import ModelRepository
+    from serving.local.triton import use_stored_admin_key
     from serving.triton.rollout import roll_back
 
+    if triton_url:
+        use_stored_admin_key()
     moved = roll_back(ModelRepository(repo), model, to, triton_url)
     log.info(
         "%s: version %d is the latest%s; moved aside: %s",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
-from serving.triton.client import ModelLoadError, TritonClient
+from serving.backends.errors import ModelLoadError
+from serving.backends.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def setup_worker() -> None:
     # Each Serve replica's inter-deployment gRPC server binds "[::]:0" the same way
     # (ray/serve/_private/replica.py, `add_port_to_grpc_server(self._server, "[::]:0")`).
     # Others reach it at the node's address, so only in Ray's single-machine mode (node
-    # address = loopback, serving/launcher.py) may it move there.
+    # address = loopback, serving/local/launcher.py) may it move there.
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         return
     try:

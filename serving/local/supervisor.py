@@ -5,7 +5,7 @@ the supervisor logs it (exit code, the log's error lines), kills what is left of
 process group (python-backend stubs outlive a killed server and may ignore SIGTERM),
 removes its stale shared-memory regions, and starts it again with exponential backoff
 (1 s, 2 s, ... 30 s; back to 1 s once a server has stayed up for a minute). The front end
-needs nothing: its Triton channel reconnects within a second (serving/triton/client.py).
+needs nothing: its Triton channel reconnects within a second (serving/backends/triton_client.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 
-from serving.triton.server import TritonConfig, TritonError, TritonServer, clean_shared_memory, kill_group, log_errors
+from serving.local.shm import clean_shared_memory
+from serving.local.triton import TritonConfig, TritonError, TritonServer, kill_group, log_errors
 
 log = logging.getLogger(__name__)
 

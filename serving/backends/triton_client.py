@@ -2,14 +2,15 @@
 
 `infer` sends one columnar batch (feature name -> numpy array, as
 `model.features.input_specs` describes) and returns numpy arrays by output name; Triton
-errors become the exceptions below, so callers (the front end, the batch job) can map
-them to their own status codes. Model control (load, unload, versions) is here too: the
-side trainer and `gem export --load` publish through it.
+errors become `serving.backends.errors`, each with the gRPC status a caller gets. Model
+control (load, unload, versions) is here too: the side trainer and `gem export --load`
+publish through it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,36 +20,24 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS, USER_INPUTS_PARAMETER
-from model.features import USER_INDEX, candidate_rows, in_graph_form
-
-
-class BackendError(RuntimeError):
-    """Triton answered with an error that is not the caller's fault."""
-
-
-class BackendUnavailable(BackendError):
-    """Triton cannot be reached, or the model is not loaded."""
-
-
-class BackendTimeout(BackendError):
-    """Triton did not answer within the call's deadline (not retried: the work may be
-    running still)."""
-
-
-class InvalidRequest(BackendError):
-    """Triton rejected the request's tensors (dtype, shape, missing input)."""
-
-
-class ModelLoadError(BackendError):
-    """Triton could not load a model version."""
-
+from export.contract import (
+    ADAPTER_VERSION,
+    ENSEMBLE_MODEL,
+    FM_VERSION,
+    KNOWLEDGE_OUTPUTS,
+    MAX_BATCH_EXAMPLES,
+    USER_INPUTS_PARAMETER,
+)
+from model.features import in_graph_form
+from serving.backends.base import row_chunks, rows_of
+from serving.backends.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest, ModelLoadError
 
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED"}
 # The header our own control code sends with Triton's restricted APIs (model
 # repository: load, unload, index); its value is the admin key.
 ADMIN_HEADER = "gem-admin-key"
+# Where our control code finds the key (the local Triton's launcher sets it).
 ADMIN_KEY_ENV = "GEM_TRITON_ADMIN_KEY"
 
 
@@ -92,24 +81,17 @@ class TritonClient:
         url: str,
         model: str = ENSEMBLE_MODEL,
         timeout_s: float = 10.0,
-        max_batch_size: int = 4096,
+        max_batch_size: int = MAX_BATCH_EXAMPLES,
         admin_key: str | None = None,
         user_names: Sequence[str] | None = None,
     ):
-        """`admin_key`: the key of Triton's restricted model-repository API (default:
-        $GEM_TRITON_ADMIN_KEY); sent only with load, unload and the repository index.
+        """`admin_key`: the key of Triton's restricted model-repository API, sent only with
+        load, unload and the repository index (default: $GEM_TRITON_ADMIN_KEY).
         `user_names`: the schema's user inputs (`user_input_names`), to expand a
         user-indexed batch for a per-example model (default: told by their row counts)."""
-        import os
-
         self.url = url
         if admin_key is None:
-            from pathlib import Path
-
-            from serving.triton.server import stored_admin_key
-
-            # The key `gem up` / `gem triton up` started the local server with.
-            admin_key = os.environ.get(ADMIN_KEY_ENV) or stored_admin_key(Path("artifacts") / "triton")
+            admin_key = os.environ.get(ADMIN_KEY_ENV, "")
         # Triton checks a restricted gRPC protocol's key under this prefix (HTTP: as is).
         self._admin_headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key} if admin_key else None
         self.model = model
@@ -173,19 +155,12 @@ class TritonClient:
         user-indexed (`user_index`, checked before it is sent); chunks count candidates."""
         model = model or self.model
         batch, user_inputs = await self._form(dict(batch), model)
-        rows = len(batch[USER_INDEX]) if USER_INDEX in batch else len(next(iter(batch.values())))
         chunk = min(chunk or self.max_batch_size, self.max_batch_size)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if rows <= chunk:
+        if rows_of(batch) <= chunk:
             return await self._infer(batch, outputs, version, model, timeout_s)
-
-        def part(i: int) -> dict[str, np.ndarray]:
-            if USER_INDEX in batch:
-                return candidate_rows(batch, user_inputs or (), i, i + chunk)
-            return {k: v[i : i + chunk] for k, v in batch.items()}
-
         parts = await asyncio.gather(
-            *(self._infer(part(i), outputs, version, model, timeout_s) for i in range(0, rows, chunk))
+            *(self._infer(p, outputs, version, model, timeout_s) for p in row_chunks(batch, chunk, user_inputs or ()))
         )
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -228,12 +203,6 @@ class TritonClient:
         except grpc.RpcError as e:  # raised before tritonclient wraps it (channel down)
             raise BackendUnavailable(f"{model} inference: {e}") from None
         return {o: result.as_numpy(o) for o in outputs}
-
-    async def is_ready(self, model: str | None = None) -> bool:
-        try:
-            return await self._client.is_model_ready(model or self.model)
-        except (InferenceServerException, grpc.RpcError):
-            return False
 
     async def load(self, model: str) -> None:
         """Loads the model's versions per its version policy; the versions already

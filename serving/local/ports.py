@@ -1,4 +1,4 @@
-"""Ports for servers started side by side (tests, benchmarks)."""
+"""Ports and addresses for servers started side by side (the stack, tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,9 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return True
     return False
+
+
+def connect_host(host: str) -> str:
+    """The address a client on this machine dials for a server bound to `host` (a
+    wildcard bind answers on the loopback address)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

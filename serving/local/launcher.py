@@ -8,7 +8,8 @@ import os
 import time
 
 from serving.config import MAX_MESSAGE_ENV, SERVICER_FUNCTIONS, FrontendConfig, max_message_bytes
-from serving.health import check
+from serving.local.health import check
+from serving.local.ports import connect_host
 
 log = logging.getLogger(__name__)
 # ray._private.ray_constants.ENABLE_RAY_CLUSTER: "0" keeps Ray on this machine's loopback.
@@ -34,13 +35,13 @@ def start(
     (None: a port Ray picks).
 
     Everything listens on `host` (127.0.0.1 by default; `--host` opens it deliberately):
-    Ray itself, Serve's HTTP proxy and its gRPC proxy (serving/loopback.py). The gRPC
+    Ray itself, Serve's HTTP proxy and its gRPC proxy (serving/local/loopback.py). The gRPC
     proxy refuses messages over the largest legal call (RESOURCE_EXHAUSTED), and calls
     longer than the backend bound get DEADLINE_EXCEEDED from the proxy itself."""
     import sys
 
     from model.schema import load_schema
-    from serving.loopback import HOST_ENV
+    from serving.local.loopback import HOST_ENV
 
     limit = max_message_bytes(load_schema(cfg.schema_path), cfg.max_examples_per_call)
     env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host}
@@ -56,7 +57,7 @@ def start(
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from serving.ingress import KnowledgeIngress
+    from serving.servicer import KnowledgeIngress
 
     if not ray.is_initialized():
         # Ray's workers (the proxies among them) inherit the environment of the Ray
@@ -68,7 +69,7 @@ def start(
             include_dashboard=False,
             log_to_driver=False,
             _metrics_export_port=metrics_port,
-            runtime_env={"env_vars": env, "worker_process_setup_hook": "serving.loopback.setup_worker"},
+            runtime_env={"env_vars": env, "worker_process_setup_hook": "serving.local.loopback.setup_worker"},
         )
     serve.start(
         http_options={"host": host, "port": http_port},
@@ -80,7 +81,7 @@ def start(
     )
     app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
-    return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{grpc_port}"
+    return f"{connect_host(host)}:{grpc_port}"
 
 
 def wait_healthy(address: str, timeout_s: float = 120.0, application: str | None = None) -> None:

@@ -1,7 +1,7 @@
 """Runs the local Triton server: the `tritonserver` binary of the nvidia-pytriton wheel.
 
 That build has only the python backend, so models run there in their `python` flavour
-(ONNX Runtime inside a python-backend model, see `python_model/model.py`). The launcher
+(ONNX Runtime inside a python-backend model, see the repository's python model). The launcher
 
 - finds the binary in the installed wheel,
 - prepares a backend folder whose python backend has the stub for this Python next to
@@ -16,7 +16,6 @@ That build has only the python backend, so models run there in their `python` fl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,10 @@ from importlib import util
 from pathlib import Path
 
 from export.contract import MODELS
+from serving.backends.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV
+from serving.local.ports import connect_host
+from serving.local.shm import clean_shared_memory
+from serving.local.state import DEFAULT_WORK_DIR, read_state, remove_state, state_file, write_state
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +71,15 @@ class TritonConfig:
 
     @property
     def state_file(self) -> Path:
-        return self.work_dir / "server.json"
-
-    @property
-    def client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return state_file(self.work_dir)
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.client_host}:{self.grpc_port}"
+        return f"{connect_host(self.host)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.client_host}:{self.http_port}"
+        return f"http://{connect_host(self.host)}:{self.http_port}"
 
 
 def _wheel_dir() -> Path:
@@ -125,8 +124,6 @@ RESTRICTED = "model-repository,shared-memory,statistics,trace,logging"
 
 
 def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str]:
-    from serving.triton.client import ADMIN_HEADER
-
     restricted = []
     if cfg.admin_key:
         rule = f"{RESTRICTED}:{ADMIN_HEADER}={cfg.admin_key}"
@@ -185,8 +182,6 @@ def admin_key(cfg: TritonConfig) -> TritonConfig:
     import dataclasses
     import secrets
 
-    from serving.triton.client import ADMIN_KEY_ENV
-
     key = cfg.admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
     os.environ[ADMIN_KEY_ENV] = key
     return dataclasses.replace(cfg, admin_key=key)
@@ -194,10 +189,7 @@ def admin_key(cfg: TritonConfig) -> TritonConfig:
 
 def stored_admin_key(work_dir: Path) -> str:
     """The admin key of the server started from `work_dir` (its state file), or ""."""
-    try:
-        return json.loads((work_dir / "server.json").read_text()).get("admin_key", "")
-    except (OSError, ValueError):
-        return ""
+    return (read_state(work_dir) or {}).get("admin_key", "")
 
 
 class TritonServer:
@@ -228,11 +220,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        state = {**asdict(cfg), "pid": self.process.pid, "owner": self.owner}
-        cfg.state_file.unlink(missing_ok=True)
-        fd = os.open(cfg.state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(state, default=str, indent=2))
+        write_state(cfg.work_dir, {**asdict(cfg), "pid": self.process.pid, "owner": self.owner})
         try:
             self.wait_ready()
         except BaseException:
@@ -265,7 +253,7 @@ class TritonServer:
         pid = self.process.pid
         _terminate(pid, self.cfg.stop_timeout_s, self.process)
         self.process = None
-        self.cfg.state_file.unlink(missing_ok=True)
+        remove_state(self.cfg.work_dir)
         clean_shared_memory(pid)
 
     def __enter__(self) -> TritonServer:
@@ -307,50 +295,6 @@ def _terminate(pid: int, timeout_s: float, process: subprocess.Popen | None = No
     raise TritonError(f"tritonserver (pid {pid}) did not stop")
 
 
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "triton_python_backend_shm_region_"
-
-
-def _mapped_shm() -> set[str]:
-    """Names in /dev/shm that some live process maps or holds open."""
-    names: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    names.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("/dev/shm/"):
-                        names.add(target[len("/dev/shm/") :].split(" ")[0])
-    return names
-
-
-def clean_shared_memory(pid: int | None = None) -> list[str]:
-    """Removes the python backend's shared-memory regions that no live process uses any
-    more (a killed Triton leaves them behind: tens of MB each). Regions of other running
-    servers are mapped by them, so they stay."""
-    if not SHM_DIR.is_dir():
-        return []
-    stale = [p for p in SHM_DIR.glob(f"{SHM_PREFIX}*") if p.is_file()]
-    if not stale:
-        return []
-    used = _mapped_shm()
-    removed = []
-    for p in stale:
-        if p.name not in used:
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p.name)
-    if removed:
-        log.info("removed %d stale shared-memory region(s) of Triton%s", len(removed), f" {pid}" if pid else "")
-    return removed
-
-
 def kill_group(pid: int) -> None:
     """SIGKILL to the server's whole process group (python-backend stubs included: they
     outlive a killed server and may ignore SIGTERM)."""
@@ -361,10 +305,9 @@ def stop_detached(work_dir: Path, timeout_s: float = 30.0) -> int | None:
     """Stops the server that `gem triton up` left running, or the one `gem up`
     supervises (by stopping that `gem up`, whose supervisor would restart it
     otherwise); returns the Triton pid."""
-    state_file = work_dir / "server.json"
-    if not state_file.exists():
+    state = read_state(work_dir)
+    if state is None:
         return None
-    state = json.loads(state_file.read_text())
     pid, owner = state["pid"], state.get("owner")
     if owner and owner != os.getpid() and _alive(owner, None):
         os.kill(owner, signal.SIGTERM)
@@ -374,19 +317,26 @@ def stop_detached(work_dir: Path, timeout_s: float = 30.0) -> int | None:
     if _alive(pid, None):
         _terminate(pid, timeout_s)
     kill_group(pid)
-    state_file.unlink(missing_ok=True)
+    remove_state(work_dir)
     clean_shared_memory(pid)
     return pid
 
 
 def detached_config(work_dir: Path) -> TritonConfig | None:
     """The config of the server started detached from `work_dir`, if one is recorded."""
-    state_file = work_dir / "server.json"
-    if not state_file.exists():
+    state = read_state(work_dir)
+    if state is None:
         return None
-    state = json.loads(state_file.read_text())
     state.pop("pid")
     state.pop("owner", None)
     state["repository"], state["work_dir"] = Path(state["repository"]), Path(state["work_dir"])
     state["models"], state["extra_args"] = tuple(state["models"]), tuple(state["extra_args"])
     return TritonConfig(**state)
+
+
+def use_stored_admin_key(work_dir: Path = DEFAULT_WORK_DIR) -> None:
+    """Lets this process's model control (`gem trainer`, rollbacks) reach the local Triton
+    started from another shell: its recorded key, unless $GEM_TRITON_ADMIN_KEY is set."""
+    key = stored_admin_key(work_dir)
+    if key and not os.environ.get(ADMIN_KEY_ENV):
+        os.environ[ADMIN_KEY_ENV] = key

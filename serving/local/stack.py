@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving import launcher
 from serving.config import FrontendConfig
-from serving.net import port_in_use
-from serving.triton.server import TritonConfig
-from serving.triton.supervisor import SupervisedTriton
+from serving.local import launcher
+from serving.local.ports import connect_host, port_in_use
+from serving.local.supervisor import SupervisedTriton
+from serving.local.triton import TritonConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ def check_ports(cfg: StackConfig) -> None:
             "Triton's gRPC port": cfg.triton_grpc_port,
             "Triton's metrics port": cfg.triton_metrics_port,
         }
-    bind = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    taken = [f"{port} ({what})" for what, port in ports.items() if port_in_use(port, bind)]
+    taken = [f"{port} ({what})" for what, port in ports.items() if port_in_use(port, connect_host(cfg.host))]
     if taken:
         raise OSError(f"port(s) already in use: {', '.join(taken)}; is another stack running? (gem triton down)")
 
