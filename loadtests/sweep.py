@@ -27,8 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.report import slo_violations
+from serving.config import FrontendConfig
 from serving.local.ports import free_ports
 from serving.local.stack import StackConfig, local_stack
+from serving.local.triton import TritonConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -58,10 +60,10 @@ def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path) -
 
 def sweep_backend(backend: str, args: argparse.Namespace, console: Console) -> list[dict]:
     grpc_port, http, metrics, triton_http, triton_grpc, triton_metrics = free_ports(6)
-    cfg = StackConfig(repository=args.repo, triton_work_dir=Path("artifacts/triton-sweep"),
-                      embedded=backend == "onnxruntime", grpc_port=grpc_port, http_port=http, metrics_port=metrics,
-                      triton_http_port=triton_http, triton_grpc_port=triton_grpc,
-                      triton_metrics_port=triton_metrics)  # fmt: skip
+    triton = None
+    if backend == "triton":
+        triton = TritonConfig(args.repo, Path("artifacts/triton-sweep"), triton_http, triton_grpc, triton_metrics)
+    cfg = StackConfig(FrontendConfig(backend=backend, repository=args.repo), triton, grpc_port, http, metrics)
     rows = []
     with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-sweep-") as tmp:
         for rate in args.rates:

@@ -97,8 +97,9 @@ class DataPlane:
 
     def __init__(self, backend: Backend, cfg: FrontendConfig, metrics: FrontendMetrics):
         self.backend, self.cfg, self.metrics = backend, cfg, metrics
-        self._batched.set_max_batch_size(cfg.max_batch_examples)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # Methods @serve.batch adds to the function at run time (typed as a plain callable).
+        self._batched.set_max_batch_size(cfg.max_batch_examples)  # type: ignore[attr-defined]
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     async def run(self, call: Call, timeout_s: float) -> Knowledge | Exception:
         """The call's knowledge, or the backend failure it met (the caller maps it)."""
@@ -119,7 +120,8 @@ class DataPlane:
             knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
             self.metrics.batch(rows_of(calls), time.perf_counter() - start, knowledge.fm_version,
                                knowledge.adapter_version)  # fmt: skip
-            return split(knowledge, calls)
+            results: list[Knowledge | Exception] = list(split(knowledge, calls))
+            return results
         except (BackendUnavailable, BackendTimeout) as e:
             return [e] * len(calls)
         except Exception as e:

@@ -18,8 +18,8 @@ from ray.serve import metrics
 
 # Call latency in milliseconds: from 1 ms (a cache-warm single example) to 10 s (the
 # default deadline), log-spaced.
-LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
-EXAMPLES = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+LATENCY_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+EXAMPLES = [1.0, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,10 @@ class FrontendMetrics:
 
     def __init__(self, backend: str):
         def counter(m: Metric) -> metrics.Counter:
-            return metrics.Counter(m.name, description=m.description, tag_keys=m.tags)
+            return metrics.Counter(m.name, description=m.description, tag_keys=m.tags)  # type: ignore[arg-type]  # ray types it tuple[str]
 
         def histogram(m: Metric, boundaries: list[float]) -> metrics.Histogram:
-            return metrics.Histogram(m.name, description=m.description, boundaries=boundaries, tag_keys=m.tags)
+            return metrics.Histogram(m.name, description=m.description, boundaries=boundaries, tag_keys=m.tags)  # type: ignore[arg-type]  # ray types it tuple[str]
 
         self.calls, self.examples = counter(CALLS), counter(EXAMPLES_SERVED)
         self.call_latency = histogram(CALL_LATENCY, LATENCY_MS)
@@ -85,7 +85,7 @@ class FrontendMetrics:
         for recorder in (self.batch_examples, self.backend_latency):
             recorder.set_default_tags({"backend": backend})
         self.version = metrics.Gauge(MODEL_VERSION.name, description=MODEL_VERSION.description,
-                                     tag_keys=MODEL_VERSION.tags)  # fmt: skip
+                                     tag_keys=MODEL_VERSION.tags)  # type: ignore[arg-type]  # fmt: skip
 
     def call(self, method: str, code: str, seconds: float, examples: int = 0) -> None:
         self.calls.inc(tags={"method": method, "code": code})

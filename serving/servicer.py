@@ -94,8 +94,9 @@ def _observed(rpc):
             code = grpc_context.code() or grpc.StatusCode.OK
             return response
         finally:
-            ok = code == grpc.StatusCode.OK and isinstance(response, pb.GenerateResponse)
-            examples = max((t.shape[0] for t in response.outputs.values()), default=0) if ok else 0
+            examples = 0
+            if code == grpc.StatusCode.OK and isinstance(response, pb.GenerateResponse):
+                examples = max((t.shape[0] for t in response.outputs.values()), default=0)
             self.metrics.call(rpc.__name__, code.name, time.perf_counter() - start, examples)
 
     return observed
@@ -229,4 +230,4 @@ class KnowledgeIngress:
 
 def app_builder(args: dict) -> serve.Application:
     """`serve run serving.servicer:app_builder backend=onnxruntime ...` / the Serve config file."""
-    return KnowledgeIngress.bind(FrontendConfig.from_args(args))
+    return KnowledgeIngress.bind(FrontendConfig.from_args(args))  # type: ignore[attr-defined]  # a Deployment at run time

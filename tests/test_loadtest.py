@@ -19,8 +19,10 @@ from gem.knowledge import KnowledgeClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.report import slo_violations
+from serving.config import FrontendConfig
 from serving.local.ports import free_ports
 from serving.local.stack import StackConfig, local_stack
+from serving.local.triton import TritonConfig
 from serving.prometheus import CALLS, DOCUMENTED, EXAMPLES_SERVED, MODEL_VERSION
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
@@ -36,9 +38,8 @@ def stack(published_repo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loadtest-stack")
     shutil.copytree(published_repo, tmp / "repo")
     grpc_port, http, metrics, triton_http, triton_grpc, triton_metrics = free_ports(6)
-    cfg = StackConfig(repository=tmp / "repo", triton_work_dir=tmp / "triton", grpc_port=grpc_port, http_port=http,
-                      metrics_port=metrics, triton_http_port=triton_http, triton_grpc_port=triton_grpc,
-                      triton_metrics_port=triton_metrics)  # fmt: skip
+    triton = TritonConfig(tmp / "repo", tmp / "triton", triton_http, triton_grpc, triton_metrics)
+    cfg = StackConfig(FrontendConfig(), triton, grpc_port, http, metrics)
     with local_stack(cfg) as address:
         yield address, f"http://127.0.0.1:{metrics}/metrics"
 

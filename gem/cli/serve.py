@@ -124,20 +124,15 @@ def up(
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
     the Ray Serve gRPC front end, and serve until Ctrl-C."""
+    from serving.config import FrontendConfig
     from serving.local.stack import StackConfig, check_ports, local_stack
+    from serving.local.triton import TritonConfig
 
-    cfg = StackConfig(
-        repository=repo,
-        triton_work_dir=triton_work_dir,
-        embedded=embedded,
-        grpc_port=grpc_port,
-        http_port=http_port,
-        metrics_port=metrics_port,
-        triton_http_port=triton_http_port,
-        triton_grpc_port=triton_grpc_port,
-        triton_metrics_port=triton_metrics_port,
-        host=host,
-    )
+    triton = None
+    if not embedded:
+        triton = TritonConfig(repo, triton_work_dir, triton_http_port, triton_grpc_port, triton_metrics_port, host)
+    frontend = FrontendConfig(backend="onnxruntime" if embedded else "triton", repository=repo)
+    cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host)
     check_ports(cfg)  # before minutes of training
     bootstrap(checkpoint, data, repo, train_when_published=True)
     with local_stack(cfg) as address:

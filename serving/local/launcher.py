@@ -9,11 +9,10 @@ import time
 
 from serving.config import MAX_MESSAGE_ENV, SERVICER_FUNCTIONS, FrontendConfig, max_message_bytes
 from serving.local.health import check
+from serving.local.loopback import HOST_ENV, LOCAL_ONLY_ENV
 from serving.local.ports import connect_host
 
 log = logging.getLogger(__name__)
-# ray._private.ray_constants.ENABLE_RAY_CLUSTER: "0" keeps Ray on this machine's loopback.
-LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 APP_NAME = "gem_knowledge"
 
@@ -41,7 +40,6 @@ def start(
     import sys
 
     from model.schema import load_schema
-    from serving.local.loopback import HOST_ENV
 
     limit = max_message_bytes(load_schema(cfg.schema_path), cfg.max_examples_per_call)
     env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host}
@@ -79,7 +77,7 @@ def start(
             request_timeout_s=cfg.backend_timeout_s + 5.0,
         ),
     )
-    app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)
+    app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     return f"{connect_host(host)}:{grpc_port}"
 

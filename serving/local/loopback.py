@@ -17,6 +17,20 @@ from __future__ import annotations
 import os
 
 HOST_ENV = "GEM_SERVE_GRPC_HOST"
+# ray._private.ray_constants.ENABLE_RAY_CLUSTER: "0" keeps Ray on this machine's loopback.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _rebind(module, name: str, rewrite) -> None:
+    """Replaces `module.name(server, address)` by one that binds `rewrite(address)`
+    (idempotent: a second call wraps the original, not the wrapper)."""
+    original = getattr(getattr(module, name), "__wrapped__", getattr(module, name))
+
+    def bind(server, address: str):
+        return original(server, rewrite(address))
+
+    bind.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(module, name, bind)
 
 
 def setup_worker() -> None:
@@ -27,30 +41,19 @@ def setup_worker() -> None:
         from ray.serve._private import default_impl
     except ImportError:
         return
-    original = getattr(default_impl.add_grpc_address, "__wrapped__", default_impl.add_grpc_address)
-
-    def add_grpc_address(server, address: str):
-        port = address.rsplit(":", 1)[-1]
-        return original(server, f"{host}:{port}")
-
-    add_grpc_address.__wrapped__ = original  # type: ignore[attr-defined]
-    default_impl.add_grpc_address = add_grpc_address
+    _rebind(default_impl, "add_grpc_address", lambda address: f"{host}:{address.rsplit(':', 1)[-1]}")
     # Each Serve replica's inter-deployment gRPC server binds "[::]:0" the same way
     # (ray/serve/_private/replica.py, `add_port_to_grpc_server(self._server, "[::]:0")`).
     # Others reach it at the node's address, so only in Ray's single-machine mode (node
     # address = loopback, serving/local/launcher.py) may it move there.
-    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+    if os.environ.get(LOCAL_ONLY_ENV) != "0":
         return
     try:
         from ray.serve._private import replica
     except ImportError:
         return
-    add_port = getattr(replica.add_port_to_grpc_server, "__wrapped__", replica.add_port_to_grpc_server)
-
-    def add_port_to_grpc_server(server, address: str):
-        if address.startswith("[::]:"):
-            address = f"{host}:{address.rsplit(':', 1)[-1]}"
-        return add_port(server, address)
-
-    add_port_to_grpc_server.__wrapped__ = add_port  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = add_port_to_grpc_server
+    _rebind(
+        replica,
+        "add_port_to_grpc_server",
+        lambda address: f"{host}:{address.rsplit(':', 1)[-1]}" if address.startswith("[::]:") else address,
+    )

@@ -177,6 +177,8 @@ class _Base:
         return info
 
     def _columns(self, data: Columns | None) -> dict[str, np.ndarray]:
+        # generate() asks for the model's info before the first call's columns.
+        assert self._info is not None
         return {} if data is None else to_columns(data, self._info)
 
 

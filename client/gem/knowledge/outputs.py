@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gem.knowledge.v1 import knowledge_pb2 as pb
 
-OUTPUT_NAMES: dict[str, int] = {
+OUTPUT_NAMES: dict[str, pb.Output] = {
     "labels": pb.OUTPUT_LABELS,
     "adapted_labels": pb.OUTPUT_ADAPTED_LABELS,
     "embedding": pb.OUTPUT_EMBEDDING,

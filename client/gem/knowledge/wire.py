@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gem.knowledge.v1 import knowledge_pb2 as pb
 
-DTYPES = {pb.DATA_TYPE_INT64: np.dtype("<i8"), pb.DATA_TYPE_FLOAT32: np.dtype("<f4")}
+DTYPES: dict[int, np.dtype] = {pb.DATA_TYPE_INT64: np.dtype("<i8"), pb.DATA_TYPE_FLOAT32: np.dtype("<f4")}
 WIRE_TYPES = {np.dtype(np.int64): pb.DATA_TYPE_INT64, np.dtype(np.float32): pb.DATA_TYPE_FLOAT32}
 
 
