@@ -159,7 +159,7 @@ def test_up_still_trains_a_missing_checkpoint_before_serving(tmp_path, calls, mo
 
     @contextlib.contextmanager
     def stack(cfg):
-        served.append(cfg.repository)
+        served.append(cfg.frontend.repository)
         yield "127.0.0.1:1"
 
     monkeypatch.setattr(serving.local.stack, "local_stack", stack)
