@@ -42,18 +42,11 @@ import pyarrow.parquet as pq
 
 from export.contract import ADAPTER_OUTPUT
 from model.data.reader import DataError, check_footer, resolve_paths, table_to_batch
-from model.features import (
-    EMBEDDING,
-    LOGITS,
-    USER_EMBEDDING,
-    USER_INDEX,
-    input_specs,
-    share_users,
-    sigmoid,
-    user_input_names,
-    zero_batch,
-)
+from model.examples import zero_batch
+from model.features import USER_INDEX, input_specs, user_input_names
+from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING, sigmoid
 from model.schema import DEFAULT_SCHEMA_PATH, FeatureSchema, load_schema
+from model.user_index import share_users
 from serving.backends import OnnxBackend, TritonBackend, published_graphs
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from model.config import GEMConfig
 from model.embedding import FeatureEmbedding, SequenceTokens
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, USER_INDEX, user_input_names
+from model.features import USER_INDEX, user_input_names
 from model.interformer import InterFormer
 from model.layers import MLP, chain_logits, masked_mean
+from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import SURFACE_INPUT, FeatureSchema
 from model.shared_user import SharedUserInterFormer, take
 from model.wukong import WukongStack

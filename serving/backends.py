@@ -25,7 +25,9 @@ from export.contract import (
     ONNX_FILENAME,
     latest_version,
 )
-from model.features import LOGITS, USER_INDEX, USERS_AXIS, graph_feeds
+from model.features import USER_INDEX, USERS_AXIS
+from model.outputs import LOGITS
+from model.user_index import graph_feeds
 from serving.triton.client import BackendTimeout, BackendUnavailable, TritonClient
 
 

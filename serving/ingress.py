@@ -30,18 +30,12 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from export.contract import ADAPTER_OUTPUT
-from model.data.reader import concat
-from model.features import (
-    EMBEDDING,
-    LOGITS,
-    USER_EMBEDDING,
-    UserIndexError,
-    input_specs,
-    sigmoid,
-    user_input_names,
-    zero_batch,
-)
+from model.batch import concat
+from model.examples import zero_batch
+from model.features import input_specs, user_input_names
+from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING, sigmoid
 from model.schema import load_schema
+from model.user_index import UserIndexError
 from serving.backends import Backend, Knowledge, OnnxBackend, TritonBackend
 from serving.config import FrontendConfig
 from serving.errors import Refusal, Violation, internal, quote, refuse

@@ -19,7 +19,8 @@ from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, cut, decode, encode
 from google.rpc import error_details_pb2, status_pb2
 
-from model.features import input_specs, random_batch
+from model.examples import random_batch
+from model.features import input_specs
 from serving.backends import Knowledge
 from serving.config import max_message_bytes
 from serving.errors import Refusal, Violation, status_details

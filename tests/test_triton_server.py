@@ -17,7 +17,9 @@ import torch
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
-from model.features import FM_OUTPUTS, graph_feeds, random_batch
+from model.examples import random_batch
+from model.outputs import FM_OUTPUTS
+from model.user_index import graph_feeds
 from serving.net import free_ports
 from serving.triton.client import BackendUnavailable, InvalidRequest, TritonClient
 from serving.triton.rollout import roll_out

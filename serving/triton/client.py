@@ -20,7 +20,8 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS, USER_INPUTS_PARAMETER
-from model.features import USER_INDEX, candidate_rows, in_graph_form
+from model.features import USER_INDEX
+from model.user_index import candidate_rows, in_graph_form
 
 
 class BackendError(RuntimeError):
