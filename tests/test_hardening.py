@@ -191,7 +191,7 @@ def test_bootstrap_trains_gem_only(monkeypatch, tmp_path):
 
     seen = {}
 
-    def synth(cfg, schema, out, on_rows=None):
+    def synth(cfg, schema, out, progress=None):
         out.mkdir(parents=True)
         (out / "part-00000.parquet").touch()
 
