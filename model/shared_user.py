@@ -31,14 +31,15 @@ which is how training calls it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 from model.config import GEMConfig
 from model.embedding import SequenceTokens
-from model.interformer import Gate, SequenceBlock, SequenceSummary
+from model.interformer import Gate, SequenceBlock, SequenceSummary, interaction_arch, summary_tokens
 from model.layers import TokenMix, attention_bias
-from model.wukong import WukongLayer
 
 
 def take(x: Tensor, index: Tensor | None) -> Tensor:
@@ -122,15 +123,7 @@ class SharedUserLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
-        summary_tokens = sum(s.n_tokens for s in self.summaries)
-        self.interaction = WukongLayer(
-            n_tokens + summary_tokens,
-            d,
-            fm_tokens=n_tokens // 2,
-            lcb_tokens=n_tokens - n_tokens // 2,
-            rank=cfg.wukong_fm_rank,
-            hidden=cfg.wukong_mlp_hidden,
-        )
+        self.interaction = interaction_arch(n_tokens, n_sequences, cfg)
         self.user_summaries = nn.ModuleList(UserSummary(n_user_tokens, cfg) for _ in range(n_sequences))
         self.sequence_blocks = nn.ModuleList(SequenceBlock(cfg, cfg.pma_queries * d) for _ in range(n_sequences))
 
@@ -162,7 +155,7 @@ class SharedUserInterFormer(nn.Module):
         )
         self.final_summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
         self.targets = nn.ModuleList(TargetAttention(n_tokens, cfg) for _ in range(n_sequences))
-        self.n_out = n_tokens + sum(s.n_tokens for s in self.final_summaries) + sum(t.n_tokens for t in self.targets)
+        self.n_out = n_tokens + n_sequences * (summary_tokens(cfg) + cfg.target_queries)
 
     def forward(self, x: Tensor, user_tokens: Tensor, seqs: list[SequenceTokens], index: Tensor | None) -> Tensor:
         """x [B, N, d] candidate tokens; user_tokens [U, Nu, d]; seqs over U rows."""
@@ -170,5 +163,8 @@ class SharedUserInterFormer(nn.Module):
         for layer in self.layers:
             x, cls, seqs = layer(x, user_tokens, cls, seqs, index)
         summaries = [take(m(c, s), index) for m, c, s in zip(self.final_summaries, cls, seqs, strict=True)]
-        targets = [t(x, *(take(kv, index) for kv in t.project(s))) for t, s in zip(self.targets, seqs, strict=True)]
+        targets = [
+            t(x, *(take(kv, index) for kv in cast(TargetAttention, t).project(s)))
+            for t, s in zip(self.targets, seqs, strict=True)
+        ]
         return torch.cat([x, *summaries, *targets], dim=1)
