@@ -42,9 +42,11 @@ from export.publish import ExportConfig, export_checkpoint
 from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
-from model.features import USER_INDEX, expand_users, random_batch, random_call, user_input_names
+from model.examples import random_batch, random_call
+from model.features import USER_INDEX, user_input_names
 from model.gem import GEM
 from model.schema import load_schema
+from model.user_index import expand_users
 from serving.backends.onnx import OnnxBackend
 from serving.backends.triton_client import TritonClient
 from serving.config import FrontendConfig

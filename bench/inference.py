@@ -27,8 +27,9 @@ from export.publish import ExportConfig, export_checkpoint
 from model.adapter import StudentAdapter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
-from model.features import FM_OUTPUTS, random_batch
+from model.examples import random_batch
 from model.gem import GEM
+from model.outputs import FM_OUTPUTS
 from model.schema import load_schema
 from serving.backends.triton_client import TritonClient
 from serving.local.ports import free_ports

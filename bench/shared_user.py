@@ -39,17 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import Timing, summarize, table, time_sync, write_json
 from export.onnx_export import export_fm
 from model.config import PRESETS, preset
-from model.features import (
-    FM_OUTPUTS,
-    USER_INDEX,
-    expand_users,
-    graph_feeds,
-    random_user_batch,
-    share_users,
-    user_input_names,
-)
+from model.examples import random_user_batch
+from model.features import USER_INDEX, user_input_names
 from model.gem import GEM
+from model.outputs import FM_OUTPUTS
 from model.schema import load_schema
+from model.user_index import expand_users, graph_feeds, share_users
 
 
 def _call(schema, users: int, candidates: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:

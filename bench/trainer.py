@@ -43,8 +43,9 @@ from bench.common import RESULTS
 from export.publish import ExportConfig, export_checkpoint
 from model.checkpoint import load_checkpoint
 from model.config import PRESETS
-from model.features import random_batch, sigmoid
+from model.examples import random_batch
 from model.gem import GEM
+from model.outputs import sigmoid
 from model.schema import SURFACE_INPUT, load_schema
 from serving.backends.triton_client import TritonClient
 from serving.local.ports import free_ports

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from gem.knowledge import KnowledgeClient
 
 from model.data.reader import table_to_batch
-from model.features import EMBEDDING, USER_EMBEDDING, input_specs
+from model.features import input_specs
+from model.outputs import EMBEDDING, USER_EMBEDDING
 from model.schema import load_schema
 from students.model import SERVING, Student
 from students.train import load_student

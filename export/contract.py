@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.features import FM_OUTPUTS
+from model.outputs import FM_OUTPUTS
 from model.schema import SURFACE_INPUT
 
 FM_MODEL = "gem_fm"

@@ -25,21 +25,13 @@ from torch import Tensor, nn
 
 from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from model.adapter import StudentAdapter
-from model.features import (
-    BATCH_AXIS,
-    FM_OUTPUTS,
-    USER_INDEX,
-    USERS_AXIS,
-    input_specs,
-    random_batch,
-    random_user_batch,
-    share_users,
-    user_indexed_specs,
-    user_input_names,
-)
+from model.examples import random_batch, random_user_batch
+from model.features import BATCH_AXIS, USER_INDEX, USERS_AXIS, input_specs, user_indexed_specs, user_input_names
 from model.files import atomic_path
 from model.gem import GEM
+from model.outputs import FM_OUTPUTS
 from model.schema import FeatureSchema
+from model.user_index import share_users
 
 log = logging.getLogger(__name__)
 

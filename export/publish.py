@@ -32,8 +32,9 @@ from export.triton_config import ServingConfig
 from model.adapter import StudentAdapter
 from model.checkpoint import Checkpoint
 from model.data.reader import read_batch, resolve_paths
-from model.features import LOGITS, random_batch, random_user_batch
+from model.examples import random_batch, random_user_batch
 from model.gem import GEM
+from model.outputs import LOGITS
 
 log = logging.getLogger(__name__)
 

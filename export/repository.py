@@ -55,8 +55,8 @@ from export.triton_config import (
     model_config,
     to_pbtxt,
 )
-from model.features import LOGITS
 from model.files import write_text_atomic
+from model.outputs import LOGITS
 
 log = logging.getLogger(__name__)
 

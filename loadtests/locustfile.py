@@ -35,7 +35,7 @@ from locust import User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.report import slo_violations
-from model.features import random_call
+from model.examples import random_call
 from model.schema import schema_from_yaml
 
 # gRPC's C core must yield to gevent's loop, or one call blocks every user of a process.

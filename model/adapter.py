@@ -15,6 +15,7 @@ adapter's state_dict (and checkpoints) and is a constant of the ONNX graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,9 @@ from model.layers import MLP
 
 
 class StudentAdapter(nn.Module):
+    # A buffer (`register_buffer`), declared for the type checker.
+    parent: Tensor
+
     def __init__(self, n_tasks: int, n_surfaces: int, hidden: int = 32, parents: Sequence[int | None] | None = None):
         """`parents`: for each task the index of the task it follows, or None
         (`FeatureSchema.task_parents`); default: independent tasks."""
@@ -32,7 +36,7 @@ class StudentAdapter(nn.Module):
         self.hidden = hidden
         self.surface = nn.Embedding(n_surfaces, hidden)
         self.mlp = MLP([n_tasks + hidden, hidden, n_tasks])
-        last = self.mlp[-1]
+        last = cast(nn.Linear, self.mlp[-1])
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         parents = [None] * n_tasks if parents is None else list(parents)

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from model.config import GEMConfig
 from model.embedding import DenseNormalizer, FeatureEmbedding
-from model.features import LOGITS
 from model.gem import GEM
 from model.layers import MLP, HashedEmbedding, masked_mean
+from model.outputs import LOGITS
 from model.schema import SURFACE_INPUT, FeatureSchema
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +27,11 @@ from model.schema import SURFACE_INPUT, DenseFeature, FeatureSchema, Sequence
 DENSE_CLIP = 8.0
 
 
-def transform_dense(x: Tensor | np.ndarray, transform: str | None) -> Tensor | np.ndarray:
+# A column of either kind; the transform keeps the kind.
+Column = TypeVar("Column", Tensor, np.ndarray)
+
+
+def transform_dense(x: Column, transform: str | None) -> Column:
     """The schema's `transform` of a dense column (torch or numpy, the same formula)."""
     if transform is None:
         return x
@@ -77,6 +82,11 @@ class DenseNormalizer(nn.Module):
     them) and become constants of the ONNX graph. Until `set_stats` they are the
     identity (mean 0, std 1), which is also what a checkpoint written before they
     existed loads with, so such a model keeps computing what it was trained to."""
+
+    # Buffers (`register_buffer`), declared for the type checker.
+    mean: Tensor
+    std: Tensor
+    clip: Tensor
 
     def __init__(self, features: Seq[DenseFeature]):
         super().__init__()

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 from model.config import GEMConfig
 from model.embedding import FeatureEmbedding, SequenceTokens
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, USER_INDEX, user_input_names
+from model.features import USER_INDEX, user_input_names
 from model.interformer import InterFormer
 from model.layers import MLP, chain_logits, masked_mean
+from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import SURFACE_INPUT, FeatureSchema
 from model.shared_user import SharedUserInterFormer, take
 from model.wukong import WukongStack
@@ -83,7 +84,9 @@ class GEM(nn.Module):
         if self.shared:
             self.user_dense_token = nn.Linear(n_user_dense, d) if n_user_dense else None
             n_user_tokens = len(user_sparse_names) + (1 if n_user_dense else 0)
-            self.sequence = SharedUserInterFormer(self.wukong.n_out, n_user_tokens, len(schema.sequences), cfg)
+            self.sequence: SharedUserInterFormer | InterFormer | PooledSequences = SharedUserInterFormer(
+                self.wukong.n_out, n_user_tokens, len(schema.sequences), cfg
+            )
         else:
             arch = InterFormer if cfg.sequence_arch == "interformer" else PooledSequences
             self.sequence = arch(self.wukong.n_out, len(schema.sequences), cfg)
@@ -142,6 +145,8 @@ class GEM(nn.Module):
         if self.user_dense:
             dense = self.embed.dense_values(users, self.user_dense)
             user_parts.append(dense)
+            # The token's layer exists exactly when there are user dense features.
+            assert self.user_dense_token is not None
             user_tokens.append(self.user_dense_token(dense))
         user_parts += [masked_mean(s.tokens, s.mask) for s in seqs]
         user_embedding = take(self.user_tower(torch.cat(user_parts, dim=1)), index)

@@ -36,6 +36,25 @@ class Gate(nn.Module):
         return x * torch.sigmoid(self.proj(x))
 
 
+def summary_tokens(cfg: GEMConfig) -> int:
+    """Tokens of one sequence's summary (`SequenceSummary`): CLS, PMA and recent events."""
+    return cfg.cls_tokens + cfg.pma_queries + cfg.recent_events
+
+
+def interaction_arch(n_tokens: int, n_sequences: int, cfg: GEMConfig) -> WukongLayer:
+    """The interaction arch of a layer: a Wukong layer over [non-seq tokens || every
+    sequence's summary] back to `n_tokens` tokens (half FM block, half linear compression),
+    so the layers stack."""
+    return WukongLayer(
+        n_tokens + n_sequences * summary_tokens(cfg),
+        cfg.d_model,
+        fm_tokens=n_tokens // 2,
+        lcb_tokens=n_tokens - n_tokens // 2,
+        rank=cfg.wukong_fm_rank,
+        hidden=cfg.wukong_mlp_hidden,
+    )
+
+
 class SequenceSummary(nn.Module):
     """Cross arch, sequence side: [B, L, d] -> [B, cls + pma + recent, d]."""
 
@@ -45,7 +64,7 @@ class SequenceSummary(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.pma_queries, cfg.d_model) * 0.02)
         self.pma = MultiHeadAttention(cfg.d_model, cfg.heads)
         self.gate = Gate(cfg.d_model)
-        self.n_tokens = cfg.cls_tokens + cfg.pma_queries + cfg.recent_events
+        self.n_tokens = summary_tokens(cfg)
 
     def forward(self, cls: Tensor, seq: SequenceTokens) -> Tensor:
         b, _, d = seq.tokens.shape
@@ -92,15 +111,7 @@ class InterFormerLayer(nn.Module):
         self.summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
         self.x_summary = TokenMix(n_tokens, cfg.pma_queries)
         self.x_gate = Gate(d)
-        summary_tokens = sum(s.n_tokens for s in self.summaries)
-        self.interaction = WukongLayer(
-            n_tokens + summary_tokens,
-            d,
-            fm_tokens=n_tokens // 2,
-            lcb_tokens=n_tokens - n_tokens // 2,
-            rank=cfg.wukong_fm_rank,
-            hidden=cfg.wukong_mlp_hidden,
-        )
+        self.interaction = interaction_arch(n_tokens, n_sequences, cfg)
         self.sequence_blocks = nn.ModuleList(SequenceBlock(cfg, cfg.pma_queries * d) for _ in range(n_sequences))
 
     def forward(
@@ -127,7 +138,7 @@ class InterFormer(nn.Module):
         )
         self.layers = nn.ModuleList(InterFormerLayer(n_tokens, n_sequences, cfg) for _ in range(cfg.interformer_layers))
         self.final_summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
-        self.n_out = n_tokens + sum(s.n_tokens for s in self.final_summaries)
+        self.n_out = n_tokens + n_sequences * summary_tokens(cfg)
 
     def forward(self, x: Tensor, seqs: list[SequenceTokens]) -> Tensor:
         cls = [c.expand(x.shape[0], -1, -1) for c in self.cls]

@@ -57,9 +57,9 @@ def attention_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with a key padding mask.
 
-    Runs on `scaled_dot_product_attention` (fused kernels, 3-4x faster than explicit
-    matmuls on CPU), which the ONNX exporter decomposes into MatMul/Softmax at the
-    opset we export with, so TensorRT sees plain ops.
+    Runs on `scaled_dot_product_attention` (fused kernels, faster than explicit matmuls
+    on CPU: bench/README.md), which the ONNX exporter decomposes into MatMul/Softmax at
+    the opset we export with, so TensorRT sees plain ops.
     """
 
     def __init__(self, d_model: int, heads: int):

@@ -16,14 +16,10 @@ sequence-side computation depends on user-side inputs only:
   encoded history] (keys and values projected once per user, gathered by the index);
   the history never attends to the candidates.
 
-Why target attention once, after the stack, with many queries: on the synthetic data
-(`small`, seed 0) 4 queries at every layer gave test click / conversion AUC 0.7455 /
-0.7337 (per-example InterFormer: 0.758-0.772 / 0.749-0.762 over three runs), the sink
-0.7505 / 0.7379, 8 queries at every layer 0.7593 / 0.7438, and 16 queries over the
-final history states only 0.7668 / 0.7694, for less compute per candidate than 8 at
-every layer. Over seeds 0-4 its mean is 0.7645 / 0.7545 against InterFormer's 0.7625 /
-0.7504 (bench/README.md). `tiny` (one layer, d = 16, 40k rows) takes 4 queries: seeds
-0-2 mean 0.6996 / 0.6805 against 0.6959 / 0.6719 with 16 (InterFormer: 0.7096 / 0.6849).
+Why target attention once, after the stack, with many queries (`target_queries`), and a
+learned sink: of the variants measured on the synthetic data it scored best, for less
+compute per candidate than 8 queries at every layer; `tiny` takes 4 (bench/README.md,
+`bench.shared_user`).
 
 `index` [B] maps each candidate row to its user row; `None` is the identity (U = B),
 which is how training calls it.
@@ -31,14 +27,15 @@ which is how training calls it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 from model.config import GEMConfig
 from model.embedding import SequenceTokens
-from model.interformer import Gate, SequenceBlock, SequenceSummary
+from model.interformer import Gate, SequenceBlock, SequenceSummary, interaction_arch, summary_tokens
 from model.layers import TokenMix, attention_bias
-from model.wukong import WukongLayer
 
 
 def take(x: Tensor, index: Tensor | None) -> Tensor:
@@ -85,9 +82,8 @@ class TargetAttention(nn.Module):
         the head split, the keys' transpose, and the padding mask, which rides as an
         extra key row (0 kept, the lowest float masked) that each query meets with a
         constant 1 (`forward`). The candidate side is then a gather, two batched matmuls
-        and a softmax. At 256 candidates of one user, the per-candidate split, transposes,
-        mask gather and mask add this saves were 45 % of the model's time in ONNX
-        Runtime's profile; the call went from 22.9 to 15.6 ms (bench/README.md).
+        and a softmax: what ONNX Runtime's profile showed to be the cost of a call of
+        many candidates of one user (bench/README.md, `bench.shared_user`).
         """
         kv = self.kv(self.kv_norm(seq.tokens))
         k, v = torch.cat([self.sink.expand(kv.shape[0], -1, -1), kv], dim=1).chunk(2, dim=-1)
@@ -122,15 +118,7 @@ class SharedUserLayer(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
-        summary_tokens = sum(s.n_tokens for s in self.summaries)
-        self.interaction = WukongLayer(
-            n_tokens + summary_tokens,
-            d,
-            fm_tokens=n_tokens // 2,
-            lcb_tokens=n_tokens - n_tokens // 2,
-            rank=cfg.wukong_fm_rank,
-            hidden=cfg.wukong_mlp_hidden,
-        )
+        self.interaction = interaction_arch(n_tokens, n_sequences, cfg)
         self.user_summaries = nn.ModuleList(UserSummary(n_user_tokens, cfg) for _ in range(n_sequences))
         self.sequence_blocks = nn.ModuleList(SequenceBlock(cfg, cfg.pma_queries * d) for _ in range(n_sequences))
 
@@ -162,7 +150,7 @@ class SharedUserInterFormer(nn.Module):
         )
         self.final_summaries = nn.ModuleList(SequenceSummary(cfg) for _ in range(n_sequences))
         self.targets = nn.ModuleList(TargetAttention(n_tokens, cfg) for _ in range(n_sequences))
-        self.n_out = n_tokens + sum(s.n_tokens for s in self.final_summaries) + sum(t.n_tokens for t in self.targets)
+        self.n_out = n_tokens + n_sequences * (summary_tokens(cfg) + cfg.target_queries)
 
     def forward(self, x: Tensor, user_tokens: Tensor, seqs: list[SequenceTokens], index: Tensor | None) -> Tensor:
         """x [B, N, d] candidate tokens; user_tokens [U, Nu, d]; seqs over U rows."""
@@ -170,5 +158,8 @@ class SharedUserInterFormer(nn.Module):
         for layer in self.layers:
             x, cls, seqs = layer(x, user_tokens, cls, seqs, index)
         summaries = [take(m(c, s), index) for m, c, s in zip(self.final_summaries, cls, seqs, strict=True)]
-        targets = [t(x, *(take(kv, index) for kv in t.project(s))) for t, s in zip(self.targets, seqs, strict=True)]
+        targets = [
+            t(x, *(take(kv, index) for kv in cast(TargetAttention, t).project(s)))
+            for t, s in zip(self.targets, seqs, strict=True)
+        ]
         return torch.cat([x, *summaries, *targets], dim=1)

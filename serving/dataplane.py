@@ -16,8 +16,9 @@ import numpy as np
 from ray import serve
 
 from export.contract import MAX_BATCH_EXAMPLES
-from model.data.reader import concat
-from model.features import sigmoid, zero_batch
+from model.batch import concat
+from model.examples import zero_batch
+from model.outputs import sigmoid
 from model.schema import FeatureSchema
 from serving.backends.base import Backend, Knowledge
 from serving.backends.errors import BackendTimeout, BackendUnavailable

@@ -29,7 +29,8 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from export.contract import ADAPTER_OUTPUT
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_specs, user_input_names
+from model.features import input_specs, user_input_names
+from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import load_schema
 from serving.backends.base import make_backend
 from serving.backends.errors import status_of

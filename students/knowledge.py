@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from model.features import EMBEDDING, USER_EMBEDDING
+from model.outputs import EMBEDDING, USER_EMBEDDING
 
 KEY = "example_id"
 

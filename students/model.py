@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.features import EMBEDDING, USER_EMBEDDING
 from model.layers import MLP
+from model.outputs import EMBEDDING, USER_EMBEDDING
 from model.schema import SURFACE_INPUT, FeatureSchema
 from students.config import StudentConfig
 

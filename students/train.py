@@ -25,17 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model.data.reader import (
-    Batch,
-    DataError,
-    concat,
-    minibatch_rows,
-    resolve_paths,
-    surface_index,
-    table_to_batch,
-    take,
-)
-from model.features import EMBEDDING, USER_EMBEDDING
+from model.batch import Batch, concat, minibatch_rows, take
+from model.data.reader import DataError, resolve_paths, surface_index, table_to_batch
+from model.outputs import EMBEDDING, USER_EMBEDDING
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema, schema_from_yaml
 from students.config import REFERENCE_CONFIG, StudentConfig, load_student_config
 from students.knowledge import KEY, join_knowledge, knowledge_columns, matrix, read_knowledge, teacher_probs

@@ -8,7 +8,8 @@ import pytest
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, decode, encode
 
-from model.features import input_specs, random_batch
+from model.examples import random_batch
+from model.features import input_specs
 from serving.validation import Limits, RequestError, assemble
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,10 @@ import torch
 
 from model.adapter import StudentAdapter
 from model.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, save_checkpoint
-from model.features import LOGITS, input_names, random_batch
+from model.examples import random_batch
+from model.features import input_names
 from model.gem import GEM
+from model.outputs import LOGITS
 from model.schema import schema_from_yaml
 from trainer.train import to_tensors
 

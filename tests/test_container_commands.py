@@ -93,7 +93,7 @@ def calls(monkeypatch):
 
     done: list[tuple] = []
 
-    def synth(cfg, schema, out: Path, on_rows=None) -> None:
+    def synth(cfg, schema, out: Path, progress=None) -> None:
         out.mkdir(parents=True)
         (out / "part-00000.parquet").touch()
         done.append(("synth", out))

@@ -8,15 +8,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from model.data.reader import (
-    DataError,
-    concat,
-    pad_lists,
-    read_batch,
-    resolve_paths,
-    surface_index,
-    table_to_batch,
-)
+from model.batch import concat
+from model.data.reader import DataError, pad_lists, read_batch, resolve_paths, surface_index, table_to_batch
 from model.data.synth import SynthConfig, write_shards
 
 

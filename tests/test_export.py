@@ -12,8 +12,11 @@ from model.adapter import StudentAdapter
 from model.config import preset
 from model.data.reader import read_batch, resolve_paths
 from model.embedding import dense_stats, set_dense_stats
-from model.features import FM_OUTPUTS, graph_feeds, input_specs, random_batch, user_indexed_specs
+from model.examples import random_batch
+from model.features import input_specs, user_indexed_specs
 from model.gem import GEM
+from model.outputs import FM_OUTPUTS
+from model.user_index import graph_feeds
 
 
 @pytest.fixture(scope="module")

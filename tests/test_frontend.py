@@ -27,7 +27,10 @@ from ray import serve
 from export.contract import FM_MODEL
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
-from model.features import graph_feeds, input_specs, random_batch, sigmoid
+from model.examples import random_batch
+from model.features import input_specs
+from model.outputs import sigmoid
+from model.user_index import graph_feeds
 from serving.config import SERVICER_FUNCTIONS, FrontendConfig
 from serving.local import launcher
 from serving.local.ports import free_ports

@@ -19,7 +19,8 @@ from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, cut, decode, encode
 from google.rpc import error_details_pb2, status_pb2
 
-from model.features import input_specs, random_batch
+from model.examples import random_batch
+from model.features import input_specs
 from serving.backends.base import Knowledge
 from serving.config import max_message_bytes
 from serving.dataplane import Call, check_finite
@@ -191,7 +192,7 @@ def test_bootstrap_trains_gem_only(monkeypatch, tmp_path):
 
     seen = {}
 
-    def synth(cfg, schema, out, on_rows=None):
+    def synth(cfg, schema, out, progress=None):
         out.mkdir(parents=True)
         (out / "part-00000.parquet").touch()
 

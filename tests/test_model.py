@@ -8,9 +8,11 @@ from model.adapter import StudentAdapter
 from model.baselines import build_models
 from model.config import PRESETS, GEMConfig
 from model.embedding import DenseNormalizer, dense_stats, set_dense_stats
-from model.features import EMBEDDING, LOGITS, USER_EMBEDDING, input_names, random_batch
+from model.examples import random_batch
+from model.features import input_names
 from model.gem import GEM
 from model.layers import chain_logits
+from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import DenseFeature
 from trainer.train import to_tensors
 

@@ -23,7 +23,10 @@ from export.tensorrt import (
 )
 from export.triton_config import config_filename, from_pbtxt
 from model.checkpoint import load_checkpoint
-from model.features import FM_OUTPUTS, graph_feeds, input_specs, random_batch
+from model.examples import random_batch
+from model.features import input_specs
+from model.outputs import FM_OUTPUTS
+from model.user_index import graph_feeds
 
 
 def read_config(path) -> mc.ModelConfig:

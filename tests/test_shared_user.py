@@ -7,19 +7,10 @@ import pytest
 import torch
 
 from export.onnx_export import check_fm_parity, export_fm, forbidden_ops
-from model.features import (
-    USER_INDEX,
-    USERS_AXIS,
-    expand_users,
-    input_names,
-    random_batch,
-    random_user_batch,
-    share_users,
-    user_indexed_specs,
-    user_input_names,
-    zero_batch,
-)
+from model.examples import random_batch, random_user_batch, zero_batch
+from model.features import USER_INDEX, USERS_AXIS, input_names, user_indexed_specs, user_input_names
 from model.gem import GEM
+from model.user_index import expand_users, share_users
 
 TOL = 1e-5
 
@@ -203,7 +194,7 @@ def test_tensorrt_profiles_cover_both_axes(shared_repo, schema):
 
 def test_embedded_backend_and_gate_take_per_example_batches(shared_repo, schema):
     from export.contract import FM_MODEL
-    from model.features import LOGITS
+    from model.outputs import LOGITS
     from serving.backends.onnx import OnnxBackend
     from trainer.gate import onnx_logits
 
@@ -225,7 +216,7 @@ def test_triton_serves_the_user_indexed_ensemble(shared_repo, schema, tmp_path):
     import asyncio
     import shutil
 
-    from model.features import LOGITS
+    from model.outputs import LOGITS
     from serving.backends.triton_client import TritonClient
     from serving.local.ports import free_ports
     from serving.local.triton import TritonConfig, TritonServer

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from gem.cli import app
 from model.checkpoint import load_checkpoint
-from model.features import EMBEDDING, USER_EMBEDDING, random_batch
+from model.examples import random_batch
+from model.outputs import EMBEDDING, USER_EMBEDDING
 from model.schema import SURFACE_INPUT
 from students.config import StudentConfig, StudentConfigError, load_student_config
 from students.knowledge import KnowledgeJoinError, join_knowledge, matrix, read_knowledge

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from model.data.reader import table_to_batch
-from model.features import EMBEDDING, USER_EMBEDDING, input_specs
+from model.features import input_specs
+from model.outputs import EMBEDDING, USER_EMBEDDING
 from serving.backends.onnx import OnnxBackend
 from serving.config import FrontendConfig
 from serving.local import launcher

@@ -13,8 +13,9 @@ import torch
 import trainer.train as train_module
 from model.adapter import StudentAdapter
 from model.baselines import LogisticRegression
+from model.batch import take
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.data.reader import read_batch, resolve_paths, take
+from model.data.reader import read_batch, resolve_paths
 from model.gem import GEM
 from trainer.train import ProgressLog, TrainConfig, TrainProgress, fit, labels_of, predict, split_shards, train
 

@@ -17,7 +17,7 @@ from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.publish import ExportConfig, export_checkpoint
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
-from model.features import random_batch
+from model.examples import random_batch
 from serving.backends.triton_client import TritonClient
 from serving.local.ports import free_ports
 from serving.local.triton import TritonConfig, TritonServer

@@ -17,7 +17,9 @@ import torch
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
-from model.features import FM_OUTPUTS, graph_feeds, random_batch
+from model.examples import random_batch
+from model.outputs import FM_OUTPUTS
+from model.user_index import graph_feeds
 from serving.backends.errors import BackendUnavailable, InvalidRequest
 from serving.backends.triton_client import TritonClient
 from serving.local.ports import free_ports

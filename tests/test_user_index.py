@@ -12,19 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.features import (
-    LOGITS,
-    USER_INDEX,
-    UserIndexError,
-    candidate_rows,
-    check_user_indexed,
-    expand_users,
-    graph_feeds,
-    random_batch,
-    random_user_batch,
-    share_users,
-    user_input_names,
-)
+from model.examples import random_batch, random_user_batch
+from model.features import USER_INDEX, user_input_names
+from model.outputs import LOGITS
+from model.user_index import UserIndexError, candidate_rows, check_user_indexed, expand_users, graph_feeds, share_users
 
 TOL = 1e-5
 USERS, CANDIDATES = 3, 10

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from export.contract import FM_MODEL, latest_version
 from model.schema import DEFAULT_SCHEMA_PATH
@@ -77,7 +78,9 @@ def _train(cfg: BootstrapConfig, listener: Listener) -> dict:
     from trainer.train import TrainConfig, train
 
     if not any(cfg.data.glob("*.parquet")):
-        write_shards(SynthConfig(), load_schema(cfg.schema_path), cfg.data, on_rows=listener.on_rows)
+        # `on_rows` as a `model.progress.Progress` until this listener becomes one.
+        rows = SimpleNamespace(start=lambda *_a, **_k: None, advance=lambda n, **_f: listener.on_rows(n), note=log.info)
+        write_shards(SynthConfig(), load_schema(cfg.schema_path), cfg.data, progress=rows)
     train_cfg = TrainConfig(
         data=cfg.data, out=cfg.checkpoint, preset=cfg.preset, baselines=cfg.baselines, schema_path=cfg.schema_path
     )

@@ -40,9 +40,10 @@ from export.onnx_export import ExportError
 from export.publish import ExportConfig, export_adapter_only, export_checkpoint
 from export.repository import ModelRepository, RepositoryError
 from model.adapter import StudentAdapter
+from model.batch import Batch
 from model.checkpoint import Checkpoint, CheckpointStore, checkpoint_digests
 from model.config import GEMConfig
-from model.data.reader import Batch, DataError
+from model.data.reader import DataError
 from model.gem import GEM
 from model.schema import SURFACE_INPUT, FeatureSchema
 from trainer.config import TrainerConfig

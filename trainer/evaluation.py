@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.features import sigmoid
+from model.outputs import sigmoid
 from model.schema import FeatureSchema
 
 EPS = 1e-7

@@ -18,9 +18,11 @@ import numpy as np
 
 from export.contract import FM_MODEL, ONNX_FILENAME
 from export.repository import ModelRepository
-from model.data.reader import Batch, iter_minibatches, take
-from model.features import LOGITS, graph_feeds, input_names, sigmoid
+from model.batch import Batch, iter_minibatches, take
+from model.features import input_names
+from model.outputs import LOGITS, sigmoid
 from model.schema import SURFACE_INPUT, FeatureSchema
+from model.user_index import graph_feeds
 from trainer.evaluation import auc, normalized_entropy
 
 

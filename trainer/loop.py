@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 from export.onnx_export import ExportError
 from export.repository import RepositoryError
 from model.adapter import StudentAdapter
+from model.batch import take
 from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from model.config import preset
-from model.data.reader import take
 from model.gem import GEM
 from model.schema import SURFACE_INPUT, FeatureSchema, load_schema
 from trainer import distributed as D

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data.reader import Batch, DataError, check_footer, read_batch
+from model.batch import Batch
+from model.data.reader import DataError, check_footer, read_batch
 from model.data.synth import SynthConfig, World, check_schema_supported, write_shard
 from model.schema import SURFACE_INPUT, FeatureSchema
 

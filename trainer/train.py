@@ -28,11 +28,13 @@ from torch import Tensor, nn
 
 from model.adapter import StudentAdapter
 from model.baselines import build_models
+from model.batch import Batch, concat, iter_minibatches
 from model.checkpoint import save_checkpoint
 from model.config import preset
-from model.data.reader import Batch, DataError, concat, iter_minibatches, read_batch, resolve_paths
+from model.data.reader import DataError, read_batch, resolve_paths
 from model.embedding import dense_stats, set_dense_stats
-from model.features import LOGITS, input_names
+from model.features import input_names
+from model.outputs import LOGITS
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
 from trainer.evaluation import evaluate
 

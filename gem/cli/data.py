@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from gem.cli.common import DEFAULT_DATA, DEFAULT_STREAM, SchemaOption, console, friendly_errors, log, progress
+from gem.cli.common import (
+    DEFAULT_DATA,
+    DEFAULT_STREAM,
+    BarProgress,
+    SchemaOption,
+    console,
+    friendly_errors,
+    log,
+    progress,
+)
 from model.schema import DEFAULT_SCHEMA_PATH, load_schema
 
 data_app = typer.Typer(help="Synthetic logged examples.", no_args_is_help=True)
@@ -43,8 +52,7 @@ def data_synth(
 
     cfg = SynthConfig(rows=rows, shards=shards, seed=seed, drift=drift, days=days)
     with progress("rows") as bar:
-        task = bar.add_task("synthesizing rows", total=rows)
-        paths = write_shards(cfg, load_schema(schema), out, on_rows=lambda n: bar.advance(task, n))
+        paths = write_shards(cfg, load_schema(schema), out, progress=BarProgress(bar))
     log.info("wrote %d rows in %d shard(s) to %s", rows, len(paths), out)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gem.cli.common import DEFAULT_REPO, RepoOption, SchemaOption, friendly_errors, log, progress, stdout
+from gem.cli.common import DEFAULT_REPO, BarProgress, RepoOption, SchemaOption, friendly_errors, progress, stdout
 from model.schema import DEFAULT_SCHEMA_PATH
 
 
@@ -56,7 +56,7 @@ def embed_cmd(
     committed when complete, and a rerun skips committed files. Logged rows are one per
     impression: a user-indexed model encodes each user of a batch once (--group-by), and
     the summary says how many users were encoded for how many rows."""
-    from jobs.embed import EmbedConfig, Listener, run_embed
+    from jobs.embed import EmbedConfig, run_embed
     from model.data.reader import DataError
 
     cfg = EmbedConfig(
@@ -65,27 +65,8 @@ def embed_cmd(
         limit=limit, address=address, group_by=group_by or None,
     )  # fmt: skip
 
-    class Bar(Listener):
-        def planned(self, files) -> None:
-            pending = sum(f.rows_in for f in files if not f.skipped and not f.error)
-            self.task = bar.add_task("stamping knowledge", total=pending)
-
-        def rows(self, n: int) -> None:
-            bar.advance(self.task, n)
-
-        def file(self, result) -> None:
-            if result.skipped:
-                log.info("%s: skipped (committed before: %s rows)", result.path.name, f"{result.rows_out:,}")
-            elif result.error:
-                log.error("%s: %s", result.path.name, result.error)
-            else:
-                log.info("%s: %s rows out, %s refused, %s users encoded, fm v%s, adapter v%s", result.path.name,
-                         f"{result.rows_out:,}", f"{result.error_rows:,}", f"{result.users:,}",
-                         ",".join(map(str, result.fm_versions)) or "-",
-                         ",".join(map(str, result.adapter_versions)) or "-")  # fmt: skip
-
     with progress("rows") as bar:
-        summary = run_embed(cfg, Bar())
+        summary = run_embed(cfg, BarProgress(bar))
     table = Table(title=f"gem embed -> {out}")
     columns = ("files", "skipped", "failed", "rows in", "rows out", "error rows", "users encoded", "seconds",
                "rows/s")  # fmt: skip

@@ -190,7 +190,7 @@ def query(
     import grpc
     from gem.knowledge.client import KnowledgeClient
 
-    from model.features import random_call
+    from model.examples import random_call
     from model.schema import schema_from_yaml
 
     with KnowledgeClient(address, token=token, timeout_s=30, application=application) as client:

@@ -21,7 +21,6 @@ list<int64> from flat values and offsets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.files import atomic_path
+from model.progress import SILENT, Progress
 from model.schema import FeatureSchema
 
 N_CATEGORIES = 32
@@ -242,26 +242,27 @@ def generate_chunk(
     for name, values in zip(PLANTED_SEQUENCE_FIELDS, (_mix64(items, 5), cats, actions), strict=True):
         columns[name] = pa.ListArray.from_arrays(offsets, pa.array(values[valid].astype(np.int64)))
     # Features of the schema the planted model does not use: uninformative noise.
-    for f in schema.sparse:
-        columns.setdefault(f.name, rng.integers(0, f.buckets, n))
-    for f in schema.dense:
-        columns.setdefault(f.name, rng.normal(0, 1, n).astype(np.float32))
+    for sparse in schema.sparse:
+        columns.setdefault(sparse.name, rng.integers(0, sparse.buckets, n))
+    for dense in schema.dense:
+        columns.setdefault(dense.name, rng.normal(0, 1, n).astype(np.float32))
     for s in schema.sequences[1:]:
-        for f in s.fields:
-            columns[f.name] = pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, f.buckets, int(length.sum()))))
+        for field in s.fields:
+            events = rng.integers(0, field.buckets, int(length.sum()))
+            columns[field.name] = pa.ListArray.from_arrays(offsets, pa.array(events))
 
     span = cfg.days * 86_400
     table = {
         "event_ts": pa.array((cfg.start_ts + t * span).astype("datetime64[s]")),
         "surface": pa.array(np.asarray(schema.surfaces)[surface]).dictionary_encode(),
     }
-    for f in schema.sparse:
-        table[f.name] = pa.array(np.asarray(columns[f.name], dtype=np.int64))
-    for f in schema.dense:
-        table[f.name] = pa.array(np.asarray(columns[f.name], dtype=np.float32))
+    for sparse in schema.sparse:
+        table[sparse.name] = pa.array(np.asarray(columns[sparse.name], dtype=np.int64))
+    for dense in schema.dense:
+        table[dense.name] = pa.array(np.asarray(columns[dense.name], dtype=np.float32))
     for s in schema.sequences:
-        for f in s.fields:
-            table[f.name] = columns[f.name]
+        for field in s.fields:
+            table[field.name] = columns[field.name]
     labels = {"click": click, "conversion": conversion}
     for task in schema.tasks:
         table[task.label_column] = pa.array(labels[task.name].astype(np.int8))
@@ -290,17 +291,19 @@ def write_shards(
     schema: FeatureSchema,
     out_dir: Path,
     *,
-    on_rows: Callable[[int], None] | None = None,
+    progress: Progress = SILENT,
 ) -> list[Path]:
     """Writes `cfg.shards` Parquet files covering consecutive time slices.
 
     Shard i holds the rows of the i-th slice of [start_ts, start_ts + days), sorted
     by time, so file order is time order and the last file is the freshest. Each file
     is written to a temporary name and renamed: a reader never sees half a shard.
+    `progress` hears one unit, its total `cfg.rows`, advanced as rows are written.
     """
     check_schema_supported(schema)
     world = World(cfg, len(schema.surfaces))
-    return [write_shard(cfg, schema, world, out_dir, shard, on_rows=on_rows) for shard in range(cfg.shards)]
+    progress.start("synthesizing rows", total=cfg.rows)
+    return [write_shard(cfg, schema, world, out_dir, shard, progress=progress) for shard in range(cfg.shards)]
 
 
 def write_shard(
@@ -310,7 +313,7 @@ def write_shard(
     out_dir: Path,
     shard: int,
     *,
-    on_rows: Callable[[int], None] | None = None,
+    progress: Progress = SILENT,
 ) -> Path:
     """Writes shard `shard` of `cfg.shards` (see write_shards); the stream player
     (trainer/stream.py) calls it one shard at a time."""
@@ -329,8 +332,7 @@ def write_shard(
             if writer is None:
                 writer = pq.ParquetWriter(tmp, chunk.schema, compression="zstd")
             writer.write_table(chunk)
-            if on_rows:
-                on_rows(chunk.num_rows)
+            progress.advance(chunk.num_rows)
         if writer is not None:
             writer.close()
     return path

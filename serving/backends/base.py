@@ -13,7 +13,8 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from export.contract import ADAPTER_VERSION, FM_VERSION, TRITON_GRPC_URL
-from model.features import USER_INDEX, candidate_rows
+from model.features import USER_INDEX
+from model.user_index import candidate_rows
 
 BackendKind = Literal["triton", "onnxruntime"]
 BACKENDS: tuple[BackendKind, ...] = ("triton", "onnxruntime")

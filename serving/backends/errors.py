@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import grpc
 
-from model.features import UserIndexError
+from model.user_index import UserIndexError
 
 
 class BackendError(RuntimeError):

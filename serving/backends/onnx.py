@@ -19,7 +19,9 @@ from export.contract import (
     ONNX_FILENAME,
     latest_version,
 )
-from model.features import LOGITS, USER_INDEX, USERS_AXIS, graph_feeds, indexed_user_names
+from model.features import USER_INDEX, USERS_AXIS
+from model.outputs import LOGITS
+from model.user_index import graph_feeds, indexed_user_names
 from serving.backends.base import Backend, Knowledge, row_chunks, rows_of
 from serving.backends.errors import BackendTimeout, BackendUnavailable
 

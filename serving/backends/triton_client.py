@@ -28,7 +28,7 @@ from export.contract import (
     MAX_BATCH_EXAMPLES,
     USER_INPUTS_PARAMETER,
 )
-from model.features import in_graph_form
+from model.user_index import in_graph_form
 from serving.backends.base import row_chunks, rows_of
 from serving.backends.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest, ModelLoadError
 

@@ -1,0 +1,43 @@
+"""The output folder: each run stages the parts of a file under a folder of its own
+(`<out>/.staging/<run>/<file stem>/{data,errors}/`, written by the actors) and the driver
+commits a file by renaming its parts into place (`<out>/<file stem>/`,
+`<out>/_errors/<file stem>/`)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.embed.config import EmbedConfig
+from jobs.embed.manifest import write_manifest
+from jobs.embed.results import FileResult
+
+ERRORS = "_errors"
+STAGING = ".staging"
+
+
+def write_part(run_staging: Path, source: str, kind: str, part: pa.Table) -> None:
+    """One Parquet part of a source file's `kind` ("data" or "errors"), if it has rows."""
+    if part.num_rows:
+        folder = run_staging / Path(source).stem / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, folder / f"part-{uuid.uuid4().hex}.parquet")
+
+
+def commit(result: FileResult, cfg: EmbedConfig, run_staging: Path) -> None:
+    """Errors first, data (with its manifest) last: the data folder marks the file done."""
+    stem = result.path.stem
+    staging = run_staging / stem
+    (staging / "data").mkdir(parents=True, exist_ok=True)
+    write_manifest(staging / "data", result, cfg)
+    for final, part in ((cfg.out / ERRORS / stem, staging / "errors"), (cfg.out / stem, staging / "data")):
+        if final.exists():
+            shutil.rmtree(final)
+        if part.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            part.rename(final)
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""Which input files a run does: each is skipped (committed before), refused from its
+Parquet footer (with the reason) or pending (with the rows it will stamp)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from jobs.embed.config import EmbedConfig
+from jobs.embed.manifest import committed, skipped_result
+from jobs.embed.outputs import KEY_COLUMNS
+from jobs.embed.results import FileResult
+from model.data.reader import DataError, check_footer, resolve_paths
+from model.schema import FeatureSchema
+
+
+def check_file(path: Path, schema: FeatureSchema) -> tuple[int, pa.Schema]:
+    """A file whose columns do not fit the schema is refused from its footer, before any
+    work; returns its row count and Arrow schema."""
+    meta = check_footer(path, schema)
+    columns = meta.schema.to_arrow_schema()
+    if KEY_COLUMNS[0] not in columns.names:
+        raise DataError(f"missing column {KEY_COLUMNS[0]!r} (the key of the output rows)")
+    return meta.num_rows, columns
+
+
+def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dict[Path, pa.Schema]]:
+    """Every input file: skipped, refused or pending; and the Arrow schema of each pending
+    file, read once from its footer here."""
+    paths = [p for p in resolve_paths(cfg.source) if not p.resolve().is_relative_to(cfg.out.resolve())]
+    if not paths:
+        raise DataError(f"no Parquet files at {cfg.source} (outside the output folder)")
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if (other := stems.setdefault(path.stem, path)) != path:
+            raise DataError(f"{other} and {path} would both write {cfg.out / path.stem}: rename one")
+    results, footers = [], {}
+    for path in paths:
+        done = None if cfg.overwrite else committed(cfg.out / path.stem, cfg)
+        if done is not None:
+            results.append(skipped_result(path.resolve(), done))
+            continue
+        result = FileResult(path.resolve())
+        try:
+            rows, footers[result.path] = check_file(path, schema)
+            result.rows_in = rows if cfg.limit is None else min(rows, cfg.limit)
+        except DataError as e:
+            result.error = str(e)
+        results.append(result)
+    return results, footers
