@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from gem.knowledge.wire import cut
 
+from export.contract import MAX_BATCH_EXAMPLES
 from model.features import InputSpec, input_specs
 from model.schema import FeatureSchema
 
@@ -39,7 +40,7 @@ def _path(name: str, shared: bool = False) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    max_examples_per_call: int = 4096
+    max_examples_per_call: int = MAX_BATCH_EXAMPLES
 
 
 def _rows(features: dict[str, np.ndarray]) -> int:

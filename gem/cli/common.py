@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from model.config import PRESETS
+from serving.local.state import DEFAULT_WORK_DIR
 
 
 def stdout() -> Console:
@@ -46,11 +47,12 @@ ARTIFACTS = Path("artifacts")
 DEFAULT_DATA = ARTIFACTS / "data" / "synth"
 DEFAULT_CHECKPOINT = ARTIFACTS / "checkpoints" / "gem-small"
 DEFAULT_REPO = Path("model_repo")
-TRITON_WORK_DIR = ARTIFACTS / "triton"
+TRITON_WORK_DIR = DEFAULT_WORK_DIR
 DEFAULT_STREAM = ARTIFACTS / "stream"
 DEFAULT_TRAINER_STATE = ARTIFACTS / "trainer"
 
 SchemaOption = Annotated[Path, typer.Option("--schema", help="Feature schema YAML.", dir_okay=False)]
+TritonUrlOption = Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")]
 RepoOption = Annotated[Path, typer.Option("--repo", help="Triton model repository to publish into.", file_okay=False)]
 PresetOption = Annotated[str, typer.Option(help=f"Model size: {', '.join(PRESETS)}.")]
 MetricsPortOption = Annotated[
@@ -68,7 +70,7 @@ _USER_ERRORS = {
     "export.repository": "RepositoryError",
     "export.tensorrt": "TensorRTUnavailable",
     "serving.local.triton": "TritonError",
-    "serving.backends.triton_client": "BackendError",
+    "serving.backends.errors": "BackendError",
 }
 
 

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gem.cli.common import DEFAULT_REPO, BarProgress, RepoOption, SchemaOption, friendly_errors, progress, stdout
+from export.contract import TRITON_GRPC_URL
+from gem.cli.common import (
+    DEFAULT_REPO,
+    BarProgress,
+    RepoOption,
+    SchemaOption,
+    TritonUrlOption,
+    friendly_errors,
+    progress,
+    stdout,
+)
 from model.schema import DEFAULT_SCHEMA_PATH
 
 
@@ -20,7 +30,7 @@ def embed_cmd(
     out: Annotated[Path, typer.Option(help="Output folder: one subfolder per input file, errors in _errors/.")],
     repo: RepoOption = DEFAULT_REPO,
     backend: Annotated[str, typer.Option(help="onnxruntime (in the Ray actors) or triton.")] = "onnxruntime",
-    triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
+    triton_url: TritonUrlOption = TRITON_GRPC_URL,
     batch_size: Annotated[int, typer.Option(help="Rows per model call in each actor.")] = 2048,
     actors: Annotated[int, typer.Option(help="Actors in the pool, each holding a model or a client.")] = 1,
     threads: Annotated[

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from export.contract import TRITON_GRPC_URL
 from gem.cli.common import (
     DEFAULT_CHECKPOINT,
     DEFAULT_DATA,
@@ -16,6 +17,7 @@ from gem.cli.common import (
     TRITON_WORK_DIR,
     MetricsPortOption,
     RepoOption,
+    TritonUrlOption,
     console,
     friendly_errors,
     progress,
@@ -143,7 +145,7 @@ def up(
 @friendly_errors
 def serve_cmd(
     backend: Annotated[str, typer.Option(help="triton, or onnxruntime (embedded, no Triton).")] = "triton",
-    triton_url: Annotated[str, typer.Option(help="Triton's gRPC address (triton backend).")] = "127.0.0.1:8001",
+    triton_url: TritonUrlOption = TRITON_GRPC_URL,
     repo: RepoOption = DEFAULT_REPO,
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the front end.")] = 50051,
     replicas: Annotated[int, typer.Option(help="Ingress replicas.")] = 1,

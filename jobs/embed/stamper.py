@@ -35,12 +35,12 @@ def open_backend(cfg: EmbedConfig, users: tuple[str, ...]) -> tuple[Infer, tuple
     FM's user inputs if it takes the user-indexed form (else None)."""
     # The node's cores shared among the pool (actors spread evenly over nodes).
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.actors)
+    # The asyncio Triton client wants its loop current from the moment it is made.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     backend = make_backend(
         BackendConfig(cfg.backend, cfg.triton_url, cfg.repository, timeout_s=120, threads=threads), user_names=users
     )
-    # The asyncio Triton client wants its loop current while it works.
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     fm_users = loop.run_until_complete(backend.fm_user_inputs())
     return (lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS))), fm_users
 
