@@ -13,7 +13,7 @@ import torch
 import trainer.train as train_module
 from model.adapter import StudentAdapter
 from model.baselines import LogisticRegression
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 from model.data.reader import read_batch, resolve_paths, take
 from model.gem import GEM
 from trainer.train import ProgressLog, TrainConfig, TrainProgress, fit, labels_of, predict, split_shards, train
@@ -96,7 +96,7 @@ def placeholders(tmp_path, synth_dir, schema, tiny):
     bad = tmp_path / "bad.yaml"
     bad.write_text(schema.to_yaml().replace("buckets: 100000", "buckets: -1", 1))
     corrupt = tmp_path / "corrupt"
-    save_checkpoint(corrupt, schema, tiny, GEM(schema, tiny), StudentAdapter(2, 3), {})
+    save_checkpoint(corrupt, ModelBundle(schema, tiny, GEM(schema, tiny), StudentAdapter(2, 3)), {})
     (corrupt / "model.pt").write_bytes(b"x")
     return {"synth": synth_dir, "bad_schema": bad, "tmp": tmp_path, "corrupt": corrupt}
 

@@ -16,11 +16,11 @@ import torch
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
+from export.rollout import roll_out
 from model.checkpoint import load_checkpoint
 from model.features import FM_OUTPUTS, graph_feeds, random_batch
 from serving.net import free_ports
 from serving.triton.client import BackendUnavailable, InvalidRequest, TritonClient
-from serving.triton.rollout import roll_out
 from serving.triton.server import TritonError, TritonServer
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.

@@ -62,12 +62,13 @@ def bootstrap(cfg: BootstrapConfig, listener: Listener | None = None) -> Bootstr
         result.metrics = _train(cfg, listener)
     if not published:
         log.info("model repository %s is empty: exporting %s", cfg.repository, cfg.checkpoint)
-        from export.publish import ExportConfig, export_checkpoint
+        from export.publish import PublishPolicy, publish
+        from export.repository import ModelRepository
         from model.checkpoint import load_checkpoint
 
         data = cfg.data if cfg.data.exists() else None
-        export_cfg = ExportConfig(repository=cfg.repository, data=data, keep_versions=cfg.keep_versions)
-        result.export = export_checkpoint(load_checkpoint(cfg.checkpoint), export_cfg)
+        policy = PublishPolicy(data=data, keep_versions=cfg.keep_versions)
+        result.export = publish(load_checkpoint(cfg.checkpoint), ModelRepository(cfg.repository), policy)
     return result
 
 

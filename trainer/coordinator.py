@@ -25,7 +25,6 @@ and is logged with its reason and counted in the metrics.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import time
@@ -37,10 +36,11 @@ import numpy as np
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.onnx_export import ExportError
-from export.publish import ExportConfig, export_adapter_only, export_checkpoint
+from export.publish import MODELS, PublishPolicy, PublishReport, publish
 from export.repository import ModelRepository, RepositoryError
+from export.rollout import Connect
 from model.adapter import StudentAdapter
-from model.checkpoint import Checkpoint, CheckpointStore, checkpoint_digests
+from model.checkpoint import Checkpoint, CheckpointStore, ModelBundle, checkpoint_digests
 from model.config import GEMConfig
 from model.data.reader import Batch, DataError
 from model.gem import GEM
@@ -53,8 +53,6 @@ from trainer.stream import discover, fingerprint, load_shard, quarantine
 from trainer.train import fit_adapter, labels_of, predict
 
 log = logging.getLogger(__name__)
-
-MODELS = (FM_MODEL, ADAPTER_MODEL)
 
 
 class TrainerStateError(ValueError):
@@ -322,9 +320,8 @@ class Coordinator:
         number = self.store.next_number()
         entry = {**entry, "checkpoint": number}
         metrics = {"trainer": record.to_dict(), "commit": entry, **extra}
-        self.checkpoint = self.store.save(
-            number, self.schema, self.config, self.plain, self.adapter, metrics, optimizer_state
-        )
+        bundle = ModelBundle(self.schema, self.config, self.plain, self.adapter)
+        self.checkpoint = self.store.save(number, bundle, metrics, optimizer_state)
         self.record, self.commit, self.optimizer_state = record, entry, optimizer_state
         self._record_commit(entry)
         return entry
@@ -341,13 +338,6 @@ class Coordinator:
         digests = checkpoint_digests(self.checkpoint)
         return {FM_MODEL: f"sha256:{digests['model.pt']}", ADAPTER_MODEL: f"sha256:{digests['adapter.pt']}"}
 
-    def _export_config(self, eval_path: Path | None, sources: dict[str, str]) -> ExportConfig:
-        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
-        return ExportConfig(
-            repository=self.cfg.repository, data=eval_path, keep_versions=self.cfg.keep, sources=sources,
-            work_dir=self.cfg.work_dir,
-        )  # fmt: skip
-
     def _publish(self, entry: dict[str, Any], with_fm: bool, eval_path: Path | None) -> dict[str, int | None]:
         """Publishes the current checkpoint (FM and adapter, or the adapter alone), rolls
         out, writes the publish line. A version already published from this checkpoint
@@ -357,38 +347,24 @@ class Coordinator:
             "publishing %s from checkpoint %s", f"{FM_MODEL} and {ADAPTER_MODEL}" if with_fm else ADAPTER_MODEL,
             entry.get("checkpoint", "?"),
         )  # fmt: skip
-        sources = self._sources()
-        done = {}
-        for model in MODELS:
-            latest = self.repo.latest(model)
-            done[model] = latest if sources and self.repo.source(model, latest) == sources[model] else None
-        versions: dict[str, int | None] = {FM_MODEL: None, ADAPTER_MODEL: None}
+        if eval_path is not None and not eval_path.exists():
+            eval_path = None
+        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        policy = PublishPolicy(
+            data=eval_path, keep_versions=self.cfg.keep, with_fm=with_fm, sources=self._sources(),
+            work_dir=self.cfg.work_dir,
+        )  # fmt: skip
         error = None
+        versions: dict[str, int | None] = dict.fromkeys(MODELS)
         try:
-            if with_fm and done[FM_MODEL] is None:
-                ckpt = Checkpoint(self.checkpoint or self.cfg.state_dir, self.schema, self.config, self.plain,
-                                  self.adapter, {})  # fmt: skip
-                if eval_path is not None and not eval_path.exists():
-                    eval_path = None
-                report = export_checkpoint(ckpt, self._export_config(eval_path, sources))
-                versions = {FM_MODEL: report.fm.version, ADAPTER_MODEL: report.adapter.version}
-            else:
-                if with_fm:
-                    versions[FM_MODEL] = done[FM_MODEL]
-                versions[ADAPTER_MODEL] = done[ADAPTER_MODEL]
-                if versions[ADAPTER_MODEL] is None:
-                    published, _ = export_adapter_only(self.adapter, self._export_config(None, sources))
-                    versions[ADAPTER_MODEL] = published.version
-                for model in MODELS:
-                    self.repo.prune(model, self.cfg.keep)
+            report = publish(ModelBundle(self.schema, self.config, self.plain, self.adapter), self.repo, policy,
+                             self._connect())  # fmt: skip
         except (ExportError, RepositoryError, DataError, OSError, RuntimeError, ValueError) as e:
             error = f"export failed: {e}"
-        if error:
             self.metrics.failures.labels("export").inc()
             log.error("%s; the served versions stay", error)
-            versions = {FM_MODEL: None, ADAPTER_MODEL: None}
         else:
-            versions = self._roll_out(versions)
+            versions = self._served(report)
         self._record_publish(entry, error, versions)
         text = ", ".join(f"{k} v{v}" for k, v in versions.items() if v) or "nothing"
         log.info("published %s (%.1fs)", text, time.perf_counter() - start)
@@ -405,23 +381,25 @@ class Coordinator:
                 self.metrics.serving_version.labels(model).set(version)
                 self.metrics.last_publish.labels(model).set(now)
 
-    def _roll_out(self, versions: dict[str, int | None]) -> dict[str, int | None]:
-        """Asks Triton (when there is one) to load the new versions; a refused one is
-        moved aside (the old version keeps serving) and reported as None."""
+    def _connect(self) -> Connect | None:
+        """The Triton to load new versions into, when there is one."""
         url = self.cfg.triton_url
         if url is None:
-            return versions
-        from serving.triton.client import BackendError
-        from serving.triton.rollout import roll_out_published
+            return None
+        from serving.triton.client import TritonClient
 
-        try:
-            rollouts = asyncio.run(roll_out_published(url, self.repo, versions, self.cfg.keep))
-        except (BackendError, OSError) as e:
+        return lambda: TritonClient(url, timeout_s=30.0)
+
+    def _served(self, report: PublishReport) -> dict[str, int | None]:
+        """The published versions, a version Triton refused (moved aside, the old one
+        keeps serving) as None; all None when Triton could not be reached."""
+        if report.rollout_error is not None:
             self.metrics.failures.labels("load").inc()
-            log.error("could not reach Triton at %s: %s (published, not loaded)", url, e)
-            return {k: None for k in versions}
-        out = dict(versions)
-        for r in rollouts:
+            log.error("could not reach Triton at %s: %s (published, not loaded)", self.cfg.triton_url,
+                      report.rollout_error)  # fmt: skip
+            return dict.fromkeys(MODELS)
+        out = report.versions
+        for r in report.rollouts:
             if not r.loaded:
                 self.metrics.failures.labels("load").inc()
                 log.error("Triton refused %s v%d: %s; the served version stays", r.model, r.version, r.reason)

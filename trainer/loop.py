@@ -48,7 +48,7 @@ def start_checkpoint(cfg: TrainerConfig, start: Start, schema: FeatureSchema) ->
     config = preset(cfg.preset)
     model = GEM(schema, config)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents)
-    return Checkpoint(cfg.state_dir, schema, config, model, adapter, {})
+    return Checkpoint(schema, config, model, adapter, path=cfg.state_dir, metrics={})
 
 
 class Trainer:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from model.adapter import StudentAdapter
 from model.baselines import build_models
-from model.checkpoint import save_checkpoint
+from model.checkpoint import ModelBundle, save_checkpoint
 from model.config import preset
 from model.data.reader import Batch, DataError, concat, iter_minibatches, read_batch, resolve_paths
 from model.embedding import dense_stats, set_dense_stats
@@ -436,5 +436,5 @@ def train(
         ).numpy()
     metrics["gem_adapted"] = evaluate(schema, adapted, test_labels, test_data[SURFACE_INPUT])
 
-    path = save_checkpoint(cfg.out, schema, model_cfg, gem, adapter, metrics)
+    path = save_checkpoint(cfg.out, ModelBundle(schema, model_cfg, gem, adapter), metrics)
     return TrainResult(path, metrics, throughput)

@@ -128,10 +128,14 @@ def trainer_rollback(
 ) -> None:
     """Serve an older version again: the newer versions are moved to <model>/.rejected/
     (their numbers are not reused), and Triton reloads the model when --triton-url is given."""
-    from export.repository import ModelRepository
-    from serving.triton.rollout import roll_back
+    import asyncio
 
-    moved = roll_back(ModelRepository(repo), model, to, triton_url)
+    from export.repository import ModelRepository
+    from export.rollout import roll_back
+    from serving.triton.client import TritonClient
+
+    connect = (lambda: TritonClient(triton_url, timeout_s=30)) if triton_url else None
+    moved = asyncio.run(roll_back(ModelRepository(repo), model, to, connect))
     log.info(
         "%s: version %d is the latest%s; moved aside: %s",
         model, to, f" and serving on {triton_url}" if triton_url else "", ", ".join(map(str, moved)) or "nothing",

@@ -20,6 +20,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from export.contract import ADAPTER_VERSION, ENSEMBLE_MODEL, FM_VERSION, KNOWLEDGE_OUTPUTS, USER_INPUTS_PARAMETER
+from export.rollout import ModelRefused
 from model.features import USER_INDEX, candidate_rows, in_graph_form
 
 
@@ -40,7 +41,7 @@ class InvalidRequest(BackendError):
     """Triton rejected the request's tensors (dtype, shape, missing input)."""
 
 
-class ModelLoadError(BackendError):
+class ModelLoadError(BackendError, ModelRefused):
     """Triton could not load a model version."""
 
 
