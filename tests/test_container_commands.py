@@ -98,7 +98,7 @@ def calls(monkeypatch):
         (out / "part-00000.parquet").touch()
         done.append(("synth", out))
 
-    def train(cfg, on_step=None, on_model=None):
+    def train(cfg, progress=None):
         done.append(("train", cfg.data, cfg.out, cfg.preset))
         return SimpleNamespace(metrics={})
 

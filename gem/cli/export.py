@@ -26,6 +26,10 @@ from gem.cli.common import (
 )
 from model.schema import DEFAULT_SCHEMA_PATH, load_schema
 
+# Options `gem export` and `gem trainer run` share: both publish through export.publish.
+KeepOption = Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")]
+LoadOption = Annotated[str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")]
+
 triton_app = typer.Typer(
     help="The local Triton server (the nvidia-pytriton wheel's tritonserver).", no_args_is_help=True
 )
@@ -95,13 +99,11 @@ def export_cmd(
     data: Annotated[
         Path | None, typer.Option(help="Logged rows for the parity check (its last file); default: the synthetic set.")
     ] = None,
-    keep: Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")] = 3,
+    keep: KeepOption = 3,
     tensorrt: Annotated[
         bool, typer.Option(help="Also build a TensorRT plan for the new FM version (needs trtexec and a GPU).")
     ] = False,
-    load: Annotated[
-        str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")
-    ] = None,
+    load: LoadOption = None,
     fp16: Annotated[
         bool,
         typer.Option(help="Also publish a half-precision FM graph (model.fp16.onnx); with --tensorrt, an FP16 plan."),

@@ -19,6 +19,7 @@ from gem.cli.common import (
     log,
     stdout,
 )
+from gem.cli.export import KeepOption, LoadOption
 from model.schema import DEFAULT_SCHEMA_PATH
 
 trainer_app = typer.Typer(
@@ -48,10 +49,8 @@ def trainer_run(
     strategy: Annotated[
         str, typer.Option(help="ddp (default; CPU gloo or GPU NCCL), fsdp2 or hsdp (GPUs: FSDP2 on the dense part).")
     ] = "ddp",
-    triton_url: Annotated[
-        str | None, typer.Option(help="gRPC address of the Triton to load new versions into (default: publish only).")
-    ] = None,
-    keep: Annotated[int, typer.Option(help="Versions kept per model in the repository.")] = 3,
+    triton_url: LoadOption = None,
+    keep: KeepOption = 3,
     tolerance: Annotated[
         float, typer.Option(help="Gate: refuse when a task's NE is worse than the served version's by more (relative).")
     ] = 0.01,
