@@ -22,10 +22,11 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import RESULTS
-from export.publish import ExportConfig, export_checkpoint
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
 from jobs.embed import MODEL_OUTPUTS, EmbedConfig, run_embed
 from model.adapter import StudentAdapter
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
 from model.data.reader import resolve_paths, table_to_batch
 from model.data.synth import SynthConfig, write_shards
@@ -50,8 +51,8 @@ def main() -> None:
         with console.status("synthesizing and exporting"):
             write_shards(SynthConfig(rows=args.rows, shards=args.files, seed=1), schema, tmp / "data")
             model, adapter = GEM(schema, cfg).eval(), StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-            ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", schema, cfg, model, adapter, {}))
-            export_checkpoint(ckpt, ExportConfig(repository=tmp / "repo"))
+            ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", ModelBundle(schema, cfg, model, adapter), {}))
+            publish(ckpt, ModelRepository(tmp / "repo"), PublishPolicy())
         with console.status("bare ONNX Runtime loop"):
             backend, start = OnnxBackend(tmp / "repo"), time.perf_counter()
             for path in resolve_paths(tmp / "data"):

@@ -38,9 +38,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import RESULTS, Timing, summarize, write_json
-from export.publish import ExportConfig, export_checkpoint
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
 from model.adapter import StudentAdapter
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
 from model.examples import random_batch, random_call
 from model.features import USER_INDEX, user_input_names
@@ -188,9 +189,9 @@ def main() -> None:
             torch.manual_seed(0)
             model = GEM(schema, cfg.with_(sequence_arch=arch)).eval()
             adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-            ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", schema, model.cfg, model, adapter, {}))
+            ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", ModelBundle(schema, model.cfg, model, adapter), {}))
             with console.status(f"exporting {args.preset} ({arch})"):
-                export_checkpoint(ckpt, ExportConfig(repository=tmp / "repo"))
+                publish(ckpt, ModelRepository(tmp / "repo"), PublishPolicy())
             with served(tmp / "repo", tmp / "triton") as (address, triton_url), console.status(f"measuring {arch}"):
                 timings += asyncio.run(run(args, schema, tmp / "repo", triton_url, address, arch))
     _report(args, timings)

@@ -23,9 +23,10 @@ from rich.console import Console
 
 from bench.common import Timing, summarize, table, time_async, time_sync, write_json
 from export.contract import ENSEMBLE_MODEL, FM_MODEL, KNOWLEDGE_OUTPUTS
-from export.publish import ExportConfig, export_checkpoint
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
 from model.adapter import StudentAdapter
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 from model.config import PRESETS, preset
 from model.examples import random_batch
 from model.gem import GEM
@@ -56,9 +57,9 @@ def main() -> None:
     console = Console(stderr=True)
     timings: list[Timing] = []
     with tempfile.TemporaryDirectory(prefix="gem-bench-") as tmp:
-        ckpt = load_checkpoint(save_checkpoint(Path(tmp) / "ckpt", schema, cfg, model, adapter, {}))
+        ckpt = load_checkpoint(save_checkpoint(Path(tmp) / "ckpt", ModelBundle(schema, cfg, model, adapter), {}))
         with console.status(f"exporting {args.preset}"):
-            report = export_checkpoint(ckpt, ExportConfig(repository=Path(tmp) / "repo"))
+            report = publish(ckpt, ModelRepository(Path(tmp) / "repo"), PublishPolicy())
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(report.fm.path / "model.onnx"), options)

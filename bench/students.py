@@ -42,10 +42,11 @@ import torch
 from rich.console import Console
 
 from bench.common import RESULTS
-from export.publish import ExportConfig, export_adapter_only, export_checkpoint
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
 from gem.cli.student import metrics_table
 from jobs.embed import EmbedConfig, run_embed
-from model.checkpoint import load_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint
 from model.data.reader import read_batch, surface_index
 from model.data.synth import SynthConfig, write_shards
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, load_schema
@@ -207,11 +208,12 @@ def run(cfg: BenchConfig) -> BenchResult:
         start = time.perf_counter()
         repo = work / "model_repo"
         ckpt = load_checkpoint(stale.checkpoint, schema)
-        export_checkpoint(ckpt, ExportConfig(repository=repo))
+        publish(ckpt, ModelRepository(repo), PublishPolicy())
         fresh_batch = read_batch(later[-2], schema, max_seq_len=ckpt.config.seq_len)
         fresh_logits = predict(ckpt.model, fresh_batch, schema)
         adapter = fit_refresh(ckpt.adapter, fresh_logits, fresh_batch, schema, cfg.adapter_epochs, cfg.seed)
-        export_adapter_only(adapter, ExportConfig(repository=repo), fresh_logits[:512])
+        bundle = ModelBundle(ckpt.schema, ckpt.config, ckpt.model, adapter)
+        publish(bundle, ModelRepository(repo), PublishPolicy(data=later[-2], with_fm=False))
         _timed(result, "publish + adapter refresh", start)
 
         # gem embed over the later shards.

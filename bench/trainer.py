@@ -40,7 +40,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import RESULTS
-from export.publish import ExportConfig, export_checkpoint
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.config import PRESETS
 from model.examples import random_batch
@@ -170,7 +171,7 @@ def refresh_latency(
 ) -> dict:
     schema = load_schema()
     repo, stream, state = work / "lat-repo", work / "lat-stream", work / "lat-state"
-    export_checkpoint(load_checkpoint(warm), ExportConfig(repository=repo))
+    publish(load_checkpoint(warm), ModelRepository(repo), PublishPolicy())
     http, grpc, metrics = free_ports(3)
     tcfg = TritonConfig(repository=repo, work_dir=work / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics)
     arrivals: dict[str, float] = {}

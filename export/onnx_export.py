@@ -1,4 +1,4 @@
-"""torch -> ONNX for the FM and the Student Adapter, with a parity check.
+"""torch -> ONNX for the FM and the Student Adapter (their parity: `export.parity`).
 
 The FM's ONNX inputs are named and ordered by `model.features.input_specs(schema)`,
 with a dynamic batch axis and a dynamic sequence axis; its outputs are `logits`,
@@ -14,11 +14,9 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -26,12 +24,11 @@ from torch import Tensor, nn
 from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from model.adapter import StudentAdapter
 from model.examples import random_batch, random_user_batch
-from model.features import BATCH_AXIS, USER_INDEX, USERS_AXIS, input_specs, user_indexed_specs, user_input_names
+from model.features import BATCH_AXIS, USERS_AXIS, input_specs, user_indexed_specs, user_input_names
 from model.files import atomic_path
 from model.gem import GEM
 from model.outputs import FM_OUTPUTS
 from model.schema import FeatureSchema
-from model.user_index import share_users
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +39,6 @@ TENSORRT_UNSUPPORTED = frozenset(
     {"EmbeddingBag", "Loop", "Scan", "If", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
      "SequenceLength", "SplitToSequence", "ConcatFromSequence", "SequenceErase", "Unique", "NonZero"}
 )  # fmt: skip
-PARITY_TOLERANCE = 1e-4
-# A half-precision graph against the float32 model: 10 bits of mantissa, through a
-# dozen layers.
-FP16_PARITY_TOLERANCE = 2e-2
 
 
 class ExportError(RuntimeError):
@@ -113,7 +106,7 @@ def _export(
     args: tuple[Tensor, ...],
     input_names: tuple[str, ...],
     output_names: tuple[str, ...],
-    dynamic_shapes: object,
+    dynamic_shapes: dict[str, Any] | tuple[Any, ...],
     what: str,
     path: Path,
 ) -> onnx.ModelProto:
@@ -140,6 +133,8 @@ def _export(
             optimize=True,
             verbose=False,
         )
+    # The dynamo exporter returns a program or raises (None is the TorchScript path's).
+    assert program is not None
     proto = _name_outputs(program.model_proto, output_names)
     _validate(proto, what)
     _atomic_save(proto, path)
@@ -204,63 +199,3 @@ def _validate(proto: onnx.ModelProto, what: str) -> None:
     bad = forbidden_ops(proto)
     if bad:
         raise ExportError(f"{what}: graph contains ops TensorRT cannot run: {', '.join(bad)}")
-
-
-@dataclass(frozen=True)
-class Parity:
-    """Max abs difference between ONNX Runtime and PyTorch, per output."""
-
-    max_abs_diff: dict[str, float]
-    batches: int
-
-    @property
-    def worst(self) -> float:
-        return max(self.max_abs_diff.values())
-
-
-def check_parity(
-    onnx_path: Path,
-    batches: list[dict[str, np.ndarray]],
-    reference: Callable[[dict[str, Tensor]], dict[str, Tensor]],
-    what: str,
-    tolerance: float = PARITY_TOLERANCE,
-) -> Parity:
-    """Runs every batch through ONNX Runtime and `reference` (the torch module); raises
-    if any output differs by more than PARITY_TOLERANCE."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    worst = dict.fromkeys(outputs, 0.0)
-    for batch in batches:
-        got = dict(zip(outputs, session.run(outputs, {n: batch[n] for n in inputs}), strict=True))
-        with torch.no_grad():
-            # Arrow-backed arrays are read-only; torch wants writable memory.
-            want = reference({n: torch.from_numpy(np.require(batch[n], requirements="W")) for n in inputs})
-        for k in outputs:
-            worst[k] = max(worst[k], float(np.abs(got[k] - want[k].numpy()).max()))
-    parity = Parity(worst, len(batches))
-    if parity.worst > tolerance:
-        raise ExportError(f"{what} ONNX parity check failed: max abs difference {worst} exceeds {tolerance}")
-    return parity
-
-
-def check_fm_parity(
-    model: GEM, onnx_path: Path, batches: list[dict[str, np.ndarray]], tolerance: float = PARITY_TOLERANCE
-) -> Parity:
-    """Per-example batches are turned into the user-indexed form (identical user rows
-    merged) when the graph takes it."""
-    model.eval()
-    if model.cfg.user_indexed:
-        users = user_input_names(model.schema)
-        batches = [b if USER_INDEX in b else share_users(b, users) for b in batches]
-    return check_parity(onnx_path, batches, model, "FM", tolerance)
-
-
-def check_adapter_parity(adapter: StudentAdapter, onnx_path: Path, batches: list[dict[str, np.ndarray]]) -> Parity:
-    adapter.eval()
-    logits, surface = ADAPTER_INPUTS
-    return check_parity(
-        onnx_path, batches, lambda x: {ADAPTER_OUTPUT: adapter(x[logits], x[surface])}, "Student Adapter"
-    )

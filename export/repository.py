@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,9 @@ from model.outputs import LOGITS
 
 log = logging.getLogger(__name__)
 
-# The python-backend model (ONNX Runtime inside Triton), copied into every version.
-PYTHON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "serving/triton/python_model" / PYTHON_MODEL_FILENAME
+# The python-backend model (ONNX Runtime inside Triton), copied into every version; package
+# data of `export` (pyproject.toml), so an installed wheel carries it.
+PYTHON_MODEL_SOURCE = files("export") / "python_model" / PYTHON_MODEL_FILENAME
 # A version set aside for deletion (pruning), and a version's record of its source.
 PRUNED = ".pruned-"
 SOURCE_FILENAME = "SOURCE"
@@ -166,7 +168,7 @@ class ModelRepository:
             onnx.save(
                 stamp_version(onnx.load(str(fp16_path)), VERSION_OUTPUTS[model], version), staging / FP16_FILENAME
             )
-        shutil.copy2(PYTHON_MODEL_SOURCE, staging / PYTHON_MODEL_FILENAME)
+        (staging / PYTHON_MODEL_FILENAME).write_bytes(PYTHON_MODEL_SOURCE.read_bytes())
         if source is not None:
             (staging / SOURCE_FILENAME).write_text(source + "\n")
         self._install(staging, folder / str(version))

@@ -25,7 +25,15 @@ from pathlib import Path
 
 import onnx
 
-from export.contract import ADAPTER_MODEL, CONTAINER_REPOSITORY, FM_MODEL, FP16_FILENAME, ONNX_FILENAME, PLAN_FILENAME
+from export.contract import (
+    ADAPTER_MODEL,
+    CONTAINER_REPOSITORY,
+    FM_MODEL,
+    FP16_FILENAME,
+    MAX_BATCH_EXAMPLES,
+    ONNX_FILENAME,
+    PLAN_FILENAME,
+)
 from export.repository import ModelRepository, RepositoryError
 from model.features import USERS_AXIS
 from model.files import atomic_path
@@ -48,14 +56,15 @@ PLAN_MODELS = (FM_MODEL, ADAPTER_MODEL)
 class ProfileConfig:
     min_batch: int = 1
     opt_batch: int = 512
-    max_batch: int = 4096
+    max_batch: int = MAX_BATCH_EXAMPLES
     min_seq: int = 1
     opt_seq: int = 128
     max_seq: int = 256
     # The user axis of a user-indexed graph (a shared_user FM): U users per call.
     min_users: int = 1
     opt_users: int = 4
-    max_users: int = 4096
+    # At most one user per example.
+    max_users: int = MAX_BATCH_EXAMPLES
 
     def __post_init__(self) -> None:
         if not (1 <= self.min_users <= self.opt_users <= self.max_users):

@@ -30,10 +30,17 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.contract import DEFAULT_FLAVOUR, FLAVOURS, ONNX_FILENAME, PLAN_FILENAME, USER_INPUTS_PARAMETER
+from export.contract import (
+    DEFAULT_FLAVOUR,
+    FLAVOURS,
+    MAX_BATCH_EXAMPLES,
+    ONNX_FILENAME,
+    PLAN_FILENAME,
+    USER_INPUTS_PARAMETER,
+)
 from model.features import USER_INDEX, USERS_AXIS
 
-_TRITON_DTYPES = {
+_TRITON_DTYPES: dict[int, int] = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32,
     onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
     onnx.TensorProto.INT64: mc.TYPE_INT64,
@@ -46,7 +53,7 @@ class ServingConfig:
     """How Triton batches and runs the models (all flavours)."""
 
     # Rows per model execution; the front end splits larger calls.
-    max_batch_size: int = 4096
+    max_batch_size: int = MAX_BATCH_EXAMPLES
     # How long the dynamic batcher may hold a request to fill a batch.
     max_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = (512, 2048)

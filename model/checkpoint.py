@@ -46,36 +46,38 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class Checkpoint:
-    path: Path
+class ModelBundle:
+    """What a checkpoint holds and export publishes: the weights and what they mean."""
+
     schema: FeatureSchema
     config: GEMConfig
     model: GEM
     adapter: StudentAdapter
+
+
+@dataclass
+class Checkpoint(ModelBundle):
+    """A bundle read from (or saved to) a checkpoint folder."""
+
+    path: Path
     metrics: dict[str, Any]
     # The optimizers' state_dicts, in the order the trainer makes them (None: not saved).
     optimizer: list[dict[str, Any]] | None = None
 
 
 def write_checkpoint(
-    folder: Path,
-    schema: FeatureSchema,
-    config: GEMConfig,
-    model: GEM,
-    adapter: StudentAdapter,
-    metrics: dict[str, Any],
-    optimizer: list[dict[str, Any]] | None = None,
+    folder: Path, bundle: ModelBundle, metrics: dict[str, Any], optimizer: list[dict[str, Any]] | None = None
 ) -> None:
     """Writes every file of a checkpoint into `folder` (a fresh one), the manifest last."""
     folder.mkdir(parents=True)
     (folder / "model_config.json").write_text(
-        json.dumps({"model": config.to_dict(), "adapter": {"hidden": adapter.hidden}}, indent=2)
+        json.dumps({"model": bundle.config.to_dict(), "adapter": {"hidden": bundle.adapter.hidden}}, indent=2)
     )
-    (folder / "schema.yaml").write_text(schema.to_yaml())
-    torch.save(model.state_dict(), folder / "model.pt")
-    torch.save(adapter.state_dict(), folder / "adapter.pt")
+    (folder / "schema.yaml").write_text(bundle.schema.to_yaml())
+    torch.save(bundle.model.state_dict(), folder / "model.pt")
+    torch.save(bundle.adapter.state_dict(), folder / "adapter.pt")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
-    names = FILES
+    names: tuple[str, ...] = FILES
     if optimizer is not None:
         torch.save(optimizer, folder / OPTIMIZER_FILE)
         names = (*FILES, OPTIMIZER_FILE)
@@ -87,14 +89,7 @@ def write_checkpoint(
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def save_checkpoint(
-    path: str | Path,
-    schema: FeatureSchema,
-    config: GEMConfig,
-    model: GEM,
-    adapter: StudentAdapter,
-    metrics: dict[str, Any],
-) -> Path:
+def save_checkpoint(path: str | Path, bundle: ModelBundle, metrics: dict[str, Any]) -> Path:
     """A checkpoint at `path` (`gem train --out`): written aside, then swapped in. An older
     checkpoint there is moved aside for the instant of the swap; a process that must
     never be without one keeps a `CheckpointStore` instead."""
@@ -102,7 +97,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, schema, config, model, adapter, metrics)
+    write_checkpoint(tmp, bundle, metrics)
     # A folder cannot be replaced by a rename: the old one steps aside for the swap.
     old = temporary_sibling(path, "old")
     if path.exists():
@@ -154,18 +149,11 @@ class CheckpointStore:
         return max(used, default=0) + 1
 
     def save(
-        self,
-        number: int,
-        schema: FeatureSchema,
-        config: GEMConfig,
-        model: GEM,
-        adapter: StudentAdapter,
-        metrics: dict[str, Any],
-        optimizer: list[dict[str, Any]] | None = None,
+        self, number: int, bundle: ModelBundle, metrics: dict[str, Any], optimizer: list[dict[str, Any]] | None = None
     ) -> Path:
         tmp = self.folder / f".tmp-{number}"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(tmp, schema, config, model, adapter, metrics, optimizer)
+        write_checkpoint(tmp, bundle, metrics, optimizer)
         final = self._install(tmp, self.path(number))
         self._point(number)
         for older in self.numbers():
@@ -316,4 +304,4 @@ def load_checkpoint(path: str | Path, expect_schema: FeatureSchema | None = None
             raise CheckpointError(f"checkpoint {path}: {OPTIMIZER_FILE} cannot be loaded: {e}") from None
     model.eval()
     adapter.eval()
-    return Checkpoint(path, schema, config, model, adapter, _read_json(path / "metrics.json"), optimizer)
+    return Checkpoint(schema, config, model, adapter, path, _read_json(path / "metrics.json"), optimizer)

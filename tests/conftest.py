@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.publish import ExportConfig, export_checkpoint
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
 from model.adapter import StudentAdapter
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 from model.config import preset
 from model.data.synth import SynthConfig, write_shards
 from model.gem import GEM
@@ -78,14 +79,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSch
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
     torch.nn.init.normal_(adapter.mlp[-1].weight, std=0.5)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return save_checkpoint(path, schema, preset("tiny"), model, adapter, metrics={})
+    return save_checkpoint(path, ModelBundle(schema, preset("tiny"), model, adapter), metrics={})
 
 
 @pytest.fixture(scope="session")
 def published_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, synth_dir: Path) -> Path:
     """A model repository with version 1 of gem_fm and student_adapter (read-only: copy it)."""
     repo = tmp_path_factory.mktemp("repo") / "model_repo"
-    export_checkpoint(load_checkpoint(tiny_checkpoint), ExportConfig(repository=repo, data=synth_dir))
+    publish(load_checkpoint(tiny_checkpoint), ModelRepository(repo), PublishPolicy(data=synth_dir))
     return repo
 
 
@@ -96,8 +97,8 @@ def _published_tiny(root: Path, schema: FeatureSchema, synth_dir: Path, arch: st
     torch.manual_seed(seed)
     model = GEM(schema, cfg).eval()
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-    ckpt = save_checkpoint(root / "ckpt", schema, cfg, model, adapter, metrics={})
-    export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "model_repo", data=synth_dir))
+    ckpt = save_checkpoint(root / "ckpt", ModelBundle(schema, cfg, model, adapter), metrics={})
+    publish(load_checkpoint(ckpt), ModelRepository(root / "model_repo"), PublishPolicy(data=synth_dir))
     return root / "model_repo", model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.adapter import StudentAdapter
-from model.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointError, CheckpointStore, ModelBundle, load_checkpoint, save_checkpoint
 from model.examples import random_batch
 from model.features import input_names
 from model.gem import GEM
@@ -20,7 +20,7 @@ def saved(tmp_path, schema, tiny):
     torch.manual_seed(0)
     model, adapter = GEM(schema, tiny), StudentAdapter(len(schema.tasks), len(schema.surfaces))
     torch.nn.init.normal_(adapter.mlp[-1].weight)
-    path = save_checkpoint(tmp_path / "ckpt", schema, tiny, model, adapter, {"gem": {"x": 1}})
+    path = save_checkpoint(tmp_path / "ckpt", ModelBundle(schema, tiny, model, adapter), {"gem": {"x": 1}})
     return path, model.eval(), adapter
 
 
@@ -82,10 +82,12 @@ def test_the_store_always_has_a_complete_checkpoint_and_tidies_what_a_kill_left(
     model, adapter = GEM(schema, tiny), StudentAdapter(len(schema.tasks), len(schema.surfaces))
     store = CheckpointStore(tmp_path)
     assert store.newest() is None and store.next_number() == 1
-    first = store.save(1, schema, tiny, model, adapter, {"n": 1}, optimizer=[{"state": {}, "param_groups": []}])
+    first = store.save(
+        1, ModelBundle(schema, tiny, model, adapter), {"n": 1}, optimizer=[{"state": {}, "param_groups": []}]
+    )
     assert store.pointer.resolve() == first.resolve() and load_checkpoint(store.pointer).metrics == {"n": 1}
     assert load_checkpoint(first).optimizer == [{"state": {}, "param_groups": []}]
-    second = store.save(2, schema, tiny, model, adapter, {"n": 2})
+    second = store.save(2, ModelBundle(schema, tiny, model, adapter), {"n": 2})
     assert store.numbers() == [2] and store.pointer.resolve() == second.resolve()
     assert load_checkpoint(second).optimizer is None
     # A kill after the rename, before the pointer moved (and an older one not yet retired,
@@ -104,8 +106,8 @@ def test_the_store_always_has_a_complete_checkpoint_and_tidies_what_a_kill_left(
 def test_the_store_adopts_a_checkpoint_of_the_old_layout_killed_between_its_renames(tmp_path, schema, tiny):
     model, adapter = GEM(schema, tiny), StudentAdapter(len(schema.tasks), len(schema.surfaces))
     # The old save moved `checkpoint` aside and was killed before renaming the new one in.
-    save_checkpoint(tmp_path / ".checkpoint.tmp-77", schema, tiny, model, adapter, {"new": True})
-    save_checkpoint(tmp_path / ".checkpoint.old-77", schema, tiny, model, adapter, {"new": False})
+    save_checkpoint(tmp_path / ".checkpoint.tmp-77", ModelBundle(schema, tiny, model, adapter), {"new": True})
+    save_checkpoint(tmp_path / ".checkpoint.old-77", ModelBundle(schema, tiny, model, adapter), {"new": False})
     store = CheckpointStore(tmp_path)
     store.tidy()
     assert load_checkpoint(store.pointer).metrics == {"new": True}

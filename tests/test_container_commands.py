@@ -98,18 +98,18 @@ def calls(monkeypatch):
         (out / "part-00000.parquet").touch()
         done.append(("synth", out))
 
-    def train(cfg, on_step=None, on_model=None):
+    def train(cfg, progress=None):
         done.append(("train", cfg.data, cfg.out, cfg.preset))
         return SimpleNamespace(metrics={})
 
-    def publish(checkpoint, cfg):
-        done.append(("export", checkpoint, cfg.repository, cfg.data))
+    def publish(checkpoint, repo, policy, control=None, progress=None):
+        done.append(("export", checkpoint, repo.root, policy.data))
         return SimpleNamespace()
 
     monkeypatch.setattr(model.data.synth, "write_shards", synth)
     monkeypatch.setattr(trainer.train, "train", train)
     monkeypatch.setattr(model.checkpoint, "load_checkpoint", lambda path: path)
-    monkeypatch.setattr(export.publish, "export_checkpoint", publish)
+    monkeypatch.setattr(export.publish, "publish", publish)
     monkeypatch.setattr(train_cli, "metric_table", lambda metrics: "")
     monkeypatch.setattr(export_cli, "parity_table", lambda report: "")
     return done

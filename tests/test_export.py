@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
-from export.onnx_export import ExportError, check_fm_parity, export_adapter, export_fm, forbidden_ops
+from export.onnx_export import ExportError, export_adapter, export_fm, forbidden_ops
+from export.parity import check_fm_parity
 from model.adapter import StudentAdapter
 from model.config import preset
 from model.data.reader import read_batch, resolve_paths

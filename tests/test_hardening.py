@@ -203,7 +203,7 @@ def test_bootstrap_trains_gem_only(monkeypatch, tmp_path):
     monkeypatch.setattr(model.data.synth, "write_shards", synth)
     monkeypatch.setattr(trainer.train, "train", train)
     monkeypatch.setattr(model.checkpoint, "load_checkpoint", lambda path: path)
-    monkeypatch.setattr(export.publish, "export_checkpoint", lambda ckpt, cfg: None)
+    monkeypatch.setattr(export.publish, "publish", lambda ckpt, repo, policy, **_: None)
     bootstrap(BootstrapConfig(tmp_path / "ckpt", tmp_path / "data", tmp_path / "repo"))
     assert seen == {"baselines": False}
 

@@ -10,8 +10,9 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.contract import ADAPTER_MODEL, ENSEMBLE_MODEL, FLAVOURS, FM_MODEL, FM_VERSION, FP16_FILENAME
-from export.onnx_export import FP16_PARITY_TOLERANCE, forbidden_ops
-from export.publish import ExportConfig, export_checkpoint
+from export.onnx_export import forbidden_ops
+from export.parity import FP16_PARITY_TOLERANCE
+from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository, RepositoryError, stamp_version
 from export.tensorrt import (
     ProfileConfig,
@@ -155,7 +156,7 @@ def test_tensorrt_build_says_where_to_run_when_absent(published_repo, monkeypatc
 
 
 def test_fp16_graph_is_published_beside_the_fp32_one(tiny_checkpoint, tmp_path, schema):
-    report = export_checkpoint(load_checkpoint(tiny_checkpoint), ExportConfig(repository=tmp_path / "repo", fp16=True))
+    report = publish(load_checkpoint(tiny_checkpoint), ModelRepository(tmp_path / "repo"), PublishPolicy(fp16=True))
     assert 1e-6 < report.fp16_parity.worst <= FP16_PARITY_TOLERANCE, "a half graph differs, but only a little"
     half = onnx.load(str(report.fm.path / FP16_FILENAME))
     assert onnx.TensorProto.FLOAT16 in {i.data_type for i in half.graph.initializer}, "weights are half precision"

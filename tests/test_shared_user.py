@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx_export import check_fm_parity, export_fm, forbidden_ops
+from export.onnx_export import export_fm, forbidden_ops
+from export.parity import check_fm_parity
 from model.examples import random_batch, random_user_batch, zero_batch
 from model.features import USER_INDEX, USERS_AXIS, input_names, user_indexed_specs, user_input_names
 from model.gem import GEM
@@ -141,15 +142,16 @@ def test_onnx_runtime_user_indexed_equals_per_example(exported, schema):
 @pytest.fixture(scope="module")
 def shared_repo(tmp_path_factory, schema, shared_cfg, synth_dir):
     """A repository with a user-indexed FM and its adapter (read-only)."""
-    from export.publish import ExportConfig, export_checkpoint
+    from export.publish import PublishPolicy, publish
+    from export.repository import ModelRepository
     from model.adapter import StudentAdapter
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 
     root = tmp_path_factory.mktemp("shared-repo")
     model = _model(schema, shared_cfg, seed=2)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-    ckpt = save_checkpoint(root / "ckpt", schema, shared_cfg, model, adapter, metrics={})
-    report = export_checkpoint(load_checkpoint(ckpt), ExportConfig(repository=root / "repo", data=synth_dir))
+    ckpt = save_checkpoint(root / "ckpt", ModelBundle(schema, shared_cfg, model, adapter), metrics={})
+    report = publish(load_checkpoint(ckpt), ModelRepository(root / "repo"), PublishPolicy(data=synth_dir))
     assert report.fm_parity.worst < 1e-4
     return root / "repo", model
 

@@ -14,10 +14,10 @@ import trainer.train as train_module
 from model.adapter import StudentAdapter
 from model.baselines import LogisticRegression
 from model.batch import take
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
 from model.data.reader import read_batch, resolve_paths
 from model.gem import GEM
-from trainer.train import ProgressLog, TrainConfig, TrainProgress, fit, labels_of, predict, split_shards, train
+from trainer.train import ProgressLog, TrainConfig, fit, labels_of, predict, split_shards, train
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def placeholders(tmp_path, synth_dir, schema, tiny):
     bad = tmp_path / "bad.yaml"
     bad.write_text(schema.to_yaml().replace("buckets: 100000", "buckets: -1", 1))
     corrupt = tmp_path / "corrupt"
-    save_checkpoint(corrupt, schema, tiny, GEM(schema, tiny), StudentAdapter(2, 3), {})
+    save_checkpoint(corrupt, ModelBundle(schema, tiny, GEM(schema, tiny), StudentAdapter(2, 3)), {})
     (corrupt / "model.pt").write_bytes(b"x")
     return {"synth": synth_dir, "bad_schema": bad, "tmp": tmp_path, "corrupt": corrupt}
 
@@ -228,15 +228,11 @@ def test_progress_lines_are_plain_and_spaced():
     now = [0.0]
     lines: list[str] = []
     log = ProgressLog(lines.append, every_s=10.0, clock=lambda: now[0])
-    p = TrainProgress("gem", 1, 4, 0, 4_000, 0.0, float("nan"))
+    log.start("gem", 4_000)
     for _ in range(30):
         now[0] += 1.0
-        p.examples += 100
-        p.seconds += 0.5
-        p.loss = 0.25
-        log(p)
+        log.advance(100, epoch=1, epochs=4, loss=0.25, rate=200.0)
     assert len(lines) == 3  # at 1 s, 11 s and 21 s
     assert lines[-1] == "gem epoch 1/4: 2,100/4,000 examples, 200 examples/s, loss 0.2500, ETA 10s"
-    p.examples = p.total
-    log(p)
+    log.advance(1_000, epoch=1, epochs=4, loss=0.25, rate=200.0)
     assert len(lines) == 4  # the last one always shows

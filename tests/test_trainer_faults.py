@@ -43,8 +43,8 @@ CKPT_STAGED = "model.checkpoint:CheckpointStore._install:before:1"
 CKPT_RENAMED = "model.checkpoint:CheckpointStore._install:after:1"
 CKPT_POINTED = "model.checkpoint:CheckpointStore._point:after:1"
 CKPT_OLD_ASIDE = "model.checkpoint:CheckpointStore._set_aside:after:1"
-COMMIT_LINE = "trainer.coordinator:Coordinator._record_commit:before:1"
-PUBLISH_LINE = "trainer.coordinator:Coordinator._record_publish:before:1"
+COMMIT_LINE = "trainer.commit:Committer._record_commit:before:1"
+PUBLISH_LINE = "trainer.publish:Publisher._record_publish:before:1"
 
 
 def repo_install(when: str, n: int) -> str:

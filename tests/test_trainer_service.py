@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
-from export.publish import ExportConfig, export_checkpoint
+from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from model.examples import random_batch
@@ -47,7 +47,7 @@ def trained_tiny(synth_dir, tmp_path_factory) -> Path:
 
 def test_a_shard_of_shuffled_labels_is_refused_and_serving_stays(schema, trained_tiny, tmp_path):
     repo, stream, state = tmp_path / "repo", tmp_path / "stream", tmp_path / "state"
-    export_checkpoint(load_checkpoint(trained_tiny), ExportConfig(repository=repo))
+    publish(load_checkpoint(trained_tiny), ModelRepository(repo), PublishPolicy())
     # Shards 4 and 5: other rows than synth_dir's 0-3, which the served model learned from.
     make_stream(stream, schema, shards=6, rows=6_000, start=4)
     shuffle_labels(stream / "part-00004.parquet", schema)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
-from export.publish import ExportConfig, export_adapter_only
+from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository
 from model.checkpoint import load_checkpoint
 from serving.local.ports import free_ports
@@ -178,14 +178,14 @@ def test_adapter_alone_is_published_and_rollback_moves_newer_versions_aside(publ
     repo_root = tmp_path / "repo"
     shutil.copytree(published_repo, repo_root)
     ckpt = load_checkpoint(tiny_checkpoint)
-    published, parity = export_adapter_only(ckpt.adapter, ExportConfig(repository=repo_root, keep_versions=3))
     repo = ModelRepository(repo_root)
-    assert published.version == 2 and parity.worst < 1e-4
+    report = publish(ckpt, repo, PublishPolicy(keep_versions=3, with_fm=False))
+    assert report.adapter.version == 2 and report.adapter_parity.worst < 1e-4 and report.fm is None
     assert repo.versions(ADAPTER_MODEL) == [1, 2] and repo.versions(FM_MODEL) == [1], "the FM is untouched"
     assert repo.rollback(ADAPTER_MODEL, 1) == [2]
     assert repo.versions(ADAPTER_MODEL) == [1]
     assert "rolled back to version 1" in (repo_root / ADAPTER_MODEL / ".rejected" / "2" / "REASON").read_text()
-    again, _ = export_adapter_only(ckpt.adapter, ExportConfig(repository=repo_root))
+    again = publish(ckpt, repo, PublishPolicy(with_fm=False)).adapter
     assert again.version == 3, "a rolled-back number is not reused"
     with pytest.raises(Exception, match="no version 7"):
         repo.rollback(FM_MODEL, 7)
@@ -230,7 +230,7 @@ def test_resuming_with_the_optimizer_state_of_the_checkpoint_is_bit_identical(sy
     """What a restart does (trainer/loop.py): weights and optimizer state from the
     checkpoint, the same shuffling; it ends where the uninterrupted run ends, bit for bit."""
     from model.adapter import StudentAdapter
-    from model.checkpoint import CheckpointStore
+    from model.checkpoint import CheckpointStore, ModelBundle
     from model.config import preset
     from model.gem import GEM
     from trainer.train import make_optimizers, train_steps
@@ -256,7 +256,7 @@ def test_resuming_with_the_optimizer_state_of_the_checkpoint_is_bit_identical(sy
     cycle(model, optimizers, a, 1)
     store = CheckpointStore(tmp_path)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces))
-    store.save(1, schema, tiny, model, adapter, {}, D.full_optimizer_state(model, optimizers, rt))
+    store.save(1, ModelBundle(schema, tiny, model, adapter), {}, D.full_optimizer_state(model, optimizers, rt))
     del model, optimizers  # killed
 
     results = {}

@@ -16,6 +16,7 @@ import torch
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
+from export.rollout import roll_out
 from model.checkpoint import load_checkpoint
 from model.examples import random_batch
 from model.outputs import FM_OUTPUTS
@@ -24,7 +25,6 @@ from serving.backends.errors import BackendUnavailable, InvalidRequest
 from serving.backends.triton_client import TritonClient
 from serving.local.ports import free_ports
 from serving.local.triton import TritonError, TritonServer
-from serving.triton.rollout import roll_out
 
 # Starts Triton and/or Ray: `pytest -m "not stack"` leaves it out.
 pytestmark = pytest.mark.stack

@@ -10,12 +10,11 @@ checkpoint then (`train_when_published`), so that `gem export` has one to work f
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from export.contract import FM_MODEL, latest_version
+from model.progress import SILENT, Progress
 from model.schema import DEFAULT_SCHEMA_PATH
 
 log = logging.getLogger(__name__)
@@ -34,15 +33,6 @@ class BootstrapConfig:
     schema_path: Path = DEFAULT_SCHEMA_PATH
 
 
-@dataclass(frozen=True)
-class Listener:
-    """Progress of the long steps: synthetic rows written, models trained, steps taken."""
-
-    on_rows: Callable[[int], None] = lambda _n: None
-    on_model: Callable[[str, int], None] = lambda _name, _total: None
-    on_step: Callable[[int, float], None] = lambda _n, _loss: None
-
-
 @dataclass
 class BootstrapResult:
     # The training metrics, when a model was trained.
@@ -51,8 +41,8 @@ class BootstrapResult:
     export: object | None = None
 
 
-def bootstrap(cfg: BootstrapConfig, listener: Listener | None = None) -> BootstrapResult:
-    listener = listener or Listener()
+def bootstrap(cfg: BootstrapConfig, progress: Progress = SILENT) -> BootstrapResult:
+    """`progress`: the rows synthesized, each model trained, the export's stages."""
     result = BootstrapResult()
     published = latest_version(cfg.repository, FM_MODEL) is not None
     if published and not cfg.train_when_published:
@@ -60,28 +50,29 @@ def bootstrap(cfg: BootstrapConfig, listener: Listener | None = None) -> Bootstr
         return result
     if not (cfg.checkpoint / "manifest.json").exists():
         log.info("no checkpoint at %s: training the %s model on synthetic data first", cfg.checkpoint, cfg.preset)
-        result.metrics = _train(cfg, listener)
+        result.metrics = _train(cfg, progress)
     if not published:
         log.info("model repository %s is empty: exporting %s", cfg.repository, cfg.checkpoint)
-        from export.publish import ExportConfig, export_checkpoint
+        from export.publish import PublishPolicy, publish
+        from export.repository import ModelRepository
         from model.checkpoint import load_checkpoint
 
         data = cfg.data if cfg.data.exists() else None
-        export_cfg = ExportConfig(repository=cfg.repository, data=data, keep_versions=cfg.keep_versions)
-        result.export = export_checkpoint(load_checkpoint(cfg.checkpoint), export_cfg)
+        policy = PublishPolicy(data=data, keep_versions=cfg.keep_versions)
+        result.export = publish(
+            load_checkpoint(cfg.checkpoint), ModelRepository(cfg.repository), policy, progress=progress
+        )
     return result
 
 
-def _train(cfg: BootstrapConfig, listener: Listener) -> dict:
+def _train(cfg: BootstrapConfig, progress: Progress) -> dict:
     from model.data.synth import SynthConfig, write_shards
     from model.schema import load_schema
     from trainer.train import TrainConfig, train
 
     if not any(cfg.data.glob("*.parquet")):
-        # `on_rows` as a `model.progress.Progress` until this listener becomes one.
-        rows = SimpleNamespace(start=lambda *_a, **_k: None, advance=lambda n, **_f: listener.on_rows(n), note=log.info)
-        write_shards(SynthConfig(), load_schema(cfg.schema_path), cfg.data, progress=rows)
+        write_shards(SynthConfig(), load_schema(cfg.schema_path), cfg.data, progress=progress)
     train_cfg = TrainConfig(
         data=cfg.data, out=cfg.checkpoint, preset=cfg.preset, baselines=cfg.baselines, schema_path=cfg.schema_path
     )
-    return train(train_cfg, on_step=listener.on_step, on_model=listener.on_model).metrics
+    return train(train_cfg, progress).metrics

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-Strategy = Literal["ddp", "fsdp2", "hsdp"]
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2", "hsdp")
 # The GEM submodules that are dense compute (FSDP units of their own).
 DENSE_BLOCKS = ("wukong", "sequence", "trunk", "towers", "user_tower")

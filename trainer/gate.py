@@ -11,7 +11,7 @@ it, rollbacks included), not from weights the trainer remembers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,6 @@ class GateResult:
     candidate: dict[str, dict[str, float]]
     serving: dict[str, dict[str, float]] | None = None
     serving_version: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def task_metrics(schema: FeatureSchema, logits: np.ndarray, batch: Batch) -> dict[str, dict[str, float]]:

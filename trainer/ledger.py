@@ -25,6 +25,9 @@ the checkpoint as the truth:
   again from the checkpoint: `pending_publish`; versions already published from it
   are kept, not published twice.
 
+The stages write typed lines (`ShardCommit`, `AdapterCommit`, `QuarantineLine`,
+`PublishLine`); the ledger keeps and reads them as the JSON objects they are.
+
 A torn last line (kill -9 during the append) is skipped when the ledger is read, and cut
 off before the next append: reading never writes.
 """
@@ -63,6 +66,81 @@ class ShardId:
 
     def fields(self) -> dict[str, Any]:
         return {"shard": self.name, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """An FM cycle's commit line: the shard trained on (or refused) and its gate."""
+
+    shard: ShardId
+    cycle: int
+    state: str  # TRAINED or REFUSED
+    eval_shard: str
+    reason: str
+    loss: float
+    examples: int
+    examples_per_s: float
+    # Task -> metric -> value, of the candidate and of the served version (None: none served).
+    candidate: dict[str, dict[str, float]]
+    serving: dict[str, dict[str, float]] | None
+    serving_version: int | None
+
+    def line(self) -> dict[str, Any]:
+        return {
+            "kind": "shard", **self.shard.fields(), "cycle": self.cycle, "state": self.state,
+            "eval_shard": self.eval_shard, "reason": self.reason, "loss": self.loss, "examples": self.examples,
+            "examples_per_s": self.examples_per_s, "candidate": self.candidate, "serving": self.serving,
+            "serving_version": self.serving_version,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AdapterCommit:
+    """An adapter-only cycle's commit line: the shard the adapter was refitted on."""
+
+    shard: ShardId
+    cycle: int
+
+    def line(self) -> dict[str, Any]:
+        return {"kind": "adapter", **self.shard.fields(), "cycle": self.cycle}
+
+
+@dataclass(frozen=True)
+class QuarantineLine:
+    shard: ShardId
+    reason: str
+
+    def line(self) -> dict[str, Any]:
+        return {"kind": "quarantine", **self.shard.fields(), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A commit line as the publish stage reads it (written now, or found pending at start)."""
+
+    kind: str  # "shard" or "adapter"
+    shard: str
+    # None in a line written before checkpoints were numbered.
+    checkpoint: int | None
+    cycle: int | None
+    state: str | None = None
+
+    @classmethod
+    def of(cls, line: dict[str, Any]) -> Committed:
+        return cls(line["kind"], line["shard"], line.get("checkpoint"), line.get("cycle"), line.get("state"))
+
+
+@dataclass(frozen=True)
+class PublishLine:
+    cycle: int | None
+    checkpoint: int | None
+    error: str | None
+    # Model -> the version published and served (None: not).
+    versions: dict[str, int | None]
+
+    def line(self) -> dict[str, Any]:
+        return {"kind": "publish", "cycle": self.cycle, "checkpoint": self.checkpoint, "error": self.error,
+                **self.versions}  # fmt: skip
 
 
 @dataclass(frozen=True)

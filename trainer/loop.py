@@ -28,7 +28,9 @@ from model.gem import GEM
 from model.schema import SURFACE_INPUT, FeatureSchema, load_schema
 from trainer import distributed as D
 from trainer.config import TrainerConfig
-from trainer.coordinator import Coordinator, GateResult, Plan, Start, TrainerStateError, prepare
+from trainer.coordinator import Coordinator, Start, Trained, TrainerStateError, prepare
+from trainer.gate import GateResult
+from trainer.plan import Plan
 from trainer.stream import load_shard
 from trainer.train import make_optimizers, train_steps
 
@@ -48,7 +50,7 @@ def start_checkpoint(cfg: TrainerConfig, start: Start, schema: FeatureSchema) ->
     config = preset(cfg.preset)
     model = GEM(schema, config)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents)
-    return Checkpoint(cfg.state_dir, schema, config, model, adapter, {})
+    return Checkpoint(schema, config, model, adapter, path=cfg.state_dir, metrics={})
 
 
 class Trainer:
@@ -59,8 +61,8 @@ class Trainer:
         ckpt = start_checkpoint(cfg, start, self.schema)
         resumed = start.resumed
         self.config = ckpt.config
-        # Rank 0 evaluates and exports a plain CPU copy; with DDP on CPU that is the
-        # trained module itself.
+        # Rank 0 evaluates, checkpoints and exports a plain CPU copy, handed to the
+        # coordinator at every call; with DDP on CPU that is the trained module itself.
         on_cpu_ddp = rt.device.type == "cpu" and (rt.strategy == "ddp" or not rt.distributed)
         if on_cpu_ddp:
             self.model = D.wrap(ckpt.model, rt)
@@ -72,12 +74,12 @@ class Trainer:
         self.optimizers = make_optimizers(self.model, cfg.lr, cfg.embedding_lr)
         if resumed and ckpt.optimizer is not None:
             D.load_optimizer_state(self.model, self.optimizers, ckpt.optimizer, rt)
-        self.coordinator = Coordinator(cfg, self.schema, self.config, self.plain, ckpt, resumed) if rt.is_main else None
+        self.coordinator = Coordinator(cfg, self.schema, self.config, ckpt, resumed) if rt.is_main else None
 
     def run(self) -> None:
         coordinator = self.coordinator
         if coordinator is not None:
-            coordinator.recover()
+            coordinator.recover(self.plain)
         while True:
             plan: Plan = D.broadcast(coordinator.plan() if coordinator else None, self.rt)
             if plan.kind == "stop":
@@ -88,7 +90,7 @@ class Trainer:
                 continue
             if plan.kind == "adapter":
                 if coordinator is not None:
-                    coordinator.adapter_cycle(plan)
+                    coordinator.adapter_cycle(plan, self.plain)
                 continue
             self.fm_cycle(plan)
         D.barrier(self.rt)
@@ -119,7 +121,7 @@ class Trainer:
         if coordinator is not None:
             if self.plain is not D.unwrap(self.model):
                 self.plain.load_state_dict(after)
-            result = coordinator.gate(plan)
+            result = coordinator.gate(plan, self.plain)
         passed = D.broadcast(result.passed if result else None, rt)
         if not passed:
             # Dropped on every rank: the next cycle starts from the weights that serve.
@@ -130,7 +132,7 @@ class Trainer:
         optimizer_state = D.full_optimizer_state(self.model, self.optimizers, rt)
         if coordinator is not None:
             assert result is not None
-            coordinator.finish_fm_cycle(plan, result, loss, rate, examples, start, optimizer_state)
+            coordinator.finish_fm_cycle(plan, result, Trained(self.plain, loss, rate, examples, start, optimizer_state))
         D.barrier(rt)
 
 

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,13 @@ from torch import Tensor, nn
 from model.adapter import StudentAdapter
 from model.baselines import build_models
 from model.batch import Batch, concat, iter_minibatches
-from model.checkpoint import save_checkpoint
+from model.checkpoint import ModelBundle, save_checkpoint
 from model.config import preset
 from model.data.reader import DataError, read_batch, resolve_paths
 from model.embedding import dense_stats, set_dense_stats
 from model.features import input_names
 from model.outputs import LOGITS
+from model.progress import SILENT, Progress
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
 from trainer.evaluation import evaluate
 
@@ -96,33 +97,6 @@ class TrainConfig:
         )
 
 
-@dataclass
-class TrainProgress:
-    """Where training stands, for progress displays. `examples_per_s` counts training
-    time only (not the evaluation after each epoch): the figure the table reports."""
-
-    model: str
-    epoch: int
-    max_epochs: int
-    examples: int
-    total: int  # examples at `max_epochs` (early stopping may end before)
-    seconds: float
-    loss: float
-    losses: list[float] = field(default_factory=list, repr=False)
-
-    @property
-    def examples_per_s(self) -> float:
-        return self.examples / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float:
-        rate = self.examples_per_s
-        return (self.total - self.examples) / rate if rate > 0 else float("nan")
-
-
-ProgressCallback = Callable[[TrainProgress], None]
-
-
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -133,8 +107,9 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLog:
-    """Plain progress lines, at most one every `every_s` seconds (for a log file,
-    compose or CI, where a progress bar is noise):
+    """`model.progress.Progress` as plain lines, at most one every `every_s` seconds
+    (for a log file, compose or CI, where a progress bar is noise). Training's figures
+    (`epoch`, `epochs`, `loss`, `rate`: examples/s of training time) make the line:
 
         gem epoch 2/8: 31,232/160,000 examples, 4,512 examples/s, loss 0.3121, ETA 28s
     """
@@ -144,16 +119,27 @@ class ProgressLog:
     ):
         self.write, self.every_s, self.clock = write, every_s, clock
         self.last: float | None = None
+        self.task, self.total, self.done = "", 0, 0
 
-    def __call__(self, p: TrainProgress) -> None:
+    def start(self, task: str, total: int | None = None) -> None:
+        self.task, self.total, self.done, self.last = task, total or 0, 0, None
+
+    def advance(self, n: int, **figures: float) -> None:
+        self.done += n
         now = self.clock()
-        if self.last is not None and now - self.last < self.every_s and p.examples < p.total:
+        if self.last is not None and now - self.last < self.every_s and self.done < self.total:
             return
         self.last = now
+        rate = figures.get("rate", 0.0)
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         self.write(
-            f"{p.model} epoch {p.epoch}/{p.max_epochs}: {p.examples:,}/{p.total:,} examples, "
-            f"{p.examples_per_s:,.0f} examples/s, loss {p.loss:.4f}, ETA {format_duration(p.eta_s)}"
+            f"{self.task} epoch {figures.get('epoch', 0):.0f}/{figures.get('epochs', 0):.0f}: "
+            f"{self.done:,}/{self.total:,} examples, {rate:,.0f} examples/s, loss {figures.get('loss', math.nan):.4f}, "
+            f"ETA {format_duration(eta)}"
         )
+
+    def note(self, message: str) -> None:
+        self.write(message)
 
 
 def to_tensors(batch: Batch, names: tuple[str, ...], device: torch.device | None = None) -> dict[str, Tensor]:
@@ -288,8 +274,7 @@ def fit(
     val_data: Batch,
     schema: FeatureSchema,
     cfg: TrainConfig,
-    on_step: StepCallback | None = None,
-    on_progress: ProgressCallback | None = None,
+    progress: Progress = SILENT,
 ) -> FitResult:
     """Trains `model` for at most `cfg.epochs` epochs, evaluating on `val_data` after
     each; stops after `cfg.patience` epochs without a better validation NE and leaves
@@ -298,30 +283,27 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     optimizers = make_optimizers(model, cfg.lr, cfg.embedding_lr)
     val_labels = labels_of(val_data, schema)
-    rows = sum(len(b[SURFACE_INPUT]) for b in train_data)
-    progress = TrainProgress(name, 0, cfg.epochs, 0, cfg.epochs * rows, 0.0, float("nan"))
+    examples, recent = 0, []  # recent: the last 50 steps' losses
 
     def step(n: int, loss: float) -> None:
-        progress.examples += n
-        progress.losses.append(loss)
-        del progress.losses[:-50]
-        progress.loss = float(np.mean(progress.losses))
-        progress.seconds = seconds + time.perf_counter() - t0
-        if on_step:
-            on_step(n, loss)
-        if on_progress:
-            on_progress(progress)
+        nonlocal examples
+        examples += n
+        recent.append(loss)
+        del recent[:-50]
+        # Examples/s of training time only (not the evaluation after each epoch): the
+        # figure the table reports.
+        elapsed = seconds + time.perf_counter() - t0
+        rate = examples / elapsed if elapsed > 0 else 0.0
+        progress.advance(n, epoch=epoch, epochs=cfg.epochs, loss=float(np.mean(recent)), rate=rate)
 
     curve: list[dict] = []
     best_score, best_epoch, best_state, seconds = math.inf, 0, None, 0.0
     for epoch in range(1, cfg.epochs + 1):
-        progress.epoch = epoch
         t0 = time.perf_counter()
         losses = []
         for shard in train_data:
             losses.append(train_steps(model, optimizers, shard, schema, cfg.batch_size, rng, step))
         seconds += time.perf_counter() - t0
-        progress.seconds = seconds
         val = evaluate(schema, predict(model, val_data, schema), val_labels, val_data[SURFACE_INPUT])
         score = selection_score(val, schema)
         improved = score < best_score
@@ -343,21 +325,16 @@ def fit(
             break
     if best_state is not None and best_epoch != len(curve):
         model.load_state_dict(best_state)
-    return FitResult(best_epoch, len(curve), curve, progress.examples, seconds)
+    return FitResult(best_epoch, len(curve), curve, examples, seconds)
 
 
-def train(
-    cfg: TrainConfig,
-    on_step: StepCallback | None = None,
-    on_model: Callable[[str, int], None] | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> TrainResult:
+def train(cfg: TrainConfig, progress: Progress = SILENT) -> TrainResult:
     """Trains GEM (and baselines) with early stopping on the validation slice, reports
     the test slice, writes the checkpoint (the best epoch of GEM).
 
-    `on_model(name, examples)` is called as each model starts, with the examples it
-    would train on at the most epochs; `on_step(examples, loss)` after every step;
-    `on_progress(TrainProgress)` after every step too, with the running figures.
+    `progress` starts a unit per model (its total: the examples at the most epochs) and
+    advances after every step with the running figures (`epoch`, `epochs`, `loss`,
+    `rate`: examples/s of training time).
     """
     cfg = cfg.resolved()
     schema = load_schema(cfg.schema_path)
@@ -395,10 +372,9 @@ def train(
     throughput = 0.0
     rows = sum(len(b[SURFACE_INPUT]) for b in train_data)
     for name, model in models.items():
-        if on_model:
-            on_model(name, cfg.epochs * rows)
+        progress.start(name, cfg.epochs * rows)
         set_dense_stats(model, stats)
-        fitted = fit(name, model, train_data, val_data, schema, cfg, on_step, on_progress)
+        fitted = fit(name, model, train_data, val_data, schema, cfg, progress)
         result = evaluate(schema, predict(model, test_data, schema), test_labels, test_data[SURFACE_INPUT])
         result["train_examples_per_s"] = fitted.examples_per_s
         result["best_epoch"] = fitted.best_epoch
@@ -438,5 +414,5 @@ def train(
         ).numpy()
     metrics["gem_adapted"] = evaluate(schema, adapted, test_labels, test_data[SURFACE_INPUT])
 
-    path = save_checkpoint(cfg.out, schema, model_cfg, gem, adapter, metrics)
+    path = save_checkpoint(cfg.out, ModelBundle(schema, model_cfg, gem, adapter), metrics)
     return TrainResult(path, metrics, throughput)

@@ -141,7 +141,8 @@ class BarProgress:
         if self.task is None:
             self.start("working")
         assert self.task is not None
-        self.bar.advance(self.task, n)
+        # Figures become the task's fields (`rate`: RateColumn's figure).
+        self.bar.update(self.task, advance=n, **figures)
 
     def note(self, message: str) -> None:
         log.info("%s", message)

@@ -15,14 +15,20 @@ from gem.cli.common import (
     DEFAULT_DATA,
     DEFAULT_REPO,
     TRITON_WORK_DIR,
+    BarProgress,
     RepoOption,
     SchemaOption,
     console,
     friendly_errors,
     log,
+    progress,
     stdout,
 )
 from model.schema import DEFAULT_SCHEMA_PATH, load_schema
+
+# Options `gem export` and `gem trainer run` share: both publish through export.publish.
+KeepOption = Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")]
+LoadOption = Annotated[str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")]
 
 triton_app = typer.Typer(
     help="The local Triton server (the nvidia-pytriton wheel's tritonserver).", no_args_is_help=True
@@ -53,27 +59,33 @@ def run_export(
     triton_url: str | None = None,
     fp16: bool = False,
 ):
-    import asyncio
-
-    from export.publish import ExportConfig, export_checkpoint
+    from export.publish import PublishPolicy, publish
     from export.repository import ModelRepository
     from export.tensorrt import build_plan, serving_profile
     from model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    cfg = ExportConfig(repository=repo, data=data, keep_versions=keep, fp16=fp16)
-    with console.status("exporting") as status:
-        report = export_checkpoint(ckpt, cfg, on_stage=lambda stage: status.update(stage))
-        if tensorrt:
-            status.update("building the TensorRT plan")
-            build_plan(report.fm.path, serving_profile(ckpt.schema, cfg.serving.max_batch_size), fp16)
+    repository = ModelRepository(repo)
+    connect = None
+    if triton_url:
+        from serving.backends.triton_client import TritonClient
+
+        def connect() -> TritonClient:
+            return TritonClient(triton_url, timeout_s=30.0)
+
+    with progress("stages") as bar:
+        report = publish(
+            ckpt, repository, PublishPolicy(data=data, keep_versions=keep, fp16=fp16), connect, BarProgress(bar)
+        )
+    if tensorrt:
+        with console.status("building the TensorRT plan"):
+            build_plan(report.fm.path, serving_profile(ckpt.schema, repository.serving.max_batch_size), fp16)
     if triton_url:
         from serving.backends.errors import BackendError
-        from serving.triton.rollout import roll_out_published
 
-        versions = {report.fm.model: report.fm.version, report.adapter.model: report.adapter.version}
-        repository = ModelRepository(repo, cfg.serving)
-        for r in asyncio.run(roll_out_published(triton_url, repository, versions, keep)):
+        if report.rollout_error:
+            raise BackendError(f"could not reach Triton at {triton_url}: {report.rollout_error}")
+        for r in report.rollouts:
             if not r.loaded:
                 raise BackendError(f"Triton refused {r.model} version {r.version}: {r.reason}")
             log.info("Triton at %s serves %s version %d", triton_url, r.model, r.version)
@@ -87,13 +99,11 @@ def export_cmd(
     data: Annotated[
         Path | None, typer.Option(help="Logged rows for the parity check (its last file); default: the synthetic set.")
     ] = None,
-    keep: Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")] = 3,
+    keep: KeepOption = 3,
     tensorrt: Annotated[
         bool, typer.Option(help="Also build a TensorRT plan for the new FM version (needs trtexec and a GPU).")
     ] = False,
-    load: Annotated[
-        str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")
-    ] = None,
+    load: LoadOption = None,
     fp16: Annotated[
         bool,
         typer.Option(help="Also publish a half-precision FM graph (model.fp16.onnx); with --tensorrt, an FP16 plan."),
@@ -143,9 +153,6 @@ def _triton_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int
 
 
 PortOption = Annotated[int, typer.Option()]
-MetricsPortOption = Annotated[
-    int, typer.Option(help="Prometheus port of the front end (its metrics and Ray Serve's, at /metrics).")
-]
 
 
 @triton_app.command("up")

@@ -4,7 +4,7 @@ stack and its clients."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -15,6 +15,7 @@ from gem.cli.common import (
     DEFAULT_DATA,
     DEFAULT_REPO,
     TRITON_WORK_DIR,
+    BarProgress,
     MetricsPortOption,
     RepoOption,
     TritonUrlOption,
@@ -63,23 +64,12 @@ def bootstrap(checkpoint: Path, data: Path, repo: Path, train_when_published: bo
     """trainer.bootstrap with progress bars, and the tables of what it trained and published."""
     from gem.cli.export import parity_table
     from gem.cli.train import metric_table
-    from trainer.bootstrap import BootstrapConfig, Listener
+    from trainer.bootstrap import BootstrapConfig
     from trainer.bootstrap import bootstrap as run_bootstrap
 
     cfg = BootstrapConfig(checkpoint, data, repo, train_when_published=train_when_published)
     with progress("examples") as bar:
-        tasks: dict[str, Any] = {}
-
-        def on_rows(n: int) -> None:
-            tasks.setdefault("rows", bar.add_task("synthesizing rows", total=None))
-            bar.advance(tasks["rows"], n)
-
-        def on_model(name: str, total: int) -> None:
-            tasks["model"] = bar.add_task(f"training {name}", total=total)
-
-        listener = Listener(on_rows, on_model, lambda n, _loss: bar.advance(tasks["model"], n))
-        with console.status("bootstrapping"):
-            result = run_bootstrap(cfg, listener)
+        result = run_bootstrap(cfg, BarProgress(bar))
     if result.metrics is not None:
         stdout().print(metric_table(result.metrics))
     if result.export is not None:

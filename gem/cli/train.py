@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,6 +12,7 @@ from rich.table import Table
 from gem.cli.common import (
     DEFAULT_CHECKPOINT,
     DEFAULT_DATA,
+    BarProgress,
     PresetOption,
     SchemaOption,
     console,
@@ -66,18 +67,10 @@ def run_training(cfg: TrainConfig, progress_every: float = 10.0) -> dict:
     if not console.is_terminal:
         # A log file, compose, CI: plain lines every `progress_every` seconds, no bar.
         line = functools.partial(console.print, highlight=False, soft_wrap=True)
-        result = train(cfg, on_progress=ProgressLog(line, progress_every))
+        result = train(cfg, ProgressLog(line, progress_every))
     else:
         with progress("examples") as bar:
-            current: dict[str, Any] = {}
-
-            def on_model(name: str, total: int) -> None:
-                current["task"] = bar.add_task(f"training {name}", total=total)
-
-            def on_progress(p) -> None:  # the same examples/s as the table: training time only
-                bar.update(current["task"], completed=p.examples, rate=p.examples_per_s)
-
-            result = train(cfg, on_model=on_model, on_progress=on_progress)
+            result = train(cfg, BarProgress(bar))
     log.info("checkpoint written to %s (GEM trained at %.0f examples/s)", result.checkpoint, result.examples_per_s)
     return result.metrics
 

@@ -19,6 +19,7 @@ from gem.cli.common import (
     log,
     stdout,
 )
+from gem.cli.export import KeepOption, LoadOption
 from model.schema import DEFAULT_SCHEMA_PATH
 
 trainer_app = typer.Typer(
@@ -48,10 +49,8 @@ def trainer_run(
     strategy: Annotated[
         str, typer.Option(help="ddp (default; CPU gloo or GPU NCCL), fsdp2 or hsdp (GPUs: FSDP2 on the dense part).")
     ] = "ddp",
-    triton_url: Annotated[
-        str | None, typer.Option(help="gRPC address of the Triton to load new versions into (default: publish only).")
-    ] = None,
-    keep: Annotated[int, typer.Option(help="Versions kept per model in the repository.")] = 3,
+    triton_url: LoadOption = None,
+    keep: KeepOption = 3,
     tolerance: Annotated[
         float, typer.Option(help="Gate: refuse when a task's NE is worse than the served version's by more (relative).")
     ] = 0.01,
@@ -131,13 +130,17 @@ def trainer_rollback(
 ) -> None:
     """Serve an older version again: the newer versions are moved to <model>/.rejected/
     (their numbers are not reused), and Triton reloads the model when --triton-url is given."""
+    import asyncio
+
     from export.repository import ModelRepository
+    from export.rollout import roll_back
+    from serving.backends.triton_client import TritonClient
     from serving.local.triton import use_stored_admin_key
-    from serving.triton.rollout import roll_back
 
     if triton_url:
         use_stored_admin_key()
-    moved = roll_back(ModelRepository(repo), model, to, triton_url)
+    connect = (lambda: TritonClient(triton_url, timeout_s=30)) if triton_url else None
+    moved = asyncio.run(roll_back(ModelRepository(repo), model, to, connect))
     log.info(
         "%s: version %d is the latest%s; moved aside: %s",
         model, to, f" and serving on {triton_url}" if triton_url else "", ", ".join(map(str, moved)) or "nothing",

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import grpc
 
+from export.rollout import ModelRefused
 from model.user_index import UserIndexError
 
 
@@ -39,8 +40,8 @@ class InvalidRequest(BackendError):
     public = "the model refused the batch's tensors"
 
 
-class ModelLoadError(BackendError):
-    """The backend could not load a model version."""
+class ModelLoadError(BackendError, ModelRefused):
+    """The backend could not load a model version (what rollout calls `ModelRefused`)."""
 
 
 def status_of(error: Exception, timeout_s: float) -> tuple[grpc.StatusCode, str]:

@@ -1,0 +1,106 @@
+"""The side trainer's publish stage (rank 0): a commit put into service.
+
+The committed checkpoint's FM and adapter (or the adapter alone, when the FM was
+refused or waits for its gate) go through `export.publish` (parity, publish, prune,
+Triton's load), then the `publish` ledger line. A version already published from the
+checkpoint (a publish interrupted after its rename) is kept, not published again. A
+failed export or load leaves the served versions as they were, logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from export.contract import ADAPTER_MODEL, FM_MODEL
+from export.onnx_export import ExportError
+from export.publish import MODELS, PublishPolicy, PublishReport, publish
+from export.repository import ModelRepository, RepositoryError
+from export.rollout import Connect
+from model.checkpoint import ModelBundle, checkpoint_digests
+from model.data.reader import DataError
+from trainer.config import TrainerConfig
+from trainer.ledger import Committed, Ledger, PublishLine
+from trainer.prometheus import TrainerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, cfg: TrainerConfig, repo: ModelRepository, ledger: Ledger, metrics: TrainerMetrics):
+        self.cfg, self.repo, self.ledger, self.metrics = cfg, repo, ledger, metrics
+
+    def publish(
+        self, committed: Committed, checkpoint: Path | None, bundle: ModelBundle, with_fm: bool, eval_path: Path | None
+    ) -> dict[str, int | None]:
+        """Publishes `bundle`, committed as `checkpoint`; returns the versions now served
+        (None: not published or not loaded)."""
+        start = time.perf_counter()
+        log.info(
+            "publishing %s from checkpoint %s", f"{FM_MODEL} and {ADAPTER_MODEL}" if with_fm else ADAPTER_MODEL,
+            committed.checkpoint if committed.checkpoint is not None else "?",
+        )  # fmt: skip
+        if eval_path is not None and not eval_path.exists():
+            eval_path = None
+        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        policy = PublishPolicy(
+            data=eval_path, keep_versions=self.cfg.keep, with_fm=with_fm, sources=_sources(checkpoint),
+            work_dir=self.cfg.work_dir,
+        )  # fmt: skip
+        error = None
+        versions: dict[str, int | None] = dict.fromkeys(MODELS)
+        try:
+            report = publish(bundle, self.repo, policy, self._connect())
+        except (ExportError, RepositoryError, DataError, OSError, RuntimeError, ValueError) as e:
+            error = f"export failed: {e}"
+            self.metrics.failures.labels("export").inc()
+            log.error("%s; the served versions stay", error)
+        else:
+            versions = self._served(report)
+        self._record_publish(PublishLine(committed.cycle, committed.checkpoint, error, versions))
+        text = ", ".join(f"{k} v{v}" for k, v in versions.items() if v) or "nothing"
+        log.info("published %s (%.1fs)", text, time.perf_counter() - start)
+        return versions
+
+    # Its own step: the fault-injection tests kill the trainer just before it.
+    def _record_publish(self, line: PublishLine) -> None:
+        self.ledger.append(line.line())
+        now = time.time()
+        for model, version in line.versions.items():
+            if version:
+                self.metrics.serving_version.labels(model).set(version)
+                self.metrics.last_publish.labels(model).set(now)
+
+    def _connect(self) -> Connect | None:
+        """The Triton to load new versions into, when there is one."""
+        url = self.cfg.triton_url
+        if url is None:
+            return None
+        from serving.backends.triton_client import TritonClient
+
+        return lambda: TritonClient(url, timeout_s=30.0)
+
+    def _served(self, report: PublishReport) -> dict[str, int | None]:
+        """The published versions, a version Triton refused (moved aside, the old one
+        keeps serving) as None; all None when Triton could not be reached."""
+        if report.rollout_error is not None:
+            self.metrics.failures.labels("load").inc()
+            log.error("could not reach Triton at %s: %s (published, not loaded)", self.cfg.triton_url,
+                      report.rollout_error)  # fmt: skip
+            return dict.fromkeys(MODELS)
+        served = report.versions
+        for r in report.rollouts:
+            if not r.loaded:
+                self.metrics.failures.labels("load").inc()
+                log.error("Triton refused %s v%d: %s; the served version stays", r.model, r.version, r.reason)
+                served[r.model] = None
+        return served
+
+
+def _sources(checkpoint: Path | None) -> dict[str, str]:
+    """What the checkpoint's versions say they came from: its weights' digests."""
+    if checkpoint is None:
+        return {}
+    digests = checkpoint_digests(checkpoint)
+    return {FM_MODEL: f"sha256:{digests['model.pt']}", ADAPTER_MODEL: f"sha256:{digests['adapter.pt']}"}
