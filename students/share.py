@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from model.checkpoint import load_checkpoint
 from students.model import Student
@@ -56,6 +56,3 @@ def share_tables(student: Student, checkpoint: str | Path, mode: str = "finetune
         )
     return shared
 
-
-def frozen_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if not p.requires_grad)

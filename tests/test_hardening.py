@@ -196,7 +196,7 @@ def test_bootstrap_trains_gem_only(monkeypatch, tmp_path):
         out.mkdir(parents=True)
         (out / "part-00000.parquet").touch()
 
-    def train(cfg, **callbacks):
+    def train(cfg, progress=None):
         seen["baselines"] = cfg.baselines
         return SimpleNamespace(metrics={})
 
