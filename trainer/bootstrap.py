@@ -80,4 +80,4 @@ def _train(cfg: BootstrapConfig, progress: Progress) -> dict:
     train_cfg = TrainConfig(
         data=cfg.data, out=cfg.checkpoint, preset=cfg.preset, baselines=cfg.baselines, schema_path=cfg.schema_path
     )
-    return train(train_cfg, progress).metrics
+    return train(train_cfg, progress=progress).metrics
