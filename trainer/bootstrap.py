@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from export.contract import FM_MODEL, latest_version
 from model.progress import SILENT, Progress
 from model.schema import DEFAULT_SCHEMA_PATH
+
+if TYPE_CHECKING:  # the export stack (torch, onnx) loads only when something is published
+    from export.publish import PublishReport
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class BootstrapResult:
     # The training metrics, when a model was trained.
     metrics: dict | None = None
     # The export report (parity, versions), when one was published.
-    export: object | None = None
+    export: PublishReport | None = None
 
 
 def bootstrap(cfg: BootstrapConfig, progress: Progress = SILENT) -> BootstrapResult:
@@ -75,4 +79,4 @@ def _train(cfg: BootstrapConfig, progress: Progress) -> dict:
     train_cfg = TrainConfig(
         data=cfg.data, out=cfg.checkpoint, preset=cfg.preset, baselines=cfg.baselines, schema_path=cfg.schema_path
     )
-    return train(train_cfg, progress).metrics
+    return train(train_cfg, progress=progress).metrics

@@ -107,8 +107,15 @@ class AdapterCommit:
 
 @dataclass(frozen=True)
 class QuarantineLine:
+    """A shard moved out of the stream because it does not fit the schema, and why."""
+
     shard: ShardId
     reason: str
+
+    @classmethod
+    def of(cls, path: Path, reason: str) -> QuarantineLine:
+        """Read before the shard is moved: its identity is its content where it was."""
+        return cls(ShardId.of(path), reason)
 
     def line(self) -> dict[str, Any]:
         return {"kind": "quarantine", **self.shard.fields(), "reason": self.reason}

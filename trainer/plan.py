@@ -18,7 +18,7 @@ from model.batch import Batch
 from model.data.reader import DataError
 from model.schema import FeatureSchema
 from trainer.config import TrainerConfig
-from trainer.ledger import Ledger, QuarantineLine, ShardId, TrainerRecord
+from trainer.ledger import Ledger, QuarantineLine, TrainerRecord
 from trainer.prometheus import TrainerMetrics
 from trainer.stream import discover, fingerprint, load_shard, quarantine
 
@@ -64,9 +64,9 @@ class Planner:
                 log.info("%s cannot be read (yet?): looking again in %.1fs", path.name, self.cfg.poll_s)
                 return False
             del self.unsettled[path.name]
-            sid = ShardId.of(path)
+            line = QuarantineLine.of(path, str(e))
             quarantine(path, str(e))
-            self.ledger.append(QuarantineLine(sid, str(e)).line())
+            self.ledger.append(line.line())
             self.metrics.quarantined.inc()
             self.metrics.failures.labels("data").inc()
             return None
