@@ -142,6 +142,20 @@ def test_async_client_talks_tls(tls_server, certificate):
     assert reply.outputs["labels"].shape == (4, 2) and reply.fm_version == 3
 
 
+def test_client_talks_mutual_tls(certificate):
+    # The test's one certificate serves as server, client and the CA of both.
+    cert, key = certificate
+    server_credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=cert, require_client_auth=True)
+    with serve(server_credentials) as (address, _):
+        anonymous = tls_args(cert)
+        with KnowledgeClient(address, timeout_s=5, retries=0, **anonymous) as client, pytest.raises(grpc.RpcError) as e:
+            client.info()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert, private_key=key, certificate_chain=cert)
+        with KnowledgeClient(address, timeout_s=10, **{**anonymous, "credentials": credentials}) as client:
+            assert client.info().schema_name == "canned"
+
+
 def test_tls_checks_the_server_name(tls_server, certificate):
     # Without the override the client checks the certificate against "127.0.0.1".
     address, service = tls_server
