@@ -4,7 +4,9 @@ client/gem/knowledge/... (committed).
     .venv/bin/python protos/generate.py          # or: make protos
 
 tests/test_api.py checks that the committed code is what this produces, so the code
-can never drift from the .proto. grpcio-tools is pinned in pyproject.toml for that.
+can never drift from the .proto. grpcio-tools is pinned in pyproject.toml for that, and
+its version sets the client's floors: the generated code checks for a protobuf runtime at
+least as new as its protoc, and a grpcio at least as new as itself (client/pyproject.toml).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ format: sequences as list columns (padded here, their `<sequence>_length` derive
 surfaces as names or indices, ids of any integer type. The server's schema (from
 `GetModelInfo`, fetched once) says how. One channel per client, reused by every call;
 UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline.
+
+The channel is plaintext unless `credentials` are given (TLS, say
+`grpc.ssl_channel_credentials(root_certificates=...)`); `options` are gRPC channel
+arguments laid over the client's own (e.g. `("grpc.ssl_target_name_override", host)`).
+Every call carries the user agent `gem-knowledge-client/<version>`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import grpc
@@ -38,6 +44,17 @@ TIMEOUT_METADATA = "gem-timeout-ms"
 # lost before any work counted). DEADLINE_EXCEEDED is not retried: the work may still be
 # running, and a retry would double the load exactly when the server is slow.
 RETRYABLE = ("UNAVAILABLE",)
+# gRPC channel arguments, as grpc.insecure_channel and grpc.secure_channel take them.
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def user_agent() -> str:
+    """`gem-knowledge-client/<version>`, the version of the installed distribution."""
+    try:
+        version = metadata.version("gem-knowledge-client")
+    except metadata.PackageNotFoundError:  # imported from a source tree, not installed
+        version = "unknown"
+    return f"gem-knowledge-client/{version}"
 
 
 @dataclass(frozen=True)
@@ -47,27 +64,28 @@ class Reply:
     adapter_version: int
 
 
-def channel_options(retries: int) -> list[tuple[str, Any]]:
-    policy = {
-        "methodConfig": [
-            {
-                "name": [{"service": "gem.knowledge.v1.KnowledgeService"}],
-                "retryPolicy": {
-                    "maxAttempts": retries + 1,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": list(RETRYABLE),
-                },
-            }
-        ]
+def channel_options(retries: int, extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
+    """The client's channel arguments with `extra` laid over them (a key given in both
+    takes `extra`'s value: gRPC itself does not say which of two equal keys wins)."""
+    method: dict[str, Any] = {"name": [{"service": "gem.knowledge.v1.KnowledgeService"}]}
+    if retries > 0:  # gRPC refuses a retry policy of fewer than 2 attempts
+        method["retryPolicy"] = {
+            "maxAttempts": retries + 1,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": list(RETRYABLE),
+        }
+    policy = {"methodConfig": [method]}
+    options = {
+        "grpc.service_config": json.dumps(policy),
+        "grpc.enable_retries": 1,
+        "grpc.max_send_message_length": 1 << 30,
+        "grpc.max_receive_message_length": 1 << 30,
+        "grpc.primary_user_agent": user_agent(),
     }
-    return [
-        ("grpc.service_config", json.dumps(policy)),
-        ("grpc.enable_retries", 1),
-        ("grpc.max_send_message_length", 1 << 30),
-        ("grpc.max_receive_message_length", 1 << 30),
-    ]
+    options.update(extra)
+    return list(options.items())
 
 
 def _table(data: Columns) -> Any:
@@ -135,13 +153,23 @@ def _reply(response: pb.GenerateResponse) -> Reply:
     return Reply(outputs, response.versions.fm, response.versions.adapter)
 
 
-def _sync_channel(address: str, options: list, interceptors: Sequence[Any]) -> grpc.Channel:
-    channel = grpc.insecure_channel(address, options=options)
+def _sync_channel(
+    address: str, options: list, interceptors: Sequence[Any], credentials: grpc.ChannelCredentials | None
+) -> grpc.Channel:
+    if credentials is None:
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        channel = grpc.secure_channel(address, credentials, options=options)
     return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
-def _async_channel(address: str, options: list, interceptors: Sequence[Any]) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors) or None)
+def _async_channel(
+    address: str, options: list, interceptors: Sequence[Any], credentials: grpc.ChannelCredentials | None
+) -> grpc.aio.Channel:
+    chained = list(interceptors) or None
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=chained)
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=chained)
 
 
 class _Base:
@@ -156,9 +184,12 @@ class _Base:
         retries: int = 3,
         application: str | None = None,
         interceptors: Sequence[Any] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        options: ChannelOptions = (),
     ):
         """`interceptors`: gRPC client interceptors (e.g. the load test's, which times
-        every call)."""
+        every call). `credentials`: channel credentials for TLS (plaintext without).
+        `options`: gRPC channel arguments laid over the client's own."""
         self.address = address
         self.timeout_s = timeout_s
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
@@ -166,7 +197,7 @@ class _Base:
             # Routes the call to one application when a Serve instance runs several.
             self.metadata.append(("application", application))
         self._info: pb.GetModelInfoResponse | None = None
-        self._channel = type(self)._make_channel(address, channel_options(retries), interceptors)
+        self._channel = type(self)._make_channel(address, channel_options(retries, options), interceptors, credentials)
         self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
     def _call_metadata(self, timeout_s: float) -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ import warnings
 
 from gem.knowledge.v1 import knowledge_pb2 as gem_dot_knowledge_dot_v1_dot_knowledge__pb2
 
-GRPC_GENERATED_VERSION = '1.81.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in gem/knowledge/v1/knowledge_pb2_grpc.py depends on'
+        + f' but the generated code in gem/knowledge/v1/knowledge_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class KnowledgeServiceStub:
+class KnowledgeServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class KnowledgeServiceStub:
                 _registered_method=True)
 
 
-class KnowledgeServiceServicer:
+class KnowledgeServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -84,7 +84,7 @@ def add_KnowledgeServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KnowledgeService:
+class KnowledgeService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
