@@ -55,4 +55,3 @@ def share_tables(student: Student, checkpoint: str | Path, mode: str = "finetune
             f"the checkpoint has tables for {', '.join(sorted(tables)) or 'none'}"
         )
     return shared
-
