@@ -7,7 +7,9 @@ Two ingresses (`serving.config.Ingress`, `--ingress`, $GEM_INGRESS):
   own gRPC server on the public port (`grpc_port`), so a call reaches the code that
   answers it in one hop. Serve still starts its proxies on the head node (its controller
   forces HeadOnly in this mode): their HTTP on `http_port`, their gRPC on a private free
-  port (the fallback Serve routes to while a replica is missing). One replica only: the
+  port (the fallback Serve routes to while a replica is missing), and the replica also
+  starts an HTTP server of its own on a loopback port from Serve's range (30000-31000;
+  the API has no HTTP routes). One replica only: the
   public port is one replica's, and several replicas would need a port each and a
   balancer in front (`start` refuses `replicas > 1`; use "proxy" for those, or, on a
   cluster, a load balancer over the replicas' ports: serving/serve_config.yaml).
