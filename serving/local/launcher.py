@@ -139,17 +139,31 @@ def start(
     return f"{connect_host(host)}:{grpc_port}"
 
 
-def address_of(name: str, host: str = "127.0.0.1", timeout_s: float = 120.0) -> str:
-    """The gRPC address that serves application `name`: its replica's port under direct
-    ingress (known once the replica has started), else the proxy's."""
+def proxy_address(host: str = "127.0.0.1") -> str:
+    """The gRPC address of Serve's proxy: the public port with the proxy ingress, the
+    head-node proxy's private one under direct ingress (calls there take the proxy hop,
+    which is how bench/frontend.py measures both ingresses on one Serve instance)."""
     import ray
-    from ray.serve._private.common import RequestProtocol
+
+    return f"{connect_host(host)}:{ray.get(_controller().get_grpc_config.remote()).port}"
+
+
+def _controller():
     from ray.serve.context import _get_global_client
 
     client = _get_global_client()
     if client is None:
         raise RuntimeError("Serve is not running (launcher.start first)")
-    controller = client._controller
+    return client._controller
+
+
+def address_of(name: str, host: str = "127.0.0.1", timeout_s: float = 120.0) -> str:
+    """The gRPC address that serves application `name`: its replica's port under direct
+    ingress (known once the replica has started), else the proxy's."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+
+    controller = _controller()
     direct = os.environ.get(DIRECT_ENV) == "1"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
