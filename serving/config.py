@@ -18,9 +18,10 @@ SERVICER_FUNCTIONS = (
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 TOKEN_ENV = "GEM_AUTH_TOKEN"
-# Ray Serve's gRPC proxy reads its receive limit from this variable (ray.serve._private.
-# constants.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); bigger messages get RESOURCE_EXHAUSTED
-# from gRPC itself, before they are read.
+# Ray Serve's gRPC servers (the proxy's, and a replica's own under direct ingress: both
+# are grpc_util.gRPCGenericServer) read their receive limit from this variable
+# (ray.serve._private.constants.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); bigger messages get
+# RESOURCE_EXHAUSTED from gRPC itself, before they are read.
 MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 # Who answers the public gRPC port: "direct", the replica's own gRPC server (Ray Serve's
