@@ -1,6 +1,7 @@
 """Both ingresses of the front end (serving/local/launcher.py): the replica's own gRPC
 server (direct ingress, the default) refuses what Serve's gRPC proxy refuses, with the
-same statuses, and stopping either leaves no listener behind."""
+same statuses, a killed replica is replaced on the same port, and stopping either
+leaves no listener behind."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.stack
 
 CALLER_DEADLINE_S = 0.01
 REPLICA, PROXY = "ServeReplica:", "ProxyActor"
+OK = grpc.StatusCode.OK
 
 
 def cases(info: pb.GetModelInfoResponse) -> dict[str, tuple[str, bytes, list, float, grpc.StatusCode]]:
@@ -43,6 +45,25 @@ def cases(info: pb.GetModelInfoResponse) -> dict[str, tuple[str, bytes, list, fl
         "server-side deadline 1 ms": (GENERATE, big, [*AUTH, ("gem-timeout-ms", "1")], 60.0, late),
         "caller deadline 10 ms": (GENERATE, big, AUTH, CALLER_DEADLINE_S, late),
     }
+
+
+def kill_replica(app: str) -> None:
+    """Kills the replica of `app` and returns once its process is gone."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    (name,) = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#")
+    ]
+    (process,) = [
+        p for p in psutil.process_iter(["cmdline"]) if f"ServeReplica:{app}:" in " ".join(p.info["cmdline"] or ())
+    ]
+    ray.kill(ray.get_actor(name, namespace=SERVE_NAMESPACE), no_restart=True)
+    # ray.kill returns at once: wait for the process, so that what answers next is the new replica.
+    _, alive = psutil.wait_procs([process], timeout=30)
+    assert not alive, "the killed replica is still running"
 
 
 def listener(port: int) -> str:
@@ -83,6 +104,12 @@ def test_ingress_refuses_like_the_proxy_and_leaves_nothing_behind(ingress, publi
                 assert all(np.isfinite(np.frombuffer(t.data, np.float32)).all() for t in outputs.values())
         print(f"\n{ingress}:", "\n".join(f"  {n}: {c.name} ({d})" for n, (c, _, d) in got.items()))
         assert {n: c for n, (c, _, _) in got.items()} == {n: w for n, (_, w, _) in got.items()}
+        # A replica that dies is replaced by Serve, and the new one answers the same port.
+        kill_replica(launcher.APP_NAME)
+        started = time.monotonic()
+        launcher.wait_healthy(address, timeout_s=90)
+        print(f"{ingress}: a new replica answered {address} {time.monotonic() - started:.1f}s after the kill")
+        assert raw_call(address, GENERATE, request(good_batch(info, 2, 2, seed=3)).SerializeToString())[0] == OK
     finally:
         start = time.monotonic()
         launcher.stop()
