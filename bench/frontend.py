@@ -1,22 +1,29 @@
 """End to end through the gRPC front end, side by side with what it stands on:
 
-  onnxruntime (in-process)   the FM + adapter in this process, serial: the machine's limit
+  onnxruntime (in-process)   the FM + adapter in this process: the machine's limit
   triton direct              the ensemble over tritonclient (no front end)
-  front end -> triton        Ray Serve gRPC proxy, @serve.batch, Triton behind
-  front end -> embedded      Ray Serve gRPC proxy, @serve.batch, ONNX Runtime in the replica
+  front end (P) -> triton    @serve.batch, Triton behind
+  front end (P) -> embedded  @serve.batch, ONNX Runtime in the replica
 
-at request sizes 1, 32 and 256 examples and rising concurrency (closed loop: each of C
+where P, the path to the replica, is `direct` (Ray Serve's direct ingress: the
+replica's own gRPC server) or `proxy` (Serve's gRPC proxy, then the replica). One Serve
+instance in direct mode serves both: its head-node proxy routes to the same replicas
+(serving/local/launcher.py), so the two paths differ only by the proxy hop.
+
+At request sizes 1, 32 and 256 examples and rising concurrency (closed loop: each of C
 workers sends its next call when the last returns). Then a ranker's call, one user and
-`--candidates` candidates, through both applications in both forms: the shared form
-(the user's columns once, in `shared`) and repeated rows (the user's columns on every
-candidate). With `--archs interformer,shared_user` the whole run is repeated per
-sequence arch (each exported from the same preset and served by its own Triton and
-front end), and a second table gives the ratios: shared-user ÷ per-example model per
-application and form, and shared form ÷ repeated rows per model. Prints the tables,
+each of `--candidates` candidate counts, through both applications and both paths in both
+forms: the shared form (the user's columns once, in `shared`) and repeated rows (the
+user's columns on every candidate), beside the same call in process (user-indexed).
+With `--archs interformer,shared_user` the whole run is repeated per sequence arch (each
+exported from the same preset and served by its own Triton and front end). A second
+table gives the ratios: shared form ÷ in-process and ÷ repeated rows per application
+and path, and (two archs) shared-user ÷ per-example model. Prints the tables,
 writes bench/results/frontend.json and frontend.png (examples/s against p99).
 
     .venv/bin/python -m bench.frontend [--preset small] [--seconds 5] [--archs shared_user]
     .venv/bin/python -m bench.frontend --archs interformer,shared_user --sizes "" --concurrency 1,4
+    .venv/bin/python -m bench.frontend --sizes "" --candidates 1,32,256,512 --concurrency 1,4
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import tempfile
 import time
@@ -52,10 +60,11 @@ from serving.backends.onnx import OnnxBackend
 from serving.backends.triton_client import TritonClient
 from serving.config import FrontendConfig
 from serving.local import launcher
-from serving.local.ports import free_ports
+from serving.local.ports import free_port_run, free_ports
 from serving.local.triton import TritonConfig, TritonServer
 
 APPS = ("triton", "embedded")
+PATHS = ("direct", "proxy")
 
 
 async def closed_loop(
@@ -83,14 +92,17 @@ def rate(name: str, rows: int, measured: tuple[list[float], float], concurrency:
     return Timing(t.name, t.batch, t.calls, t.p50_ms, t.p99_ms, rows * len(latencies) / wall_s)
 
 
-async def run(args, schema, repo: Path, triton_url: str, address: str, arch: str) -> list[Timing]:
+async def run(args, schema, repo: Path, triton_url: str, addresses: dict, arch: str) -> list[Timing]:
+    """`addresses`: (application, path) -> gRPC address."""
     out: list[Timing] = []
     ort_backend = OnnxBackend(repo)
     outputs = ("logits", "adapted_logits", "embedding", "user_embedding")
     label = f"[{arch}] " if len(args.archs) > 1 else ""
     async with TritonClient(triton_url, timeout_s=60) as triton:
-        # Both applications share the proxy; the `application` metadata picks one.
-        clients = {name: AsyncKnowledgeClient(address, timeout_s=60, application=name) for name in APPS}
+        clients = {
+            (name, path): AsyncKnowledgeClient(address, timeout_s=60, application=name)
+            for (name, path), address in addresses.items()
+        }
         for rows in args.sizes:
             batch = random_batch(schema, rows, args.seq_len, seed=rows)
             measured = await closed_loop(lambda b=batch: ort_backend.infer(b, outputs), 1, args.seconds)
@@ -98,22 +110,27 @@ async def run(args, schema, repo: Path, triton_url: str, address: str, arch: str
             for c in args.concurrency:
                 measured = await closed_loop(lambda b=batch: triton.infer(b), c, args.seconds)
                 out.append(rate(f"{label}triton direct", rows, measured, c))
-                for name, client in clients.items():
+                for (name, path), client in clients.items():
                     measured = await closed_loop(lambda b=batch, cl=client: cl.generate(b), c, args.seconds)
-                    out.append(rate(f"{label}front end -> {name}", rows, measured, c))
+                    out.append(rate(f"{label}front end ({path}) -> {name}", rows, measured, c))
         # One user, many candidates: the user's columns once vs repeated per candidate.
-        n = args.candidates
-        ads, shared = random_call(schema, n, args.seq_len, seed=7)
-        for seq in schema.sequences:  # a full history: the user side at its most costly
-            shared[seq.length_name] = np.full(1, args.seq_len, np.int64)
-        repeated = expand_users({**ads, **shared, USER_INDEX: np.zeros(n, np.int64)}, user_input_names(schema))
-        for name, client in clients.items():
-            for form, call in (
-                ("repeated rows", lambda cl=client: cl.generate(repeated)),
-                ("shared form", lambda cl=client: cl.generate(ads, shared=shared)),
-            ):
-                for c in args.concurrency:
-                    out.append(rate(f"{label}{name}, {form}", n, await closed_loop(call, c, args.seconds), c))
+        for n in args.candidates:
+            ads, shared = random_call(schema, n, args.seq_len, seed=7)
+            for seq in schema.sequences:  # a full history: the user side at its most costly
+                shared[seq.length_name] = np.full(1, args.seq_len, np.int64)
+            indexed = {**ads, **shared, USER_INDEX: np.zeros(n, np.int64)}
+            repeated = expand_users(indexed, user_input_names(schema))
+            for c in args.concurrency:
+                measured = await closed_loop(lambda b=indexed: ort_backend.infer(b, outputs), c, args.seconds)
+                out.append(rate(f"{label}onnxruntime in-process, shared form", n, measured, c))
+            for (name, path), client in clients.items():
+                for form, call in (
+                    ("repeated rows", lambda cl=client, r=repeated: cl.generate(r)),
+                    ("shared form", lambda cl=client, a=ads, s=shared: cl.generate(a, shared=s)),
+                ):
+                    for c in args.concurrency:
+                        measured = await closed_loop(call, c, args.seconds)
+                        out.append(rate(f"{label}{name} ({path}), {form}", n, measured, c))
         for client in clients.values():
             await client.close()
     return out
@@ -127,7 +144,8 @@ def plot(timings: list[Timing], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, rows in zip(axes, sorted({t.batch for t in timings}), strict=False):
-        for system in ("triton direct", "front end -> triton", "front end -> embedded"):
+        systems = [f"front end ({path}) -> {app}" for path in PATHS for app in APPS]
+        for system in ("triton direct", *systems):
             points = [t for t in timings if t.batch == rows and t.name.startswith(system + " c=")]
             ax.plot([t.p99_ms for t in points], [t.examples_per_s for t in points], marker="o", label=system)
         ort_points = [t for t in timings if t.batch == rows and t.name.startswith("onnxruntime")]
@@ -144,13 +162,15 @@ def _ints(text: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def served(repo: Path, work: Path) -> Iterator[tuple[str, str]]:
+def served(repo: Path, work: Path) -> Iterator[tuple[dict, str]]:
     """Triton on `repo` and the front end's two applications (`triton` before it, and
-    `embedded` ONNX Runtime in its replica); yields (front end address, Triton URL)."""
-    http, grpc_port, metrics, fe_grpc, fe_http = free_ports(5)
+    `embedded` ONNX Runtime in its replica) under direct ingress; yields ({(application,
+    path): gRPC address}, Triton URL)."""
+    http, grpc_port, metrics, fe_http = free_ports(4)
+    fe_grpc = free_port_run(len(APPS))
     triton = TritonServer(TritonConfig(repo, work, http, grpc_port, metrics)).start()
     try:
-        address = launcher.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton")
+        launcher.start(FrontendConfig(triton_url=triton.cfg.grpc_url), fe_grpc, fe_http, name="triton", apps=len(APPS))
         from ray import serve
 
         from serving.servicer import KnowledgeIngress
@@ -158,9 +178,13 @@ def served(repo: Path, work: Path) -> Iterator[tuple[str, str]]:
         embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
         serve.run(embedded.bind(FrontendConfig(backend="onnxruntime", repository=repo)), name="embedded",
                   route_prefix="/embedded", blocking=False)  # fmt: skip
+        proxy = launcher.proxy_address()
+        addresses = {}
         for app in APPS:
-            launcher.wait_healthy(address, application=app)
-        yield address, triton.cfg.grpc_url
+            addresses[app, "direct"] = launcher.address_of(app)
+            addresses[app, "proxy"] = proxy
+            launcher.wait_healthy(addresses[app, "direct"], application=app)
+        yield addresses, triton.cfg.grpc_url
     finally:
         launcher.stop()
         triton.stop()
@@ -173,7 +197,7 @@ def main() -> None:
                         help="sequence archs to compare, comma-separated (default: the preset's)")  # fmt: skip
     parser.add_argument("--sizes", type=_ints, default=[1, 32, 256], help='examples per call ("" skips)')
     parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
-    parser.add_argument("--candidates", type=int, default=256, help="of one user, in the shared-form cells")
+    parser.add_argument("--candidates", type=_ints, default=[256], help="of one user, in the shared-form cells")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     args = parser.parse_args()
@@ -192,8 +216,8 @@ def main() -> None:
             ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", ModelBundle(schema, model.cfg, model, adapter), {}))
             with console.status(f"exporting {args.preset} ({arch})"):
                 publish(ckpt, ModelRepository(tmp / "repo"), PublishPolicy())
-            with served(tmp / "repo", tmp / "triton") as (address, triton_url), console.status(f"measuring {arch}"):
-                timings += asyncio.run(run(args, schema, tmp / "repo", triton_url, address, arch))
+            with served(tmp / "repo", tmp / "triton") as (addresses, triton_url), console.status(f"measuring {arch}"):
+                timings += asyncio.run(run(args, schema, tmp / "repo", triton_url, addresses, arch))
     _report(args, timings)
 
 
@@ -207,44 +231,62 @@ def _label(name: str) -> tuple[str, str]:
 
 def ratios(args, timings: list[Timing]) -> list[dict]:
     """The shared-form cells side by side: shared-user ÷ per-example model (same
-    application, form and concurrency), and shared form ÷ repeated rows (same model)."""
-    rate = {_label(t.name): t.examples_per_s for t in timings}
+    application, path, form and concurrency), shared form ÷ repeated rows (same model),
+    and each path's shared form ÷ the same call in process."""
+    rate = {(*_label(t.name), t.batch): t.examples_per_s for t in timings}
     out = []
     for arch in args.archs:
         tag = arch if len(args.archs) > 1 else ""
-        for app in APPS:
-            for c in args.concurrency:
-                shared, rows = rate[tag, f"{app}, shared form c={c}"], rate[tag, f"{app}, repeated rows c={c}"]
-                out.append({"compare": f"{arch}: shared form / repeated rows", "app": app, "c": c,
-                            "ratio": shared / rows})  # fmt: skip
-    if {"interformer", "shared_user"} <= set(args.archs):
-        for app in APPS:
-            for form in ("shared form", "repeated rows"):
+        for n in args.candidates:
+            for app, path in itertools.product(APPS, PATHS):
                 for c in args.concurrency:
-                    cell = f"{app}, {form} c={c}"
-                    out.append({"compare": f"shared_user / interformer, {form}", "app": app, "c": c,
-                                "ratio": rate["shared_user", cell] / rate["interformer", cell]})  # fmt: skip
+                    cell = f"{app} ({path}), {{}} c={c}"
+                    shared, rows = rate[tag, cell.format("shared form"), n], rate[tag, cell.format("repeated rows"), n]
+                    in_process = rate[tag, f"onnxruntime in-process, shared form c={c}", n]
+                    out += [
+                        {"compare": f"{arch}: shared form / repeated rows", "app": f"{app} ({path})", "candidates": n,
+                         "c": c, "ratio": shared / rows},
+                        {"compare": f"{arch}: shared form / in-process", "app": f"{app} ({path})", "candidates": n,
+                         "c": c, "ratio": shared / in_process},
+                    ]  # fmt: skip
+    if {"interformer", "shared_user"} <= set(args.archs):
+        for n in args.candidates:
+            for app, path in itertools.product(APPS, PATHS):
+                for form in ("shared form", "repeated rows"):
+                    for c in args.concurrency:
+                        cell = f"{app} ({path}), {form} c={c}"
+                        out.append({"compare": f"shared_user / interformer, {form}", "app": f"{app} ({path})",
+                                    "candidates": n, "c": c,
+                                    "ratio": rate["shared_user", cell, n] / rate["interformer", cell, n]})  # fmt: skip
     return out
 
 
+def _in_process(name: str) -> str:
+    """The in-process cell a row is compared with: the same call at the same
+    concurrency for a ranker's call, the serial one for the size sweep."""
+    if ", " in name:
+        return f"onnxruntime in-process, shared form c={name.rpartition(' c=')[2]}"
+    return "onnxruntime in-process c=1"
+
+
 def _report(args, timings: list[Timing]) -> None:
-    limit = {(_label(t.name)[0], t.batch): t.examples_per_s for t in timings if "onnxruntime in-process" in t.name}
+    limit = {(*_label(t.name), t.batch): t.examples_per_s for t in timings if "onnxruntime in-process" in t.name}
     table = Table(title=f"GEM {args.preset} through the front end (seq len {args.seq_len}, {args.seconds:.0f}s each)")
     for col in ("system", "examples/call", "calls", "p50 ms", "p99 ms", "examples/s", "/ in-process"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for t in timings:
-        key = (_label(t.name)[0], t.batch)
+        key = (_label(t.name)[0], _in_process(_label(t.name)[1]), t.batch)
         ratio = f"{t.examples_per_s / limit[key]:.2f}" if key in limit else ""
         table.add_row(t.name, str(t.batch), str(t.calls), f"{t.p50_ms:.1f}", f"{t.p99_ms:.1f}",
                       f"{t.examples_per_s:,.0f}", ratio)  # fmt: skip
     console = Console()
     console.print(table)
     compared = ratios(args, timings)
-    side = Table(title=f"one user x {args.candidates} candidates: examples/s ratios")
-    for col in ("compare", "application", "concurrency", "ratio"):
+    side = Table(title="one user x N candidates: examples/s ratios")
+    for col in ("compare", "application (path)", "candidates", "concurrency", "ratio"):
         side.add_column(col, justify="left" if col == "compare" else "right")
     for r in compared:
-        side.add_row(r["compare"], r["app"], str(r["c"]), f"{r['ratio']:.2f}x")
+        side.add_row(r["compare"], r["app"], str(r["candidates"]), str(r["c"]), f"{r['ratio']:.2f}x")
     console.print(side)
     write_json("frontend", {**vars(args), "ratios": compared}, timings)
     if args.sizes:

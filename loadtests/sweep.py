@@ -2,7 +2,7 @@
 p99 cross the SLO, and what examples/s is sustained below it?
 
     .venv/bin/python -m loadtests.sweep [--backends triton,onnxruntime] [--rates 1,2,4,8,16]
-        [--duration 30] [--candidates 16,512] [--slo-p99-ms 50] [--repo model_repo]
+        [--duration 30] [--candidates 16,512] [--slo-p99-ms 50] [--repo model_repo] [--ingress direct]
 
 Starts the stack (Triton + Ray Serve, or the embedded backend) once per backend, runs
 the headless Locust test (loadtests/locust.conf, two users per call/s, each paced to its
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.report import slo_violations
-from serving.config import FrontendConfig
+from serving.config import INGRESSES, FrontendConfig, default_ingress
 from serving.local.ports import free_ports
 from serving.local.stack import StackConfig, local_stack
 from serving.local.triton import TritonConfig
@@ -63,7 +63,8 @@ def sweep_backend(backend: str, args: argparse.Namespace, console: Console) -> l
     triton = None
     if backend == "triton":
         triton = TritonConfig(args.repo, Path("artifacts/triton-sweep"), triton_http, triton_grpc, triton_metrics)
-    cfg = StackConfig(FrontendConfig(backend=backend, repository=args.repo), triton, grpc_port, http, metrics)
+    frontend = FrontendConfig(backend=backend, repository=args.repo)
+    cfg = StackConfig(frontend, triton, grpc_port, http, metrics, ingress=args.ingress)
     rows = []
     with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-sweep-") as tmp:
         for rate in args.rates:
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--candidates", default="16,512", help="MIN,MAX candidates per call.")
     parser.add_argument("--slo-p99-ms", type=float, default=50.0)
     parser.add_argument("--repo", type=Path, default=Path("model_repo"))
+    parser.add_argument("--ingress", choices=INGRESSES, default=default_ingress(),
+                        help="who answers the gRPC port: the replica (direct) or Serve's proxy")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     console, backends = Console(stderr=True), args.backends.split(",")

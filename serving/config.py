@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal, cast
 
 from export.contract import MAX_BATCH_EXAMPLES, TRITON_GRPC_URL
 from model.schema import DEFAULT_SCHEMA_PATH
@@ -17,10 +18,26 @@ SERVICER_FUNCTIONS = (
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 TOKEN_ENV = "GEM_AUTH_TOKEN"
-# Ray Serve's gRPC proxy reads its receive limit from this variable (ray.serve._private.
-# constants.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); bigger messages get RESOURCE_EXHAUSTED
-# from gRPC itself, before they are read.
+# Ray Serve's gRPC servers (the proxy's, and a replica's own under direct ingress: both
+# are grpc_util.gRPCGenericServer) read their receive limit from this variable
+# (ray.serve._private.constants.RAY_SERVE_GRPC_MAX_MESSAGE_SIZE); bigger messages get
+# RESOURCE_EXHAUSTED from gRPC itself, before they are read.
 MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+
+# Who answers the public gRPC port: "direct", the replica's own gRPC server (Ray Serve's
+# direct ingress: no proxy hop), or "proxy", Serve's gRPC proxy in front of the
+# replicas (serving/local/launcher.py says what each means for the ports).
+Ingress = Literal["direct", "proxy"]
+INGRESSES: tuple[Ingress, ...] = ("direct", "proxy")
+INGRESS_ENV = "GEM_INGRESS"
+
+
+def default_ingress() -> Ingress:
+    """$GEM_INGRESS, or "direct"."""
+    value = os.environ.get(INGRESS_ENV) or "direct"
+    if value not in INGRESSES:
+        raise ValueError(f"{INGRESS_ENV}={value!r}: the ingress is one of {', '.join(INGRESSES)}")
+    return cast(Ingress, value)
 
 
 def max_message_bytes(schema, max_examples: int) -> int:

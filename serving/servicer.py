@@ -1,6 +1,7 @@
 """The Ray Serve deployment of GEM knowledge serving: the gRPC servicer.
 
-Ray Serve's gRPC proxy receives the calls (the servicers are registered through
+Ray Serve's gRPC server receives the calls (the replica's own under direct ingress,
+else Serve's gRPC proxy: serving/local/launcher.py; the servicers are registered through
 `grpc_servicer_functions`, see `serving.config.SERVICER_FUNCTIONS`) and hands them to
 `KnowledgeIngress`, whose methods are the RPCs. A method checks the token and the
 deadline metadata, decodes and validates its request, and leaves the rest to the data

@@ -31,9 +31,9 @@ from model.examples import random_batch
 from model.features import input_specs
 from model.outputs import sigmoid
 from model.user_index import graph_feeds
-from serving.config import SERVICER_FUNCTIONS, FrontendConfig
+from serving.config import INGRESSES, SERVICER_FUNCTIONS, FrontendConfig
 from serving.local import launcher
-from serving.local.ports import free_ports
+from serving.local.ports import free_port_run, free_ports
 from serving.local.triton import TritonServer
 from serving.servicer import KnowledgeIngress
 
@@ -45,27 +45,31 @@ APPS = ("triton", "embedded")
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="module")
-def stack(triton_config, published_repo, tmp_path_factory):
-    """Triton on a copy of the repository, and one Serve instance with two applications:
-    `triton` (the default backend) and `embedded` (in-process ONNX Runtime)."""
+@pytest.fixture(scope="module", params=INGRESSES)
+def stack(request, triton_config, published_repo, tmp_path_factory):
+    """Triton on a copy of the repository, and one Serve instance with three applications:
+    `triton` (the default backend), `embedded` (in-process ONNX Runtime) and `secured`
+    (embedded, with a token); yields ({application: its gRPC address}, Triton, the
+    repository). Once per ingress: under direct ingress each application's replica
+    answers a port of its own, through the proxy all share one."""
     work = tmp_path_factory.mktemp("stack")
     repo = work / "repo"
     shutil.copytree(published_repo, repo)
     triton = TritonServer(triton_config(repo, work / "triton")).start()
-    grpc_port, http_port = free_ports(2)
+    grpc_port, (http_port,) = free_port_run(len(APPS) + 1), free_ports(1)
     try:
         cfg = FrontendConfig(triton_url=triton.cfg.grpc_url, max_examples_per_call=1000, max_batch_examples=2048)
-        address = launcher.start(cfg, grpc_port=grpc_port, http_port=http_port, name="triton")
+        launcher.start(cfg, grpc_port, http_port, name="triton", ingress=request.param, apps=len(APPS) + 1)
         embedded = FrontendConfig(backend="onnxruntime", repository=repo, max_examples_per_call=1000)
         secured = FrontendConfig(backend="onnxruntime", repository=repo, auth_token=TOKEN)
         # Replicas reserve a CPU by default; three applications on two cores need less.
         light = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
         serve.run(light.bind(embedded), name="embedded", route_prefix="/embedded", blocking=False)
         serve.run(light.bind(secured), name="secured", route_prefix="/secured", blocking=False)
+        addresses = {app: launcher.address_of(app) for app in (*APPS, "secured")}
         for app in APPS:
-            launcher.wait_healthy(address, application=app)
-        yield address, triton, repo
+            launcher.wait_healthy(addresses[app], application=app)
+        yield addresses, triton, repo
     finally:
         launcher.stop()
         triton.stop()
@@ -75,22 +79,22 @@ def stub(address: str) -> pb_grpc.KnowledgeServiceStub:
     return pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(address))
 
 
-def generate(address, app, features, shared=None, outputs=(), timeout=60):
+def generate(addresses, app, features, shared=None, outputs=(), timeout=60):
     request = pb.GenerateRequest(
         features={k: encode(v) for k, v in features.items()},
         shared={k: encode(v) for k, v in (shared or {}).items()},
         outputs=list(outputs),
     )
-    reply = stub(address).Generate(request, timeout=timeout, metadata=[("application", app)])
+    reply = stub(addresses[app]).Generate(request, timeout=timeout, metadata=[("application", app)])
     return {k: decode(k, v) for k, v in reply.outputs.items()}, reply.versions
 
 
 @pytest.mark.parametrize("app", APPS)
 def test_results_equal_the_in_process_model(stack, app, tiny_checkpoint, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     ckpt = load_checkpoint(tiny_checkpoint)
     batch = random_batch(schema, 40, 12, seed=5)
-    out, versions = generate(address, app, batch)
+    out, versions = generate(addresses, app, batch)
     with torch.no_grad():
         want = ckpt.model({k: torch.from_numpy(v) for k, v in batch.items()})
         adapted = ckpt.adapter(want["logits"], torch.from_numpy(batch["surface"]))
@@ -108,27 +112,27 @@ def test_results_equal_the_in_process_model(stack, app, tiny_checkpoint, schema)
 
 @pytest.mark.parametrize("app", APPS)
 def test_shared_user_form_equals_repeated_rows(stack, app, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     user = {s.name for s in input_specs(schema) if s.side == "user"}
     one = random_batch(schema, 1, 20, seed=1)
     ads = random_batch(schema, 30, 20, seed=2)
     shared = {k: v for k, v in one.items() if k in user}
     per_ad = {k: v for k, v in ads.items() if k not in user}
     repeated = {**per_ad, **{k: np.repeat(v, 30, axis=0) for k, v in shared.items()}}
-    got, _ = generate(address, app, per_ad, shared)
-    want, _ = generate(address, app, repeated)
+    got, _ = generate(addresses, app, per_ad, shared)
+    want, _ = generate(addresses, app, repeated)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
 
 
 def test_200_concurrent_calls_get_their_own_rows(stack, repo_session, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     rng = np.random.default_rng(0)
     batches = [
         random_batch(schema, int(n), int(rng.integers(1, 40)), seed=i) for i, n in enumerate(rng.integers(1, 64, 200))
     ]
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        replies = list(pool.map(lambda b: generate(address, "triton", b, outputs=[pb.OUTPUT_LABELS])[0], batches))
+        replies = list(pool.map(lambda b: generate(addresses, "triton", b, outputs=[pb.OUTPUT_LABELS])[0], batches))
     for batch, reply in zip(batches, replies, strict=True):
         (want,) = repo_session.run(["logits"], graph_feeds(batch, repo_session.get_inputs()))
         np.testing.assert_allclose(reply["labels"], sigmoid(want), atol=1e-5)
@@ -140,7 +144,7 @@ def test_merged_calls_of_different_users_keep_their_users_apart(stack, repo_sess
     1 to 12 users (some users repeated within the call), all in flight at once so the
     front end merges them: every call gets the rows of its own users, as the served FM
     computes them on that call alone."""
-    address, _, _ = stack
+    addresses, _, _ = stack
     user = {s.name for s in input_specs(schema) if s.side == "user"}
     rng = np.random.default_rng(3)
     calls = []
@@ -154,7 +158,7 @@ def test_merged_calls_of_different_users_keep_their_users_apart(stack, repo_sess
             owner = rng.integers(0, min(rows, 12), rows)
             calls.append(({k: (v[owner] if k in user else v) for k, v in sample.items()}, {}))
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        replies = list(pool.map(lambda c: generate(address, app, c[0], c[1], outputs=[pb.OUTPUT_LABELS])[0], calls))
+        replies = list(pool.map(lambda c: generate(addresses, app, c[0], c[1], outputs=[pb.OUTPUT_LABELS])[0], calls))
     for (features, shared), reply in zip(calls, replies, strict=True):
         rows = len(features["surface"])
         batch = {**features, **{k: np.repeat(v, rows, axis=0) for k, v in shared.items()}}
@@ -197,22 +201,24 @@ def bad_request(schema, case):
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_invalid_argument_and_others_succeed(stack, schema, case):
-    address, _, _ = stack
+    addresses, _, _ = stack
     bad, named = bad_request(schema, case)
     features, shared = bad if isinstance(bad, tuple) else (bad, None)
     good = random_batch(schema, 8, 5)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        goods = [pool.submit(generate, address, "triton", good) for _ in range(6)]
+        goods = [pool.submit(generate, addresses, "triton", good) for _ in range(6)]
         with pytest.raises(grpc.RpcError) as e:
-            generate(address, "triton", features, shared)
+            generate(addresses, "triton", features, shared)
         assert all(f.result()[0]["labels"].shape == (8, 2) for f in goods)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in e.value.details()
 
 
 def test_get_model_info_matches_the_schema(stack, schema):
-    address, _, _ = stack
-    info = stub(address).GetModelInfo(pb.GetModelInfoRequest(), metadata=[("application", "triton")], timeout=30)
+    addresses, _, _ = stack
+    info = stub(addresses["triton"]).GetModelInfo(
+        pb.GetModelInfoRequest(), metadata=[("application", "triton")], timeout=30
+    )
     assert [i.name for i in info.inputs] == [s.name for s in input_specs(schema)]
     assert list(info.tasks) == list(schema.task_names) and list(info.surfaces) == list(schema.surfaces)
     assert {o.name for o in info.outputs} == {"labels", "adapted_labels", "embedding", "user_embedding"}
@@ -221,52 +227,52 @@ def test_get_model_info_matches_the_schema(stack, schema):
 
 
 def test_triton_down_is_unavailable_and_recovers_without_restart(stack, schema):
-    address, triton, _ = stack
+    addresses, triton, _ = stack
     batch = random_batch(schema, 3, 3)
     triton.stop()
     try:
         with pytest.raises(grpc.RpcError) as e:
-            generate(address, "triton", batch, timeout=30)
+            generate(addresses, "triton", batch, timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         # The embedded application does not depend on Triton.
-        assert generate(address, "embedded", batch)[0]["labels"].shape == (3, 2)
+        assert generate(addresses, "embedded", batch)[0]["labels"].shape == (3, 2)
     finally:
         triton.start()
-    launcher.wait_healthy(address, timeout_s=30, application="triton")
-    out, _ = generate(address, "triton", batch)
+    launcher.wait_healthy(addresses["triton"], timeout_s=30, application="triton")
+    out, _ = generate(addresses, "triton", batch)
     assert out["labels"].shape == (3, 2)
 
 
 def test_deadline_is_honoured(stack, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     with pytest.raises(grpc.RpcError) as e:
-        generate(address, "triton", random_batch(schema, 900, 200), timeout=0.001)
+        generate(addresses, "triton", random_batch(schema, 900, 200), timeout=0.001)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert generate(address, "triton", random_batch(schema, 2, 2))[0]["labels"].shape == (2, 2)
+    assert generate(addresses, "triton", random_batch(schema, 2, 2))[0]["labels"].shape == (2, 2)
 
 
 def test_bearer_token_is_checked_before_any_work(stack, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     batch = random_batch(schema, 2, 2)
     request = pb.GenerateRequest(features={k: encode(v) for k, v in batch.items()})
     for metadata in ([], [("authorization", "Bearer wrong")]):
         with pytest.raises(grpc.RpcError) as e:
-            stub(address).Generate(request, metadata=[("application", "secured"), *metadata], timeout=30)
+            stub(addresses["secured"]).Generate(request, metadata=[("application", "secured"), *metadata], timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert TOKEN not in e.value.details()
-    reply = stub(address).Generate(
+    reply = stub(addresses["secured"]).Generate(
         request, metadata=[("application", "secured"), ("authorization", f"Bearer {TOKEN}")], timeout=30
     )
     assert decode("labels", reply.outputs["labels"]).shape == (2, 2)
 
 
 def test_client_takes_numpy_pandas_and_arrow_alike(stack, synth_dir, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     table = pq.read_table(resolve_paths(synth_dir)[-1]).slice(0, 25)
     not_features = {"example_id", "event_ts", *(t.label_column for t in schema.tasks)}
     features = table.select([c for c in table.column_names if c not in not_features])
     want = table_to_batch(table, schema, labels=False)
-    with KnowledgeClient(address, application="triton", timeout_s=30) as client:
+    with KnowledgeClient(addresses["triton"], application="triton", timeout_s=30) as client:
         from_numpy = client.generate(want)
         from_arrow = client.generate(features)
         from_pandas = client.generate(features.to_pandas(), outputs=["labels"])
@@ -276,12 +282,12 @@ def test_client_takes_numpy_pandas_and_arrow_alike(stack, synth_dir, schema):
 
 
 def test_async_client_shared_form_and_deadline(stack, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     user = {s.name for s in input_specs(schema) if s.side == "user"}
     sample = random_batch(schema, 12, 9, seed=4)
 
     async def calls():
-        async with AsyncKnowledgeClient(address, application="embedded", timeout_s=30) as client:
+        async with AsyncKnowledgeClient(addresses["embedded"], application="embedded", timeout_s=30) as client:
             shared = await client.generate(
                 {k: v for k, v in sample.items() if k not in user},
                 shared={k: v[:1] for k, v in sample.items() if k in user},
@@ -332,9 +338,9 @@ def test_client_retries_unavailable(failures, retries, ok, schema, tiny_checkpoi
 
 
 def test_gem_query_prints_labels(gem_bin, stack):
-    address, _, _ = stack
+    addresses, _, _ = stack
     result = subprocess.run(
-        [str(gem_bin), "query", "--address", address, "--application", "triton", "--candidates", "3"],
+        [str(gem_bin), "query", "--address", addresses["triton"], "--application", "triton", "--candidates", "3"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -353,7 +359,7 @@ def test_serve_config_file_is_valid_and_matches_the_code():
 
 
 def test_unknown_output_is_invalid_argument(stack, schema):
-    address, _, _ = stack
+    addresses, _, _ = stack
     with pytest.raises(grpc.RpcError) as e:
-        generate(address, "triton", random_batch(schema, 2, 2), outputs=[99])
+        generate(addresses, "triton", random_batch(schema, 2, 2), outputs=[99])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown output 99" in e.value.details()

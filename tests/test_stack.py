@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from serving.local.ports import free_ports
@@ -61,6 +62,26 @@ def client_venv(tmp_path_factory) -> Path:
     return venv
 
 
+def listeners(pids: set[int] | None) -> set[int]:
+    """The ports that processes `pids` (None: any process) listen on."""
+    return {
+        c.laddr.port
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids)
+    }
+
+
+def alive(processes: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def test_gem_up_serves_until_ctrl_c(gem_bin, client_venv, tiny_checkpoint, synth_dir, tmp_path):
     (grpc_port,) = free_ports(1)
     address = f"127.0.0.1:{grpc_port}"
@@ -92,8 +113,17 @@ def test_gem_up_serves_until_ctrl_c(gem_bin, client_venv, tiny_checkpoint, synth
         assert reply["missing"] == ["torch", "ray", "tritonclient", "yaml"], "the client pulled in server packages"
         assert reply["fm"] == 1 and reply["finite"]
         assert reply["shapes"]["labels"] == [3, 2] and reply["shapes"]["user_embedding"][0] == 3
+        tree = [psutil.Process(up.pid), *psutil.Process(up.pid).children(recursive=True)]
+        ports = listeners({p.pid for p in tree})
+        assert grpc_port in ports, ports
         os.killpg(up.pid, signal.SIGINT)
-        up.wait(timeout=120)
+        # Within 15 s: no process of the stack left, and nothing listening on its ports.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (alive(tree) or listeners(None) & ports):
+            time.sleep(0.1)
+        assert not alive(tree), f"still running 15 s after Ctrl-C: {alive(tree)}"
+        assert not listeners(None) & ports, f"still listening 15 s after Ctrl-C: {listeners(None) & ports}"
+        up.wait(timeout=5)
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)

@@ -4,7 +4,7 @@ stack and its clients."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -25,6 +25,19 @@ from gem.cli.common import (
     stdout,
     wait_for_ctrl_c,
 )
+
+if TYPE_CHECKING:
+    from serving.config import Ingress
+
+
+def ingress_of(value: str) -> Ingress:
+    """The --ingress value, checked (a typo is a usage error, not a traceback)."""
+    from serving.config import INGRESSES
+
+    for ingress in INGRESSES:
+        if value == ingress:
+            return ingress
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(INGRESSES)}", param_hint="--ingress")
 
 
 def _ready_message(address: str, metrics_port: int) -> None:
@@ -57,6 +70,13 @@ def _ready_message(address: str, metrics_port: int) -> None:
     sys.stderr.flush()
 
 
+IngressOption = Annotated[
+    str,
+    typer.Option(
+        envvar="GEM_INGRESS",
+        help="Who answers the gRPC port: direct (the replica's own server, one hop) or proxy (Serve's gRPC proxy).",
+    ),
+]
 BootstrapDataOption = Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")]
 
 
@@ -112,6 +132,7 @@ def up(
         str,
         typer.Option(envvar="GEM_HOST", help="Address everything listens on; 0.0.0.0 opens the stack to the network."),
     ] = "127.0.0.1",
+    ingress: IngressOption = "direct",
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
@@ -124,7 +145,7 @@ def up(
     if not embedded:
         triton = TritonConfig(repo, triton_work_dir, triton_http_port, triton_grpc_port, triton_metrics_port, host)
     frontend = FrontendConfig(backend="onnxruntime" if embedded else "triton", repository=repo)
-    cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host)
+    cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host, ingress_of(ingress))
     check_ports(cfg)  # before minutes of training
     bootstrap(checkpoint, data, repo, train_when_published=True)
     with local_stack(cfg) as address:
@@ -146,9 +167,11 @@ def serve_cmd(
             envvar="GEM_HOST", help="Address the front end listens on; 0.0.0.0 opens it (compose, in its network)."
         ),
     ] = "127.0.0.1",
+    ingress: IngressOption = "direct",
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
-    cluster, use `serve deploy serving/serve_config.yaml`."""
+    cluster, use `serve deploy serving/serve_config.yaml`. Several replicas need
+    `--ingress proxy` (direct ingress serves one replica on the gRPC port)."""
     from serving.config import FrontendConfig
     from serving.local import launcher
 
@@ -158,6 +181,7 @@ def serve_cmd(
         replicas=replicas,
         metrics_port=metrics_port,
         host=host,
+        ingress=ingress_of(ingress),
     )
     try:
         launcher.wait_healthy(address)

@@ -18,6 +18,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_run(n: int) -> int:
+    """The first of `n` consecutive TCP ports free on 127.0.0.1 right now (direct
+    ingress gives several applications consecutive ports, serving/local/launcher.py)."""
+    for _ in range(100):
+        (first,) = free_ports(1)
+        if first + n <= 65536 and not any(port_in_use(p) for p in range(first, first + n)):
+            return first
+    raise OSError(f"no {n} consecutive free ports found")
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

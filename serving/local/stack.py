@@ -8,9 +8,9 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from serving.config import FrontendConfig
+from serving.config import FrontendConfig, Ingress, default_ingress
 from serving.local import launcher
 from serving.local.ports import connect_host, port_in_use
 from serving.local.supervisor import SupervisedTriton
@@ -33,6 +33,9 @@ class StackConfig:
     # Where the front end and its metrics listen (Triton: `triton.host`). 127.0.0.1
     # unless opened deliberately (`gem up --host`, compose inside its network).
     host: str = "127.0.0.1"
+    # Who answers `grpc_port`: the replica itself ("direct") or Serve's gRPC proxy
+    # (serving/local/launcher.py).
+    ingress: Ingress = field(default_factory=default_ingress)
 
     def __post_init__(self) -> None:
         if (self.triton is None) != (self.frontend.backend == "onnxruntime"):
@@ -74,7 +77,12 @@ def local_stack(cfg: StackConfig) -> Iterator[str]:
             frontend = dataclasses.replace(frontend, triton_url=triton.cfg.grpc_url)
         log.info("starting Ray Serve (%s backend)", frontend.backend)
         address = launcher.start(
-            frontend, grpc_port=cfg.grpc_port, http_port=cfg.http_port, metrics_port=cfg.metrics_port, host=cfg.host
+            frontend,
+            grpc_port=cfg.grpc_port,
+            http_port=cfg.http_port,
+            metrics_port=cfg.metrics_port,
+            host=cfg.host,
+            ingress=cfg.ingress,
         )
         stack.callback(launcher.stop)
         launcher.wait_healthy(address)
