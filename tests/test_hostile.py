@@ -114,6 +114,20 @@ def state(stack) -> dict:
     return json.loads((stack["work"] / "triton" / "server.json").read_text())
 
 
+def test_no_secret_in_a_log_and_the_key_file_is_private(stack):
+    """Neither the admin key of Triton's restricted APIs nor the bearer token is in
+    `gem up`'s log or Triton's; the state file that holds the key is the owner's alone."""
+    key = state(stack)["admin_key"]
+    assert len(key) >= 16
+    logs = {"gem up": stack["log"], "Triton": stack["work"] / "triton" / "tritonserver.log"}
+    for name, path in logs.items():
+        text = path.read_text(errors="replace")
+        assert key not in text, f"the admin key is in {name}'s log"
+        assert TOKEN not in text, f"the bearer token is in {name}'s log"
+    assert "<admin key>" in stack["log"].read_text(), "the logged Triton command line should show the key cut out"
+    assert (stack["work"] / "triton" / "server.json").stat().st_mode & 0o777 == 0o600
+
+
 # -- the client, from the .proto alone ----------------------------------------------------
 
 

@@ -149,6 +149,13 @@ def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str
     return args + [f"--load-model={m}" for m in models]
 
 
+def redacted(args: list[str], secret: str) -> str:
+    """The command line for the log, with the admin key cut out (Triton takes the key
+    only as an argument; the state file that holds it is mode 600)."""
+    line = " ".join(args)
+    return line.replace(secret, "<admin key>") if secret else line
+
+
 def loadable_models(cfg: TritonConfig) -> list[str]:
     """The configured models that have at least one version folder."""
     return [m for m in cfg.models if any(p.name.isdigit() for p in (cfg.repository / m).glob("*"))]
@@ -215,7 +222,7 @@ class TritonServer:
         backend_dir = prepare_backends(cfg.work_dir)
         args = command(cfg, backend_dir, loadable_models(cfg))
         env = {**os.environ, "GEM_PYTHONPATH": _site_packages()}
-        log.info("starting %s", " ".join(args))
+        log.info("starting %s", redacted(args, cfg.admin_key))
         # Its own session: Ctrl-C in the terminal reaches us, and we stop Triton in order.
         self.process = subprocess.Popen(
             args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
