@@ -52,7 +52,8 @@ def split(knowledge: Knowledge, calls: list[Call]) -> list[Knowledge]:
     ]
 
 
-def rows_of(calls: list[Call]) -> int:
+def examples_of(calls: list[Call]) -> int:
+    """The batcher's size of a merged batch: its examples, not its calls."""
     return sum(c.rows for c in calls)
 
 
@@ -98,6 +99,8 @@ class DataPlane:
 
     def __init__(self, backend: Backend, cfg: FrontendConfig, metrics: FrontendMetrics):
         self.backend, self.cfg, self.metrics = backend, cfg, metrics
+        # Calls between `run`'s start and end on this replica (one event loop: no lock).
+        self._in_flight = 0
         # Methods @serve.batch adds to the function at run time (typed as a plain callable).
         self._batched.set_max_batch_size(cfg.max_batch_examples)  # type: ignore[attr-defined]
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -107,19 +110,32 @@ class DataPlane:
         if call.rows > self.cfg.solo_examples:
             # A big call runs apart, in bounded chunks: it never holds a merged batch up.
             return await self._alone(call, timeout_s, chunk=self.cfg.solo_examples)
+        # A call that finds nothing else in flight has no one to merge with: it skips the
+        # batcher, whose `batch_wait_timeout_s` would only add to its latency. Under load
+        # calls overlap, and every call that finds company in flight goes to the batcher.
+        alone = self._in_flight == 0
+        self._in_flight += 1
         try:
+            if alone:
+                (reply,) = await asyncio.wait_for(self._merged([call]), timeout_s)
+                return reply
             return await asyncio.wait_for(self._batched(call), timeout_s)
         except TimeoutError:
             return BackendTimeout(f"merged batch: no answer within {timeout_s:g}s")
+        finally:
+            self._in_flight -= 1
 
-    @serve.batch(max_batch_size=MAX_BATCH_EXAMPLES, batch_wait_timeout_s=0.002, batch_size_fn=rows_of)
+    @serve.batch(max_batch_size=MAX_BATCH_EXAMPLES, batch_wait_timeout_s=0.002, batch_size_fn=examples_of)
     async def _batched(self, calls: list[Call]) -> list[Knowledge | Exception]:
+        return await self._merged(calls)
+
+    async def _merged(self, calls: list[Call]) -> list[Knowledge | Exception]:
         outputs = tuple(dict.fromkeys(o for c in calls for o in c.outputs))
         try:
             merged = calls[0].batch if len(calls) == 1 else concat([c.batch for c in calls])
             start = time.perf_counter()
             knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
-            self.metrics.batch(rows_of(calls), time.perf_counter() - start, knowledge.fm_version,
+            self.metrics.batch(examples_of(calls), time.perf_counter() - start, knowledge.fm_version,
                                knowledge.adapter_version)  # fmt: skip
             results: list[Knowledge | Exception] = list(split(knowledge, calls))
             return results
