@@ -5,7 +5,8 @@ per user, [U] / [U, L], and `user_index` [B] saying which user row each candidat
 the rows of one request / user key), `expand_users` back; `check_user_indexed` refuses
 one that does not hold together (`UserIndexError`, naming the input); `in_graph_form`
 and `graph_feeds` are the one rule for every place a batch meets a graph;
-`candidate_rows` cuts a user-indexed batch into chunks that are batches of their own.
+`candidate_rows` cuts a user-indexed batch into chunks that are batches of their own;
+`concat_batches` merges batches of either form into one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from model.batch import Batch, concat
 from model.features import INT64, USER_INDEX, USERS_AXIS
 
 
@@ -233,3 +235,20 @@ def expand_users(batch: dict[str, np.ndarray], user_names: Iterable[str]) -> dic
     index = batch[USER_INDEX]
     names = set(user_names)
     return {k: (v[index] if k in names else v) for k, v in batch.items() if k != USER_INDEX}
+
+
+def concat_batches(batches: list[Batch], user_names: Iterable[str]) -> Batch:
+    """Batches of either form as one (`model.batch.concat` when none is user-indexed).
+    With any user-indexed batch, the result is user-indexed: per-example batches join
+    through `share_users`, user rows are stacked and each batch's index is shifted by the
+    user rows before it, so no user row is copied to its candidates on the way."""
+    if all(USER_INDEX not in b for b in batches):
+        return concat(batches)
+    names = tuple(user_names)
+    indexed = [share_users(b, names) for b in batches]
+    users = set(names)
+    parts = [{k: v for k, v in b.items() if k in users} for b in indexed]
+    candidates = [{k: v for k, v in b.items() if k not in users and k != USER_INDEX} for b in indexed]
+    offsets = np.cumsum([0] + [len(next(iter(p.values()))) for p in parts[:-1]])
+    index = np.concatenate([b[USER_INDEX] + offset for b, offset in zip(indexed, offsets, strict=True)])
+    return {**concat(candidates), **concat(parts), USER_INDEX: index.astype(np.int64)}

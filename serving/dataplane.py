@@ -2,7 +2,8 @@
 out. Concurrent calls merge into one backend batch of up to `max_batch_examples`
 *examples* (`@serve.batch`, sized by rows, not calls) and the reply is split back by
 rows; a failed merged batch is retried call by call so only the culprit fails; big calls
-run apart in chunks; no call is answered with a non-finite number. `HealthState` keeps
+run apart in chunks; no call is answered with a non-finite number. A call may come
+user-indexed (the shared form: `serving.validation`); merged batches keep that form. `HealthState` keeps
 the backend's health from a background probe, so health checks cost no inference."""
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import numpy as np
 from ray import serve
 
 from export.contract import MAX_BATCH_EXAMPLES
-from model.batch import concat
 from model.examples import zero_batch
+from model.features import USER_INDEX
 from model.outputs import sigmoid
 from model.schema import FeatureSchema
-from serving.backends.base import Backend, Knowledge
+from model.user_index import concat_batches
+from serving.backends.base import Backend, Knowledge, rows_of
 from serving.backends.errors import BackendTimeout, BackendUnavailable
 from serving.config import FrontendConfig
 from serving.errors import Refusal, Violation
@@ -39,7 +41,16 @@ class Call:
 
     @property
     def rows(self) -> int:
-        return len(next(iter(self.batch.values())))
+        """Candidates (examples), whatever the form."""
+        return rows_of(self.batch)
+
+    def column(self, name: str) -> np.ndarray:
+        """Input `name` with a row per candidate (a user input of a user-indexed call is
+        gathered through its index)."""
+        value = self.batch[name]
+        if USER_INDEX in self.batch and len(value) != self.rows:
+            return value[self.batch[USER_INDEX]]
+        return value
 
 
 def split(knowledge: Knowledge, calls: list[Call]) -> list[Knowledge]:
@@ -66,10 +77,10 @@ def check_finite(call: Call, knowledge: Knowledge, dense: list[str]) -> None:
     if not bad.any():
         return
     rows = np.flatnonzero(bad)
-    worst = max(dense, key=lambda n: float(np.abs(call.batch[n][rows]).max()), default=None)
+    worst = max(dense, key=lambda n: float(np.abs(call.column(n)[rows]).max()), default=None)
     if worst is None:
         raise Refusal(INVALID, f"the model's output is not finite for {len(rows)} row(s) (first: row {rows[0]})")
-    top = float(np.abs(call.batch[worst][rows]).max())
+    top = float(np.abs(call.column(worst)[rows]).max())
     raise Refusal(
         INVALID,
         f"the model's output is not finite for {len(rows)} row(s) (first: row {rows[0]}): dense feature "
@@ -97,8 +108,9 @@ def api_outputs(knowledge: Knowledge, wanted: list[tuple[str, str]]) -> dict[str
 class DataPlane:
     """Runs calls through the backend: merged, split, retried alone, bounded in time."""
 
-    def __init__(self, backend: Backend, cfg: FrontendConfig, metrics: FrontendMetrics):
-        self.backend, self.cfg, self.metrics = backend, cfg, metrics
+    def __init__(self, backend: Backend, cfg: FrontendConfig, metrics: FrontendMetrics, user_names: tuple[str, ...]):
+        """`user_names`: the schema's user inputs (to merge user-indexed calls)."""
+        self.backend, self.cfg, self.metrics, self.user_names = backend, cfg, metrics, user_names
         # Calls between `run`'s start and end on this replica (one event loop: no lock).
         self._in_flight = 0
         # Methods @serve.batch adds to the function at run time (typed as a plain callable).
@@ -132,7 +144,7 @@ class DataPlane:
     async def _merged(self, calls: list[Call]) -> list[Knowledge | Exception]:
         outputs = tuple(dict.fromkeys(o for c in calls for o in c.outputs))
         try:
-            merged = calls[0].batch if len(calls) == 1 else concat([c.batch for c in calls])
+            merged = calls[0].batch if len(calls) == 1 else concat_batches([c.batch for c in calls], self.user_names)
             start = time.perf_counter()
             knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
             self.metrics.batch(examples_of(calls), time.perf_counter() - start, knowledge.fm_version,

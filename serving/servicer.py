@@ -114,9 +114,10 @@ class KnowledgeIngress:
         self.schema = load_schema(self.cfg.schema_path)
         self.limits = Limits(self.cfg.max_examples_per_call)
         self.dense = [s.name for s in input_specs(self.schema) if s.kind == "dense"]
-        self.backend = make_backend(self.cfg.backend_config, user_names=user_input_names(self.schema))
+        users = user_input_names(self.schema)
+        self.backend = make_backend(self.cfg.backend_config, user_names=users)
         self.metrics = FrontendMetrics(self.backend.name)
-        self.dataplane = DataPlane(self.backend, self.cfg, self.metrics)
+        self.dataplane = DataPlane(self.backend, self.cfg, self.metrics, users)
         every_output = tuple(model for _, model in OUTPUTS.values())
         self.health = HealthState(self.backend, self.schema, every_output, min(self.cfg.backend_timeout_s, 5.0))
         log.info("GEM knowledge ingress: backend %s, schema %s", self.backend.name, self.schema.name)

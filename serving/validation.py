@@ -5,7 +5,9 @@ bad call fails alone: unknown, missing or doubly given features, dtypes, shapes,
 counts, sequence lengths, surfaces out of range, non-finite dense values, empty and
 oversized calls. Each error names the feature. Shared columns (one row, e.g. the
 user's features and history for all candidate ads) are broadcast to every row as
-views, without copying.
+views, without copying; when every user input is shared, the batch is handed over in the
+user-indexed form instead (U = 1, `model.user_index`), so the user rows are neither
+broadcast nor found again by `share_users`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from gem.knowledge.wire import cut
 
 from export.contract import MAX_BATCH_EXAMPLES
-from model.features import InputSpec, input_specs
+from model.features import USER_INDEX, InputSpec, input_specs, user_input_names
 from model.schema import FeatureSchema
 
 
@@ -92,13 +94,19 @@ def assemble(
             f"the call has {rows} examples, over the limit of {limits.max_examples_per_call}", "features"
         )
 
+    users = user_input_names(schema)
+    one_user = all(name in shared for name in users)
     batch: dict[str, np.ndarray] = {}
     for name, spec in specs.items():
         is_shared = name in shared
         array = shared[name] if is_shared else features[name]
         _check_array(spec, array, is_shared)
-        batch[name] = np.broadcast_to(array, (rows, *array.shape[1:])) if is_shared else array
+        if is_shared and not (one_user and name in users):
+            array = np.broadcast_to(array, (rows, *array.shape[1:]))
+        batch[name] = array
     _check_values(schema, specs, batch)
+    if one_user:
+        batch[USER_INDEX] = np.zeros(rows, np.int64)
     return batch
 
 

@@ -9,7 +9,8 @@ from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, decode, encode
 
 from model.examples import random_batch
-from model.features import input_specs
+from model.features import USER_INDEX, user_input_names
+from model.user_index import expand_users
 from serving.validation import Limits, RequestError, assemble
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +40,20 @@ def test_wire_errors_name_the_tensor():
         encode(np.zeros(2, np.float64))
 
 
-def test_shared_columns_are_broadcast_without_copies(schema):
-    user = {s.name for s in input_specs(schema) if s.side == "user"}
+def test_a_shared_user_is_handed_over_user_indexed_and_other_shared_columns_broadcast(schema):
+    user = set(user_input_names(schema))
     one, ads = random_batch(schema, 1, 7, seed=1), random_batch(schema, 5, 7, seed=2)
-    batch = assemble(
-        schema, {k: v for k, v in ads.items() if k not in user}, {k: v for k, v in one.items() if k in user}, Limits()
-    )
-    assert batch["hist_item_id"].shape == (5, 7) and batch["hist_item_id"].strides[0] == 0
+    ad_side = {k: v for k, v in ads.items() if k not in user}
+    batch = assemble(schema, ad_side, {k: v for k, v in one.items() if k in user}, Limits())
+    # Every user input shared: one user row and an index, nothing repeated per candidate.
+    assert batch[USER_INDEX].tolist() == [0] * 5 and batch["hist_item_id"].shape == (1, 7)
+    np.testing.assert_array_equal(expand_users(batch, user)["hist_item_id"], np.repeat(one["hist_item_id"], 5, 0))
     np.testing.assert_array_equal(batch["ad_id"], ads["ad_id"])
+    # Only part of the user shared: per-example form, shared columns broadcast as views.
+    partly = assemble(schema, {**ad_side, "user_id": ads["user_id"]},
+                      {k: v for k, v in one.items() if k in user - {"user_id"}}, Limits())  # fmt: skip
+    assert USER_INDEX not in partly
+    assert partly["hist_item_id"].shape == (5, 7) and partly["hist_item_id"].strides[0] == 0
 
 
 def test_a_feature_given_twice_is_refused(schema):

@@ -19,8 +19,8 @@ from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, cut, decode, encode
 from google.rpc import error_details_pb2, status_pb2
 
-from model.examples import random_batch
-from model.features import input_specs
+from model.examples import random_batch, random_user_batch
+from model.features import USER_INDEX, input_specs
 from serving.backends.base import Knowledge
 from serving.config import max_message_bytes
 from serving.dataplane import Call, check_finite
@@ -120,6 +120,18 @@ def test_non_finite_outputs_refuse_the_call_and_name_the_dense_feature(schema):
     with pytest.raises(Refusal) as e:
         check_finite(call, Knowledge({"logits": np.array([[0, 0], [np.nan, 0], [0, 0]], np.float32)}, 1, 1), dense)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'ad_bid_log'" in e.value.message
+
+
+def test_non_finite_outputs_of_a_user_indexed_call_name_the_user_dense_feature(schema):
+    batch = random_user_batch(schema, 2, 4, 3, seed=5)
+    batch["user_ctr_7d"] = np.array([0.0, 3e38], np.float32)  # the second user's row
+    bad_row = int(np.flatnonzero(batch[USER_INDEX] == 1)[0])
+    logits = np.zeros((4, 2), np.float32)
+    logits[bad_row] = np.inf
+    dense = [s.name for s in input_specs(schema) if s.kind == "dense"]
+    with pytest.raises(Refusal) as e:
+        check_finite(Call(batch, ("logits",)), Knowledge({"logits": logits}, 1, 1), dense)
+    assert "'user_ctr_7d'" in e.value.message and f"first: row {bad_row}" in e.value.message
 
 
 def test_triton_listens_on_loopback_with_a_restricted_control_api(tmp_path):

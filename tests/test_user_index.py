@@ -12,10 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from model.batch import concat
 from model.examples import random_batch, random_user_batch
 from model.features import USER_INDEX, user_input_names
 from model.outputs import LOGITS
-from model.user_index import UserIndexError, candidate_rows, check_user_indexed, expand_users, graph_feeds, share_users
+from model.user_index import (
+    UserIndexError,
+    candidate_rows,
+    check_user_indexed,
+    concat_batches,
+    expand_users,
+    graph_feeds,
+    share_users,
+)
 
 TOL = 1e-5
 USERS, CANDIDATES = 3, 10
@@ -95,6 +104,23 @@ def test_share_users_by_key_keeps_requests_apart_and_falls_back_when_a_key_disag
             np.testing.assert_array_equal(back[n], rows[n], err_msg=n)
     with pytest.raises(ValueError, match="keys"):
         share_users(rows, users, keys=requests[:5])
+
+
+def test_concat_batches_of_both_forms_is_their_per_example_concat(schema):
+    users = user_input_names(schema)
+    indexed = good(schema)
+    narrow = random_user_batch(schema, 1, 4, 2, seed=12)  # shorter histories: padded on merge
+    per_example = random_batch(schema, 5, 3, seed=13)
+    parts = [indexed, per_example, narrow]
+    merged = concat_batches(parts, users)
+    assert check_user_indexed(merged, users) == USERS + len(share_users(per_example, users)[users[0]]) + 1
+    want = concat([expand_users(b, users) for b in parts])
+    got = expand_users(merged, users)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # Per-example batches alone stay per-example.
+    assert USER_INDEX not in concat_batches([per_example, per_example], users)
 
 
 def test_candidate_rows_are_user_indexed_batches_of_their_own(schema):
