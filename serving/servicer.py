@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from export.contract import ADAPTER_OUTPUT
-from model.features import input_specs, user_input_names
+from model.features import USER_INDEX, input_specs, user_input_names
 from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import load_schema
 from serving.backends.base import make_backend
@@ -165,6 +165,12 @@ class KnowledgeIngress:
             raise Refusal(INVALID, str(e), (Violation(e.field, str(e)),)) from None
         except WireError as e:
             raise Refusal(INVALID, str(e), (Violation(f"features[{quote(e.name)}]", str(e)),)) from None
+        if request.user_embedding_once and USER_INDEX not in batch:
+            raise Refusal(
+                INVALID,
+                "user_embedding_once needs a call of one user: every user input in `shared`",
+                (Violation("user_embedding_once", "set on a call with user inputs per example"),),
+            )
         call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)))
         result = await self.dataplane.run(call, timeout_s)
         if isinstance(result, Exception):
@@ -172,7 +178,11 @@ class KnowledgeIngress:
             internal(grpc_context, code, public, result)
             return pb.GenerateResponse()
         check_finite(call, result, self.dense)
-        outputs = {api: encode(value) for api, value in api_outputs(result, wanted).items()}
+        replied = api_outputs(result, wanted)
+        if request.user_embedding_once and "user_embedding" in replied:
+            # One user: every candidate's row is the same (a gather of the one user row).
+            replied["user_embedding"] = replied["user_embedding"][:1]
+        outputs = {api: encode(value) for api, value in replied.items()}
         versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
         return pb.GenerateResponse(outputs=outputs, versions=versions)
 

@@ -293,12 +293,26 @@ def test_async_client_shared_form_and_deadline(stack, schema):
                 shared={k: v[:1] for k, v in sample.items() if k in user},
             )
             full = await client.generate({**sample, **{k: np.repeat(sample[k][:1], 12, axis=0) for k in user}})
+            once = await client.generate(
+                {k: v for k, v in sample.items() if k not in user},
+                shared={k: v[:1] for k, v in sample.items() if k in user},
+                user_embedding_once=True,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as per_example:
+                await client.generate(sample, user_embedding_once=True)
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.generate(random_batch(schema, 900, 200), timeout_s=0.001)
-            return shared, full, e.value.code()
+            return shared, full, once, per_example.value, e.value.code()
 
-    shared, full, code = asyncio.run(calls())
+    shared, full, once, per_example, code = asyncio.run(calls())
     np.testing.assert_allclose(shared.outputs["labels"], full.outputs["labels"], atol=1e-6)
+    # user_embedding_once: the one user's row, not one per candidate; the rest unchanged.
+    user_embedding = full.outputs["user_embedding"]
+    assert once.outputs["user_embedding"].shape == (1, user_embedding.shape[1])
+    np.testing.assert_allclose(once.outputs["user_embedding"], user_embedding[:1], atol=1e-6)
+    np.testing.assert_allclose(user_embedding, np.repeat(user_embedding[:1], 12, axis=0), atol=1e-6)
+    np.testing.assert_allclose(once.outputs["embedding"], full.outputs["embedding"], atol=1e-6)
+    assert per_example.code() == grpc.StatusCode.INVALID_ARGUMENT and "user_embedding_once" in per_example.details()
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 

@@ -136,7 +136,10 @@ def to_columns(data: Columns, info: pb.GetModelInfoResponse) -> dict[str, np.nda
 
 
 def _request(
-    features: dict[str, np.ndarray], shared: dict[str, np.ndarray], outputs: Iterable[str] | None
+    features: dict[str, np.ndarray],
+    shared: dict[str, np.ndarray],
+    outputs: Iterable[str] | None,
+    user_embedding_once: bool = False,
 ) -> pb.GenerateRequest:
     unknown = sorted(set(outputs or ()) - OUTPUT_NAMES.keys())
     if unknown:
@@ -145,6 +148,7 @@ def _request(
         features={k: encode(v) for k, v in features.items()},
         shared={k: encode(v) for k, v in shared.items()},
         outputs=[OUTPUT_NAMES[o] for o in outputs or ()],
+        user_embedding_once=user_embedding_once,
     )
 
 
@@ -226,10 +230,11 @@ class KnowledgeClient(_Base):
         shared: Columns | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        user_embedding_once: bool = False,
     ) -> Reply:
         if self._info is None:
             self.info()
-        request = _request(self._columns(features), self._columns(shared), outputs)
+        request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once)
         timeout = timeout_s or self.timeout_s
         response = self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
@@ -257,10 +262,11 @@ class AsyncKnowledgeClient(_Base):
         shared: Columns | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        user_embedding_once: bool = False,
     ) -> Reply:
         if self._info is None:
             await self.info()
-        request = _request(self._columns(features), self._columns(shared), outputs)
+        request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once)
         timeout = timeout_s or self.timeout_s
         response = await self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)

@@ -40,7 +40,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("features", "shared", "outputs")
+    __slots__ = ("features", "shared", "outputs", "user_embedding_once")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,10 +58,12 @@ class GenerateRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    USER_EMBEDDING_ONCE_FIELD_NUMBER: _ClassVar[int]
     features: _containers.MessageMap[str, Tensor]
     shared: _containers.MessageMap[str, Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[Output]
-    def __init__(self, features: _Optional[_Mapping[str, Tensor]] = ..., shared: _Optional[_Mapping[str, Tensor]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ...) -> None: ...
+    user_embedding_once: bool
+    def __init__(self, features: _Optional[_Mapping[str, Tensor]] = ..., shared: _Optional[_Mapping[str, Tensor]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., user_embedding_once: bool = ...) -> None: ...
 
 class ModelVersions(_message.Message):
     __slots__ = ("fm", "adapter")
