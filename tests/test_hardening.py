@@ -229,3 +229,20 @@ def test_ready_message_has_absolute_paths_one_command_a_line(capsys):
     assert any(c.split()[0].endswith("/gem") and Path(c.split()[0]).is_absolute() for c in commands)
     locust = next(c for c in commands if "locust" in c)
     assert all(Path(p).is_absolute() for p in locust.split() if p.endswith((".py", ".conf")))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"admin_key": "x"}'])
+def test_a_corrupt_triton_state_file_is_a_clear_error_not_no_server(gem, tmp_path, content):
+    """`gem triton down` on an unreadable server.json must not say "no Triton was started"
+    (a running server would be left behind): it names the file, without a traceback."""
+    from serving.local.state import StateError, read_state, state_file
+    from serving.local.triton import stored_admin_key
+
+    assert read_state(tmp_path) is None, "no file: no server"
+    state_file(tmp_path).write_text(content)
+    with pytest.raises(StateError, match=r"server\.json"):
+        read_state(tmp_path)
+    assert stored_admin_key(tmp_path) == ""
+    done = gem("triton", "down", "--work-dir", str(tmp_path))
+    assert done.returncode == 2 and "server.json" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "no Triton was started" not in done.stderr

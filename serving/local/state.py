@@ -26,12 +26,26 @@ def write_state(work_dir: Path, state: dict[str, Any]) -> None:
         f.write(json.dumps(state, default=str, indent=2))
 
 
+class StateError(ValueError):
+    """A state file that exists but cannot be read back (corrupt, truncated, not ours)."""
+
+
 def read_state(work_dir: Path) -> dict[str, Any] | None:
-    """The recorded state, or None when no server is recorded (or the file is unreadable)."""
+    """The recorded state, or None when no server is recorded. A file that is there but
+    unreadable is a `StateError`: saying "no server" would leave a running one behind."""
+    path = state_file(work_dir)
     try:
-        return json.loads(state_file(work_dir).read_text())
-    except (OSError, ValueError):
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        raise StateError(
+            f"the Triton state file {path} cannot be read ({type(e).__name__}); if no Triton runs from "
+            f"{work_dir}, remove it"
+        ) from None
+    if not isinstance(state, dict) or "pid" not in state:
+        raise StateError(f"the Triton state file {path} is not one `gem triton up` or `gem up` wrote; remove it")
+    return state
 
 
 def remove_state(work_dir: Path) -> None:

@@ -33,7 +33,7 @@ from export.contract import MODELS
 from serving.backends.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV
 from serving.local.ports import connect_host
 from serving.local.shm import clean_shared_memory
-from serving.local.state import DEFAULT_WORK_DIR, read_state, remove_state, state_file, write_state
+from serving.local.state import DEFAULT_WORK_DIR, StateError, read_state, remove_state, state_file, write_state
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,13 @@ def admin_key(cfg: TritonConfig) -> TritonConfig:
 
 
 def stored_admin_key(work_dir: Path) -> str:
-    """The admin key of the server started from `work_dir` (its state file), or ""."""
-    return (read_state(work_dir) or {}).get("admin_key", "")
+    """The admin key of the server started from `work_dir` (its state file), or "" (also
+    for an unreadable file: the caller then goes on without a key, and says so)."""
+    try:
+        return (read_state(work_dir) or {}).get("admin_key", "")
+    except StateError as e:
+        log.warning("%s", e)
+        return ""
 
 
 class TritonServer:
