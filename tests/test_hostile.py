@@ -87,7 +87,8 @@ def stack(gem_bin, tiny_checkpoint, published_repo, tmp_path_factory):
         )  # fmt: skip
     address = f"127.0.0.1:{grpc_port}"
     info = {
-        "address": address, "up": up, "log": log_path, "work": work, "triton_http": t_http, "triton_grpc": t_grpc,
+        "address": address, "up": up, "log": log_path, "work": work, "gem": gem_bin, "triton_http": t_http,
+        "triton_grpc": t_grpc,
         "ports": {"front end gRPC": grpc_port, "front end HTTP": http_port, "front end metrics": metrics_port,
                   "Triton HTTP": t_http, "Triton gRPC": t_grpc, "Triton metrics": t_metrics},
     }  # fmt: skip
@@ -432,6 +433,30 @@ def test_health_is_cached_and_honours_the_service_name(stack):
         for _ in range(20):
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert (time.perf_counter() - start) / 20 < 0.5
+
+
+def test_zy_no_secret_in_the_side_trainers_log(stack, tiny_checkpoint, schema):
+    """The side trainer publishes to this stack's Triton with the admin key (from the
+    environment, as compose gives it) and the bearer token set: neither is in its log."""
+    from tests.trainer_support import make_stream
+
+    key, work = state(stack)["admin_key"], stack["work"]
+    make_stream(work / "stream", schema, shards=3, rows=2_000)
+    env = {k: v for k, v in os.environ.items() if k != "GEM_HOST"}
+    env |= {"GEM_TRITON_ADMIN_KEY": key, "GEM_AUTH_TOKEN": TOKEN, "COLUMNS": "200"}
+    done = subprocess.run(
+        [str(stack["gem"]), "-v", "trainer", "run", "--stream", str(work / "stream"),
+         "--repo", str(work / "model_repo"), "--state", str(work / "trainer"),
+         "--checkpoint", str(tiny_checkpoint), "--preset", "tiny",
+         "--triton-url", f"127.0.0.1:{stack['triton_grpc']}", "--tolerance", "1.0", "--batch-size", "256",
+         "--max-cycles", "1", "--exit-when-idle", "--poll-s", "0.5"],
+        cwd=work, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    assert "published" in text.lower(), "the cycle should reach Triton's model control: " + text[-2000:]
+    assert key not in text, "the admin key is in the side trainer's log"
+    assert TOKEN not in text, "the bearer token is in the side trainer's log"
 
 
 def test_zz_triton_killed_under_gem_up_comes_back(stack, model_info):
