@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from gem.knowledge import KnowledgeClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.report import slo_violations
+from model.examples import random_batch
+from model.schema import load_schema
 from serving.config import FrontendConfig
 from serving.local.ports import free_ports
 from serving.local.stack import StackConfig, local_stack
@@ -41,7 +44,7 @@ def stack(published_repo, tmp_path_factory):
     triton = TritonConfig(tmp / "repo", tmp / "triton", triton_http, triton_grpc, triton_metrics)
     cfg = StackConfig(FrontendConfig(), triton, grpc_port, http, metrics)
     with local_stack(cfg) as address:
-        yield address, f"http://127.0.0.1:{metrics}/metrics"
+        yield address, f"http://127.0.0.1:{metrics}/metrics", f"http://127.0.0.1:{triton_metrics}/metrics"
 
 
 def locust(address: str, out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -79,7 +82,7 @@ def poll(url: str, check, deadline_s: float = 60.0) -> dict[str, list]:
 def test_headless_run_with_two_worker_processes(stack, tmp_path):
     """Zero failures, the summary has the figures, the SLO (generous) holds, and the
     examples Locust counted over two processes equal those the front end counted."""
-    address, metrics_url = stack
+    address, metrics_url, _ = stack
     done, summary = locust(address, tmp_path, "--run-time", "12s", "--users", "4", "--rate", "6", "--processes", "2",
                            "--slo-p99-ms", "60000", "--slo-error-rate", "0")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -96,7 +99,7 @@ def test_headless_run_with_two_worker_processes(stack, tmp_path):
 
 
 def test_slo_mode_fails_on_an_impossible_bound(stack, tmp_path):
-    address, _ = stack
+    address, _, _ = stack
     done, summary = locust(address, tmp_path, "--run-time", "4s", "--users", "2", "--rate", "4",
                            "--slo-p99-ms", "0.001")  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
@@ -104,7 +107,7 @@ def test_slo_mode_fails_on_an_impossible_bound(stack, tmp_path):
 
 
 def test_metrics_endpoint_exposes_the_documented_metrics(stack):
-    address, metrics_url = stack
+    address, metrics_url, _ = stack
     with KnowledgeClient(address) as client:
         client.info()
         with pytest.raises(grpc.RpcError) as refused:
@@ -118,6 +121,50 @@ def test_metrics_endpoint_exposes_the_documented_metrics(stack):
         assert names & samples.keys(), f"{metric.exported} is not exported"
     assert total(samples, MODEL_VERSION.exported, model="fm") == 1
     assert {s.labels["backend"] for s in samples["ray_gem_backend_latency_ms_count"]} == {"triton"}
+
+
+def dashboard_metrics(path: Path) -> set[str]:
+    """The metric names a Grafana dashboard's PromQL queries (ours, Triton's, Ray's)."""
+    exprs = [t["expr"] for p in json.loads(path.read_text())["panels"] for t in p["targets"]]
+    assert exprs, f"{path} queries nothing"
+    names = {m for e in exprs for m in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e)}
+    return {n for n in names if n.startswith(("ray_", "gem_", "nv_"))}
+
+
+def exported_names(url: str, declared: bool = False) -> set[str]:
+    """Every series name an endpoint exports, as Prometheus stores it: the names of its
+    sample lines as written (prometheus_client's parser renames some counters). With
+    `declared`, also the families declared without samples yet (prometheus-client's
+    labelled counters, e.g. failures by stage, have none until the first failure), a
+    counter `x` as `x_total` as that library writes its samples."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    names = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, flags=re.MULTILINE))
+    if declared:
+        for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, flags=re.MULTILINE):
+            names.add(f"{name}_total" if kind == "counter" and not name.endswith("_total") else name)
+    return names
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics(stack):
+    """Every metric of deploy/grafana/dashboards/gem.json exists on a running stack: the
+    front end's and Triton's endpoints after traffic, and the side trainer's endpoint."""
+    from trainer.prometheus import TrainerMetrics
+
+    address, metrics_url, triton_url = stack
+    wanted = dashboard_metrics(ROOT / "deploy" / "grafana" / "dashboards" / "gem.json")
+    assert {"ray_gem_calls_total", "nv_inference_count", "gem_trainer_cycles_total"} <= wanted
+    with KnowledgeClient(address) as client:
+        client.generate(random_batch(load_schema(), 4, 3))
+    trainer = TrainerMetrics.create()
+    (port,) = free_ports(1)
+    trainer.serve(port, addr="127.0.0.1")
+    ours = {n for n in wanted if n.startswith("ray_")}
+    deadline = time.monotonic() + 60
+    while not ours <= (front := exported_names(metrics_url)) and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray's metrics agent exports every few seconds
+    exported = front | exported_names(triton_url) | exported_names(f"http://127.0.0.1:{port}/metrics", declared=True)
+    assert not wanted - exported, f"the dashboard queries metrics nothing exports: {sorted(wanted - exported)}"
 
 
 def test_readme_documents_every_metric():
