@@ -32,6 +32,7 @@ import time
 
 from serving.config import MAX_MESSAGE_ENV, SERVICER_FUNCTIONS, FrontendConfig, Ingress, max_message_bytes
 from serving.local.health import check
+from serving.local.logs import serve_logging_config
 from serving.local.loopback import HOST_ENV, LOCAL_ONLY_ENV
 from serving.local.ports import connect_host, free_ports
 
@@ -126,7 +127,11 @@ def start(
     # Direct ingress: the replica takes the public port; Serve's (head-node) proxy, which
     # reads the same gRPC options, gets a private one.
     proxy_grpc_port = grpc_port if ingress == "proxy" else free_ports(1)[0]
+    # Serve's own processes take the logging config of serve.start, the application's
+    # replicas that of serve.run.
+    logging_config = serve_logging_config()
     serve.start(
+        logging_config=logging_config,
         http_options={"host": host, "port": http_port},
         grpc_options=gRPCOptions(
             port=proxy_grpc_port,
@@ -135,7 +140,7 @@ def start(
         ),
     )
     app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time
-    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False, logging_config=logging_config)
     return f"{connect_host(host)}:{grpc_port}"
 
 
