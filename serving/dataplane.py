@@ -27,6 +27,7 @@ from serving.backends.errors import BackendTimeout, BackendUnavailable
 from serving.config import FrontendConfig
 from serving.errors import Refusal, Violation
 from serving.prometheus import FrontendMetrics
+from serving.tracing import backend_span
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # How often the background health probe asks the backend.
@@ -146,7 +147,8 @@ class DataPlane:
         try:
             merged = calls[0].batch if len(calls) == 1 else concat_batches([c.batch for c in calls], self.user_names)
             start = time.perf_counter()
-            knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
+            with backend_span(self.backend.name, examples_of(calls), len(calls)):
+                knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
             self.metrics.batch(examples_of(calls), time.perf_counter() - start, knowledge.fm_version,
                                knowledge.adapter_version)  # fmt: skip
             results: list[Knowledge | Exception] = list(split(knowledge, calls))

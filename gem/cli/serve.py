@@ -77,6 +77,14 @@ IngressOption = Annotated[
         help="Who answers the gRPC port: direct (the replica's own server, one hop) or proxy (Serve's gRPC proxy).",
     ),
 ]
+TracingOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="GEM_TRACING",
+        help="OpenTelemetry: send every call's spans (Ray Serve's, the backend batch's, Triton's) to this OTLP/HTTP "
+        "traces endpoint, e.g. http://127.0.0.1:4318/v1/traces. Off by default.",
+    ),
+]
 BootstrapDataOption = Annotated[Path, typer.Option(help="Synthetic data folder used when a model must be trained.")]
 
 
@@ -133,6 +141,7 @@ def up(
         typer.Option(envvar="GEM_HOST", help="Address everything listens on; 0.0.0.0 opens the stack to the network."),
     ] = "127.0.0.1",
     ingress: IngressOption = "direct",
+    tracing: TracingOption = None,
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
@@ -145,7 +154,7 @@ def up(
     if not embedded:
         triton = TritonConfig(repo, triton_work_dir, triton_http_port, triton_grpc_port, triton_metrics_port, host)
     frontend = FrontendConfig(backend="onnxruntime" if embedded else "triton", repository=repo)
-    cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host, ingress_of(ingress))
+    cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host, ingress_of(ingress), tracing)
     check_ports(cfg)  # before minutes of training
     bootstrap(checkpoint, data, repo, train_when_published=True)
     with local_stack(cfg) as address:
@@ -168,6 +177,7 @@ def serve_cmd(
         ),
     ] = "127.0.0.1",
     ingress: IngressOption = "direct",
+    tracing: TracingOption = None,
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
     cluster, use `serve deploy serving/serve_config.yaml`. Several replicas need
@@ -182,6 +192,7 @@ def serve_cmd(
         metrics_port=metrics_port,
         host=host,
         ingress=ingress_of(ingress),
+        tracing=tracing,
     )
     try:
         launcher.wait_healthy(address)

@@ -31,6 +31,7 @@ from export.contract import (
 from model.user_index import in_graph_form
 from serving.backends.base import row_chunks, rows_of
 from serving.backends.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest, ModelLoadError
+from serving.tracing import trace_headers
 
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED"}
@@ -195,6 +196,7 @@ class TritonClient:
                 model_version="" if version is None else str(version),
                 outputs=[InferRequestedOutput(o) for o in outputs],
                 client_timeout=max(timeout_s, 0.001),
+                headers=trace_headers(),
             )
         except InferenceServerException as e:
             # The model may have changed form (a new version, another arch): ask again next time.

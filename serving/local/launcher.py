@@ -35,6 +35,7 @@ from serving.local.health import check
 from serving.local.logs import serve_logging_config
 from serving.local.loopback import HOST_ENV, LOCAL_ONLY_ENV
 from serving.local.ports import connect_host, free_ports
+from serving.tracing import SERVICE_NAME, SERVICE_NAME_ENV, TRACES_ENDPOINT_ENV, serve_tracing_config
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def start(
     host: str = "127.0.0.1",
     ingress: Ingress = "direct",
     apps: int = 1,
+    tracing: str | None = None,
 ) -> str:
     """Starts Ray (if needed), Serve and the application; returns the gRPC address.
 
@@ -80,7 +82,8 @@ def start(
     each a port of its own, `grpc_port` to `grpc_port + apps - 1`; with the proxy they
     share `grpc_port` and calls name theirs in the `application` metadata key).
     Prometheus metrics (`serving.prometheus`, and Ray Serve's own) are served on
-    `metrics_port` at /metrics (None: a port Ray picks).
+    `metrics_port` at /metrics (None: a port Ray picks). `tracing`: an OTLP/HTTP traces
+    endpoint to send Serve's spans and ours to (serving/tracing.py; None: off).
 
     Everything listens on `host` (127.0.0.1 by default; `--host` opens it deliberately):
     Ray itself, Serve's proxies and the replica's gRPC server (serving/local/loopback.py).
@@ -98,6 +101,8 @@ def start(
         )
     limit = max_message_bytes(load_schema(cfg.schema_path), cfg.max_examples_per_call)
     env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host, **ingress_env(ingress, grpc_port, apps)}
+    if tracing:
+        env |= {TRACES_ENDPOINT_ENV: tracing, SERVICE_NAME_ENV: SERVICE_NAME}
     local_only = host in ("127.0.0.1", "localhost") and LOCAL_ONLY_ENV not in os.environ
     if local_only and "ray._private.ray_constants" not in sys.modules:
         # Ray's single-machine mode (its default on macOS/Windows), decided when Ray is
@@ -132,6 +137,7 @@ def start(
     logging_config = serve_logging_config()
     serve.start(
         logging_config=logging_config,
+        tracing_config=serve_tracing_config(tracing),
         http_options={"host": host, "port": http_port},
         grpc_options=gRPCOptions(
             port=proxy_grpc_port,

@@ -36,6 +36,8 @@ class StackConfig:
     # Who answers `grpc_port`: the replica itself ("direct") or Serve's gRPC proxy
     # (serving/local/launcher.py).
     ingress: Ingress = field(default_factory=default_ingress)
+    # OTLP/HTTP traces endpoint for the front end and Triton (serving/tracing.py); None: off.
+    tracing: str | None = None
 
     def __post_init__(self) -> None:
         if (self.triton is None) != (self.frontend.backend == "onnxruntime"):
@@ -69,7 +71,10 @@ def local_stack(cfg: StackConfig) -> Iterator[str]:
         frontend = cfg.frontend
         if cfg.triton is not None:
             triton_cfg = dataclasses.replace(
-                cfg.triton, repository=cfg.triton.repository.resolve(), work_dir=cfg.triton.work_dir.resolve()
+                cfg.triton,
+                repository=cfg.triton.repository.resolve(),
+                work_dir=cfg.triton.work_dir.resolve(),
+                trace_url=cfg.tracing,
             )
             log.info("starting Triton (log: %s)", triton_cfg.log_file)
             # Supervised: restarted with backoff if it exits; `gem triton down` finds it.
@@ -83,6 +88,7 @@ def local_stack(cfg: StackConfig) -> Iterator[str]:
             metrics_port=cfg.metrics_port,
             host=cfg.host,
             ingress=cfg.ingress,
+            tracing=cfg.tracing,
         )
         stack.callback(launcher.stop)
         launcher.wait_healthy(address)

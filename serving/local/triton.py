@@ -34,6 +34,7 @@ from serving.backends.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV
 from serving.local.ports import connect_host
 from serving.local.shm import clean_shared_memory
 from serving.local.state import DEFAULT_WORK_DIR, StateError, read_state, remove_state, state_file, write_state
+from serving.tracing import triton_trace_args
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class TritonConfig:
     startup_timeout_s: float = 180.0
     stop_timeout_s: float = 30.0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # OTLP/HTTP traces endpoint: Triton traces every inference there (serving/tracing.py).
+    trace_url: str | None = None
 
     @property
     def log_file(self) -> Path:
@@ -144,6 +147,7 @@ def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str
         "--allow-metrics=true",
         f"--log-file={cfg.log_file.resolve()}",
         "--exit-timeout-secs=10",
+        *triton_trace_args(cfg.trace_url),
         *cfg.extra_args,
     ]
     return args + [f"--load-model={m}" for m in models]
