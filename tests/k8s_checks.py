@@ -323,6 +323,12 @@ def check_frontend(objects: Objects, compose: Compose) -> list[str]:
         for key, value in wanted_env.items():
             if env.get(key, {}).get("value") != value:
                 problems.append(f"{where}: ${key} is {env.get(key, {}).get('value')!r}, not {value!r}")
+        named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        if named.get("serve") != expected["http_options"]["port"]:
+            # KubeRay probes the head's proxy on the port named `serve` (8000 if none).
+            problems.append(
+                f"{where}: the port named serve is not Serve's HTTP port {expected['http_options']['port']}"
+            )
         if not {grpc_port, metrics_port} <= container_ports(c):
             problems.append(f"{where}: ports {sorted(container_ports(c))} lack {grpc_port} or {metrics_port}")
         if c.get("readinessProbe", {}).get("grpc", {}).get("port") != grpc_port:

@@ -219,7 +219,8 @@ BROKEN = [
         _set("RayService", "frontend", f"{HEAD_RAY}.env.2.value", "4194304"),
         "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is '4194304'",
     ),
-    ("no grpc port", _set("RayService", "frontend", f"{HEAD_RAY}.ports.3.containerPort", 9000), "lack 50051 or 8090"),
+    ("no serve port", _set("RayService", "frontend", f"{HEAD_RAY}.ports.3.containerPort", 8000), "named serve"),
+    ("no grpc port", _set("RayService", "frontend", f"{HEAD_RAY}.ports.4.containerPort", 9000), "lack 50051 or 8090"),
     (
         "http probe",
         _set("RayService", "frontend", f"{HEAD_RAY}.readinessProbe", {"httpGet": {"port": 8000}}),
