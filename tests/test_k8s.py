@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.compose_checks import Compose, load, resolved, services, triton_services
+from tests.compose_checks import Compose, load, resolved, services, set_path, triton_services
 from tests.k8s_checks import (
     K8S_DIR,
     KUSTOMIZATION,
@@ -38,9 +38,8 @@ from tests.k8s_checks import (
 
 @pytest.fixture(scope="module")
 def compose() -> Compose:
-    compose, problems = resolved(load())
-    assert problems == []
-    return compose
+    """docker-compose.yml with its defaults (test_compose checks it resolves cleanly)."""
+    return resolved(load())[0]
 
 
 def test_the_manifests_match_compose_and_the_code(compose):
@@ -98,22 +97,8 @@ def test_triton_restricts_what_compose_restricts(compose):
 
 
 def _set(kind: str, name: str, path: str, value: Any) -> Callable[[Objects], None]:
-    """A mutation: sets `path` (dotted; numbers index lists) in object kind/name;
-    None deletes it."""
-
-    def mutate(objects: Objects) -> None:
-        node: Any = find(objects, kind, name)
-        *parents, last = path.split(".")
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        if isinstance(node, list):
-            node[int(last)] = value
-        elif value is None:
-            del node[last]
-        else:
-            node[last] = value
-
-    return mutate
+    """A mutation: sets `path` in object kind/name (compose_checks.set_path)."""
+    return lambda objects: set_path(find(objects, kind, name), path, value)
 
 
 def _drop(kind: str, name: str) -> Callable[[Objects], None]:
