@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from export.contract import TRITON_GRPC_URL
 from model.schema import load_schema
 from serving.backends.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV
 from serving.config import INGRESS_ENV, MAX_MESSAGE_ENV, TOKEN_ENV, FrontendConfig, max_message_bytes
@@ -346,9 +347,24 @@ def gem_params(argv: list[str]) -> dict[str, Any]:
 
 def torchrun_args(argv: list[str]) -> Any:
     """A `torchrun ...` command line parsed by torch's own parser."""
+    import contextlib
+    import io
+
     from torch.distributed.run import get_args_parser
 
-    return get_args_parser().parse_args(argv[1:])
+    parser, err = get_args_parser(), io.StringIO()
+    parser.prog = "torchrun"
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(argv[1:])
+    except SystemExit:  # argparse's way of refusing
+        raise CommandLineError(err.getvalue().strip().splitlines()[-1]) from None
+
+
+def torchrun_command(argv: list[str]) -> list[str]:
+    """The command torchrun runs in each of its processes."""
+    run = torchrun_args(argv)
+    return [run.training_script, *run.training_script_args]
 
 
 def check_trainer(objects: Objects, compose: Compose) -> list[str]:
@@ -363,14 +379,15 @@ def check_trainer(objects: Objects, compose: Compose) -> list[str]:
         if argv[:1] != ["torchrun"]:
             problems.append(f"{where}: runs {argv[:1]}, not torchrun")
             continue
-        run = torchrun_args(argv)
-        if not run.no_python or [run.training_script, *run.training_script_args] != compose_argv:
+        try:
+            run = torchrun_args(argv)
+            procs = gem_params(compose_argv)["procs"]  # test_compose checks that it parses
+        except CommandLineError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if not run.no_python or torchrun_command(argv) != compose_argv:
             problems.append(f"{where}: torchrun does not run compose trainer's command (`--no-python gem ...`)")
             continue
-        try:
-            procs = gem_params(compose_argv)["procs"]
-        except CommandLineError:
-            continue  # test_compose reports it
         if str(run.nproc_per_node) != str(procs):
             problems.append(f"{where}: --nproc-per-node {run.nproc_per_node} is not the command's --procs {procs}")
         if set(container_env(c)) != env_names(service):
@@ -413,9 +430,45 @@ def check_embed(objects: Objects, compose: Compose) -> list[str]:
     return problems
 
 
+def triton_urls(objects: Objects) -> dict[str, str]:
+    """where -> the Triton address each workload calls (parsed as the code reads it)."""
+    urls = {}
+    if (frontend := find(objects, "RayService", "frontend")) is not None:
+        config = yaml.safe_load(frontend["spec"].get("serveConfigV2", "")) or {}
+        for app in config.get("applications", []):
+            # FrontendConfig's default where the args leave it out.
+            urls[f"RayService frontend {app.get('name')}"] = app.get("args", {}).get("triton_url", TRITON_GRPC_URL)
+    commands = [("Job trainer", argv_of(c)) for _, _, c in workload_containers(objects, "Job", "trainer", "trainer")]
+    if (embed := find(objects, "RayJob", "embed")) is not None:
+        commands.append(("RayJob embed", shlex.split(embed["spec"].get("entrypoint", ""))))
+    for where, argv in commands:
+        try:
+            command = torchrun_command(argv) if argv[:1] == ["torchrun"] else argv
+            urls[where] = gem_params(command)["triton_url"]
+        except (CommandLineError, KeyError):
+            continue  # check_trainer / check_embed report it
+    return urls
+
+
+def check_addresses(objects: Objects) -> list[str]:
+    """Every Triton address a workload calls is a Service of these manifests on a port
+    it serves: the pods find each other by the Services' names."""
+    ports = {
+        o["metadata"]["name"]: {p["port"] for p in o.get("spec", {}).get("ports", [])}
+        for o in objects
+        if o.get("kind") == "Service"
+    }
+    problems = []
+    for where, url in triton_urls(objects).items():
+        host, _, port = url.rpartition(":")
+        if not port.isdigit() or int(port) not in ports.get(host, set()):
+            problems.append(f"{where}: Triton at {url}, which is no Service port here")
+    return problems
+
+
 def all_problems(objects: Objects, compose: Compose) -> list[str]:
     problems = check_required_fields(objects)
-    for check in (check_secrets, check_volumes):
+    for check in (check_secrets, check_volumes, check_addresses):
         problems += check(objects)
     for workload in (check_images, check_mounts, check_bootstrap, check_triton, check_frontend, check_trainer):
         problems += workload(objects, compose)

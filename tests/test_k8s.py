@@ -174,6 +174,7 @@ BROKEN = [
         "not /v2/health/ready",
     ),
     ("triton service", _set("Service", "triton", "spec.ports.0.port", 8000), "are not those compose triton publishes"),
+    ("service name", _set("Service", "triton", "metadata.name", "triton-grpc"), "Triton at triton:8001, which is no"),
     (
         "serve config",
         _set("RayService", "frontend", "spec.serveConfigV2", SERVE.replace("4096", "2048", 1)),
@@ -213,6 +214,7 @@ BROKEN = [
         "not grpc.health.v1 on 50051",
     ),
     ("no shm", _set("RayService", "frontend", f"{HEAD}.template.spec.volumes.0.emptyDir", {}), "no in-memory /dev/shm"),
+    ("torchrun flag", _set("Job", "trainer", f"{TRAINER}.command.1", "--standalone=yes"), "torchrun: error: argument"),
     ("no torchrun", _set("Job", "trainer", f"{TRAINER}.command.0", "python"), "not torchrun"),
     ("python script", _set("Job", "trainer", f"{TRAINER}.command.3", "--max-restarts=0"), "--no-python gem"),
     ("trainer command", _set("Job", "trainer", f"{TRAINER}.command.18", "--procs"), "--no-python gem"),
