@@ -47,9 +47,9 @@ COUNTERPARTS = {
     ("RayService", "frontend", "ray"): "frontend",
     ("RayJob", "embed", "ray"): "frontend",
 }
-# The flags that restrict Triton's admin APIs, and the front end's ingress: what the
-# proxy ingress needs (frontend.yaml says why it is the one on Kubernetes).
+# The flags that restrict Triton's admin APIs (HTTP, gRPC).
 RESTRICTED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")
+# The front end's ingress on Kubernetes (frontend.yaml says why it is not direct).
 K8S_INGRESS = "proxy"
 Objects = list[dict]
 
@@ -332,7 +332,12 @@ def check_frontend(objects: Objects, compose: Compose) -> list[str]:
             )
         if not {grpc_port, metrics_port} <= container_ports(c):
             problems.append(f"{where}: ports {sorted(container_ports(c))} lack {grpc_port} or {metrics_port}")
-        if c.get("readinessProbe", {}).get("grpc", {}).get("port") != grpc_port:
+        probe = c.get("readinessProbe", {})
+        if " head " in where and ("grpc" in probe or not probe.get("httpGet")):
+            # KubeRay submits the Serve config only once the head is ready: a head that
+            # waited for the application would wait forever.
+            problems.append(f"{where}: readiness must not wait for the application (KubeRay deploys it after)")
+        if " head " not in where and probe.get("grpc", {}).get("port") != grpc_port:
             problems.append(f"{where}: the readiness probe is not grpc.health.v1 on {grpc_port}")
         shm = {v["name"] for v in spec.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"}
         if not any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in c.get("volumeMounts", [])):

@@ -210,11 +210,16 @@ BROKEN = [
     ("no grpc port", _set("RayService", "frontend", f"{HEAD_RAY}.ports.4.containerPort", 9000), "lack 50051 or 8090"),
     (
         "http probe",
-        _set("RayService", "frontend", f"{HEAD_RAY}.readinessProbe", {"httpGet": {"port": 8000}}),
-        "not grpc.health.v1 on 50051",
+        _set("RayService", "frontend", f"{WORKER_RAY}.readinessProbe", {"httpGet": {"port": 8000}}),
+        "worker group replicas ray: the readiness probe is not grpc.health.v1 on 50051",
     ),
     ("no shm", _set("RayService", "frontend", f"{HEAD}.template.spec.volumes.0.emptyDir", {}), "no in-memory /dev/shm"),
     ("torchrun flag", _set("Job", "trainer", f"{TRAINER}.command.1", "--standalone=yes"), "torchrun: error: argument"),
+    (
+        "head waits for the app",
+        _set("RayService", "frontend", f"{HEAD_RAY}.readinessProbe", {"grpc": {"port": 50051}}),
+        "readiness must not wait for the application",
+    ),
     ("no torchrun", _set("Job", "trainer", f"{TRAINER}.command.0", "python"), "not torchrun"),
     ("python script", _set("Job", "trainer", f"{TRAINER}.command.3", "--max-restarts=0"), "--no-python gem"),
     ("trainer command", _set("Job", "trainer", f"{TRAINER}.command.18", "--procs"), "--no-python gem"),
