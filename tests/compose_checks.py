@@ -166,6 +166,20 @@ def healthcheck_argv(service: dict) -> list[str] | None:
     return None
 
 
+def set_path(node: Any, path: str, value: Any) -> None:
+    """Sets `path` (dotted; numbers index lists, missing mappings are made) below
+    `node`; None deletes the key. The negative tests' mutation of a broken copy."""
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is None:
+        del node[last]
+    else:
+        node[last] = value
+
+
 # --- structure ----------------------------------------------------------------------
 
 

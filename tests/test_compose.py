@@ -47,6 +47,7 @@ from tests.compose_checks import (
     parse_locust,
     resolved,
     services,
+    set_path,
     workdir,
 )
 
@@ -133,21 +134,8 @@ def test_dockerfile_lint():
 
 
 def _set(path: str, value: Any) -> Callable[[Compose], None]:
-    """A mutation: sets `services.<path>` (dotted; numbers index lists)."""
-
-    def mutate(compose: Compose) -> None:
-        *parents, last = path.split(".")
-        node: Any = compose["services"]
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-        if isinstance(node, list):
-            node[int(last)] = value
-        elif value is None:
-            del node[last]
-        else:
-            node[last] = value
-
-    return mutate
+    """A mutation: sets `services.<path>` (compose_checks.set_path)."""
+    return lambda compose: set_path(compose["services"], path, value)
 
 
 BROKEN = [
