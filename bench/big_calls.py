@@ -33,14 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnxruntime.transformers.optimizer import optimize_model
 from rich.console import Console
 from rich.table import Table
 
 from bench.common import Budget, summarize, time_sync, write_json
-from bench.shared_user import _call, _flops
+from bench.shared_user import _call, _flops, _session
 from export.onnx_export import export_fm
 from model.config import PRESETS, preset
 from model.features import user_input_names
@@ -50,13 +49,6 @@ from model.schema import load_schema
 from model.user_index import candidate_rows
 
 VARIANTS = ("served", "spinning", "one thread", "two blocks in parallel", "transformer-optimized")
-
-
-def _session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _peak_gflops(threads: int) -> float:

@@ -57,9 +57,11 @@ def _call(schema, users: int, candidates: int, seq_len: int, seed: int) -> dict[
     return batch
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def _session(path: Path, threads: int, spinning: bool = True) -> ort.InferenceSession:
+    """`spinning`: idle intra-op threads spin (ONNX Runtime's default) or sleep (as served)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

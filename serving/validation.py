@@ -18,7 +18,7 @@ import numpy as np
 from gem.knowledge.wire import cut
 
 from export.contract import MAX_BATCH_EXAMPLES
-from model.features import USER_INDEX, InputSpec, input_specs, user_input_names
+from model.features import USER_INDEX, InputSpec, input_specs
 from model.schema import FeatureSchema
 
 
@@ -94,7 +94,7 @@ def assemble(
             f"the call has {rows} examples, over the limit of {limits.max_examples_per_call}", "features"
         )
 
-    users = user_input_names(schema)
+    users = {name for name, spec in specs.items() if spec.side == "user"}
     one_user = all(name in shared for name in users)
     batch: dict[str, np.ndarray] = {}
     for name, spec in specs.items():

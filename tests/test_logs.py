@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from gem.knowledge.wire import encode
 from model.examples import random_batch
 from serving.local.logs import JSONFormatter
 from serving.local.ports import free_ports
+from tests.stack_support import gem_up
 
 
 def test_json_formatter_writes_one_object_with_the_extras():
@@ -63,27 +60,14 @@ def _json(line: str, path: Path) -> dict:
 
 
 @pytest.mark.stack
-def test_serve_logs_json_with_the_callers_request_id(gem_bin, tiny_checkpoint, published_repo, schema, tmp_path):
+def test_serve_logs_json_with_the_callers_request_id(tiny_checkpoint, published_repo, schema, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(published_repo, repo)
     grpc_port, http_port, metrics_port = free_ports(3)
-    # A short Ray temp dir of this test's own (Ray's socket paths must stay short), where
-    # Serve writes its logs: ray/session_*/logs/serve/.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
-    env = {**os.environ, "COLUMNS": "200", "RAY_TMPDIR": str(ray_tmp)}
     log = tmp_path / "up.log"
-    with log.open("w") as out:
-        up = subprocess.Popen(
-            [str(gem_bin), "--log-format", "json", "up", "--embedded", "--checkpoint", str(tiny_checkpoint),
-             "--repo", str(repo), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-             "--metrics-port", str(metrics_port)],
-            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while "serving gRPC at" not in log.read_text() and up.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert up.poll() is None and "serving gRPC at" in log.read_text(), log.read_text()[-3000:]
+    with gem_up("--log-format", "json", "up", "--embedded", "--checkpoint", str(tiny_checkpoint),
+                "--repo", str(repo), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+                "--metrics-port", str(metrics_port), cwd=tmp_path, log=log) as ray_tmp:  # fmt: skip
         stub = pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
         request = pb.GenerateRequest(features={k: encode(v) for k, v in random_batch(schema, 3, 2).items()})
         _, call = stub.Generate.with_call(request, timeout=60, metadata=[("request_id", "ranker-42-abc")])
@@ -99,11 +83,3 @@ def test_serve_logs_json_with_the_callers_request_id(gem_bin, tiny_checkpoint, p
         assert found and all(doc["request_id"] == "ranker-42-abc" for doc in found), list(ray_tmp.rglob("*.log"))
         ours = [line for line in log.read_text().splitlines() if line.startswith("{")]
         assert ours and all(_json(line, log)["message"] for line in ours), "gem up's own lines are JSON"
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)

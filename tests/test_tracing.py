@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +23,7 @@ from model.examples import random_batch
 from serving.local.ports import free_ports
 from serving.local.triton import TritonConfig, command
 from serving.tracing import SERVICE_NAME, serve_tracing_config
+from tests.stack_support import gem_up
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -97,59 +93,42 @@ def test_tracing_is_off_by_default(tmp_path):
 
 
 @pytest.mark.stack
-def test_a_call_is_one_trace_through_the_front_end_and_triton(
-    gem_bin, tiny_checkpoint, published_repo, schema, tmp_path
-):
+def test_a_call_is_one_trace_through_the_front_end_and_triton(tiny_checkpoint, published_repo, schema, tmp_path):
     receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     repo = tmp_path / "repo"
     shutil.copytree(published_repo, repo)
     grpc_port, http_port, metrics_port, t_http, t_grpc, t_metrics = free_ports(6)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="gt", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "COLUMNS": "200", "RAY_TMPDIR": str(ray_tmp)}
     log = tmp_path / "up.log"
-    with log.open("w") as out:
-        up = subprocess.Popen(
-            [str(gem_bin), "up", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo),
-             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-             "--triton-http-port", str(t_http), "--triton-grpc-port", str(t_grpc),
-             "--triton-metrics-port", str(t_metrics), "--triton-work-dir", str(tmp_path / "triton"),
-             "--tracing", receiver.url],
-            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while "serving gRPC at" not in log.read_text() and up.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert up.poll() is None and "serving gRPC at" in log.read_text(), log.read_text()[-3000:]
-        stub = pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
-        request = pb.GenerateRequest(features={k: encode(v) for k, v in random_batch(schema, 3, 2).items()})
-        stub.Generate(request, timeout=60, metadata=[("traceparent", TRACEPARENT)])
+        with gem_up("up", "--checkpoint", str(tiny_checkpoint), "--repo", str(repo),
+                    "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+                    "--triton-http-port", str(t_http), "--triton-grpc-port", str(t_grpc),
+                    "--triton-metrics-port", str(t_metrics), "--triton-work-dir", str(tmp_path / "triton"),
+                    "--tracing", receiver.url, cwd=tmp_path, log=log):  # fmt: skip
+            stub = pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+            request = pb.GenerateRequest(features={k: encode(v) for k, v in random_batch(schema, 3, 2).items()})
+            stub.Generate(request, timeout=60, metadata=[("traceparent", TRACEPARENT)])
 
-        def ours() -> list[tuple[str, str, str]]:
-            with receiver.lock:
-                return [s for s in receiver.spans if s[2] == TRACE_ID]
+            def ours() -> list[tuple[str, str, str]]:
+                with receiver.lock:
+                    return [s for s in receiver.spans if s[2] == TRACE_ID]
 
-        def complete(spans) -> bool:
-            names = {name for _, name, _ in spans}
-            return (
-                any(s == SERVICE_NAME and n.startswith("replica_handle_request") for s, n, _ in spans)
-                and "gem backend batch" in names
-                and any(service == "triton" for service, _, _ in spans)
+            def complete(spans) -> bool:
+                names = {name for _, name, _ in spans}
+                return (
+                    any(s == SERVICE_NAME and n.startswith("replica_handle_request") for s, n, _ in spans)
+                    and "gem backend batch" in names
+                    and any(service == "triton" for service, _, _ in spans)
+                )
+
+            deadline = time.monotonic() + 60  # exporters send in batches, within seconds
+            while not complete(ours()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            triton_log = (tmp_path / "triton" / "tritonserver.log").read_text(errors="replace").splitlines()
+            tracing_lines = [line for line in triton_log if "trac" in line.lower() or "telemetry" in line.lower()]
+            assert complete(ours()), (
+                f"spans of the trace: {ours()}; all: {receiver.spans[:20]}; Triton: {tracing_lines}"
             )
-
-        deadline = time.monotonic() + 60  # exporters send in batches, within seconds
-        while not complete(ours()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        triton_log = (tmp_path / "triton" / "tritonserver.log").read_text(errors="replace").splitlines()
-        tracing_lines = [line for line in triton_log if "trac" in line.lower() or "telemetry" in line.lower()]
-        assert complete(ours()), f"spans of the trace: {ours()}; all: {receiver.spans[:20]}; Triton: {tracing_lines}"
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
         receiver.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
