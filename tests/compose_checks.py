@@ -6,6 +6,7 @@ copies, so every check is shown to fail when it should.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import graphlib
 import importlib
@@ -22,9 +23,11 @@ import click
 import typer
 import yaml
 
-from export.contract import ADAPTER_MODEL, DEFAULT_FLAVOUR, ENSEMBLE_MODEL, FLAVOURS, FM_MODEL
+from export.contract import DEFAULT_FLAVOUR, FLAVOURS, MODELS
 from export.tensorrt import TRITON_IMAGE
 from export.triton_config import config_filename
+from serving.backends.triton_client import ADMIN_KEY_ENV
+from serving.local.triton import TritonConfig, serving_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -33,9 +36,10 @@ Compose = dict[str, Any]
 
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 TOP_LEVEL = {"name", "services", "volumes", "networks", "configs", "secrets", "include"}
-TRITON_MODELS = {FM_MODEL, ADAPTER_MODEL, ENSEMBLE_MODEL}
-# Triton's default ports (the commands below do not move them).
-TRITON_GRPC_PORT, TRITON_METRICS_PORT = 8001, 8002
+# Triton's default ports, which the local launcher's defaults are too (the commands below
+# do not move them).
+_TRITON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TritonConfig)}
+TRITON_GRPC_PORT, TRITON_METRICS_PORT = _TRITON_DEFAULTS["grpc_port"], _TRITON_DEFAULTS["metrics_port"]
 # artifacts/ is gitignored, so its folders exist only once something wrote them; the
 # README has `mkdir -p` them before the stack starts (Docker would create them owned by
 # root, where the image's user cannot write).
@@ -387,22 +391,56 @@ def triton_services(compose: Compose) -> dict[str, dict]:
     return {n: s for n, s in services(compose).items() if s.get("command", [None])[0] == "tritonserver"}
 
 
+def trainer_services(compose: Compose) -> dict[str, dict]:
+    """The side trainers: our code that loads versions through Triton's model control."""
+    return {
+        n: s for n, s in services(compose).items() if ours(s) and s.get("command", [])[:3] == ["gem", "trainer", "run"]
+    }
+
+
+def environment(service: dict) -> dict[str, str | None]:
+    """A service's `environment`, list or mapping form; None: passed on from the host."""
+    env = service.get("environment") or {}
+    if isinstance(env, dict):
+        return {k: None if v is None else str(v) for k, v in env.items()}
+    return {k: (v if eq else None) for k, eq, v in (str(e).partition("=") for e in env)}
+
+
+def admin_key(compose: Compose) -> tuple[str, list[str]]:
+    """The key compose's Triton restricts model control to: the one the side trainers
+    send in $GEM_TRITON_ADMIN_KEY (serving/backends/triton_client.py reads that name)."""
+    problems, keys = [], set()
+    for name, s in trainer_services(compose).items():
+        key = environment(s).get(ADMIN_KEY_ENV)
+        if not key:
+            problems.append(f"{name}: sets no {ADMIN_KEY_ENV}, the key of Triton's restricted model control")
+        else:
+            keys.add(key)
+    if len(keys) > 1:
+        problems.append(f"the side trainers send different {ADMIN_KEY_ENV}s")
+    return (keys.pop() if len(keys) == 1 else ""), problems
+
+
 def check_triton(compose: Compose) -> list[str]:
-    """Each tritonserver runs the image whose TensorRT builds the plans, loads exactly
-    the repository's models from where ./model_repo is mounted, and picks a config
-    flavour that export/triton_config.py writes; the TensorRT one needs a GPU."""
-    problems = []
+    """Each tritonserver runs the image whose TensorRT builds the plans, serves and guards
+    the repository's models with the local launcher's own flags (serving/local/triton.py
+    `serving_flags`: explicit model control, the restricted APIs, the models loaded) and the
+    side trainers' key, from where ./model_repo is mounted, and picks a config flavour that
+    export/triton_config.py writes; the TensorRT one needs a GPU."""
     all_services = services(compose)
+    key, problems = admin_key(compose)
     if not triton_services(compose):
         problems.append("no service runs tritonserver")
+    local = TritonConfig(repository=Path("."), work_dir=Path("."), admin_key=key)
+    want = serving_flags(local, list(MODELS))
     for name, s in triton_services(compose).items():
         argv = [str(a) for a in s["command"]]
         if s.get("image") != TRITON_IMAGE:
             problems.append(f"{name}: image {s.get('image')!r} is not export/tensorrt.py's {TRITON_IMAGE!r}")
-        if set(many(argv, "--load-model")) != TRITON_MODELS:
-            problems.append(f"{name}: --load-model {many(argv, '--load-model')} != the repository's {TRITON_MODELS}")
-        if many(argv, "--model-control-mode") != ["explicit"]:
-            problems.append(f"{name}: not in explicit model control (rollouts load versions through the client)")
+        for flag in dict.fromkeys(f.partition("=")[0] for f in want):
+            got, expected = sorted(many(argv, flag)), sorted(many(want, flag))
+            if got != expected:
+                problems.append(f"{name}: {flag} {got} != the local launcher's {expected} (serving_flags)")
         repository = many(argv, "--model-repository")
         if repository != [bind_target(s, "./model_repo")]:
             problems.append(f"{name}: --model-repository {repository} is not where ./model_repo is mounted")
@@ -501,16 +539,15 @@ def check_addresses(compose: Compose, prometheus: dict) -> list[str]:
     listening = {frontend: {metrics_port}} | {t: {TRITON_METRICS_PORT} for t in triton_services(compose)}
     # The side trainers: their --metrics-port, and their healthcheck asks that port.
     gem = click_command(script_entry_points()["gem"])
-    for name, s in all_services.items():
-        if ours(s) and s.get("command", [])[:3] == ["gem", "trainer", "run"]:
-            try:
-                port = parse_cli(gem, "gem", [str(a) for a in s["command"][1:]])["metrics_port"]
-            except CommandLineError:
-                continue  # check_commands reports it
-            listening[name] = {port}
-            asked = options(healthcheck_argv(s) or []).get("--port")
-            if port is None or asked != str(port):
-                problems.append(f"{name}: the healthcheck asks port {asked}, not the --metrics-port {port}")
+    for name, s in trainer_services(compose).items():
+        try:
+            port = parse_cli(gem, "gem", [str(a) for a in s["command"][1:]])["metrics_port"]
+        except CommandLineError:
+            continue  # check_commands reports it
+        listening[name] = {port}
+        asked = options(healthcheck_argv(s) or []).get("--port")
+        if port is None or asked != str(port):
+            problems.append(f"{name}: the healthcheck asks port {asked}, not the --metrics-port {port}")
     for job in prometheus["scrape_configs"]:
         targets = [t for c in job.get("static_configs", []) for t in c["targets"]]
         targets += [f"{n}:{c['port']}" for c in job.get("dns_sd_configs", []) for n in c["names"]]

@@ -150,6 +150,8 @@ def _set(path: str, value: Any) -> Callable[[Compose], None]:
     return mutate
 
 
+TRAINERS = ("trainer", "trainer-gpu")
+OLD_RULE = "model-repository,model-config,shared-memory,statistics,trace,logging:gem-admin-key=change-me"
 BROKEN = [
     ("version key", lambda c: c.update(version="3.9"), "unexpected top-level key 'version'"),
     ("latest tag", _set("triton.image", "nvcr.io/nvidia/tritonserver:latest"), "is not a pinned version tag"),
@@ -177,7 +179,13 @@ BROKEN = [
     ("unknown program", _set("bootstrap.command.0", "python"), "no entry point of our image"),
     ("missing locustfile", _set("locust-worker.command.2", "loadtests/nope.py"), "does not exist"),
     ("variable without default", _set("frontend.command.5", "${TRITON}:8001"), "has no default"),
-    ("wrong model", _set("triton.command.3", "--load-model=gem"), "the repository's"),
+    ("wrong model", _set("triton.command.3", "--load-model=gem"), "--load-model ['gem', "),
+    ("not explicit", _set("triton.command.2", "--model-control-mode=poll"), "--model-control-mode ['poll']"),
+    # The drift issue 27 found: compose restricted the model config, which the front end reads.
+    ("config restricted", _set("triton-gpu.command.7", f"--http-restricted-api={OLD_RULE}"), "the local launcher's"),
+    ("other admin key", lambda c: [_set(f"{t}.environment", ["GEM_TRITON_ADMIN_KEY=k"])(c) for t in TRAINERS], "=k']"),
+    ("two admin keys", _set("trainer.environment", ["GEM_TRITON_ADMIN_KEY=k"]), "send different"),
+    ("admin key name", _set("trainer-gpu.environment", ["GEM_ADMIN_KEY=x"]), "sets no GEM_TRITON_ADMIN_KEY"),
     ("python flavour", _set("triton.command.3", "--model-config-name=python"), "python flavour"),
     ("unknown flavour", _set("triton-gpu.command.3", "--model-config-name=trt"), "names no config"),
     ("tensorrt on CPU", _set("triton-gpu.deploy", None), "GPU reservation"),
