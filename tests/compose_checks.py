@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -55,13 +56,15 @@ def load(path: Path = COMPOSE_FILE) -> Compose:
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
 
 
-def interpolate(value: Any, problems: list[str], where: str = "") -> Any:
-    """The file as Compose sees it with no variable set: each `${VAR:-default}` becomes
-    its default, so that the file works without any environment."""
+def interpolate(value: Any, problems: list[str], where: str = "", env: Mapping[str, str] | None = None) -> Any:
+    """The file as Compose sees it with the variables of `env` set (none by default):
+    each other `${VAR:-default}` becomes its default, so that the file works without
+    any environment."""
+    env = env or {}
     if isinstance(value, dict):
-        return {k: interpolate(v, problems, f"{where}.{k}") for k, v in value.items()}
+        return {k: interpolate(v, problems, f"{where}.{k}", env) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, problems, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [interpolate(v, problems, f"{where}[{i}]", env) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -69,14 +72,14 @@ def interpolate(value: Any, problems: list[str], where: str = "") -> Any:
         if m["op"] is None:
             problems.append(f"{where}: ${{{m['name']}}} has no default")
             return ""
-        return m["default"]
+        return env.get(m["name"]) or m["default"]
 
     return _VARIABLE.sub(default, value).replace("$$", "$")
 
 
-def resolved(compose: Compose) -> tuple[Compose, list[str]]:
+def resolved(compose: Compose, env: Mapping[str, str] | None = None) -> tuple[Compose, list[str]]:
     problems: list[str] = []
-    return interpolate(compose, problems), problems
+    return interpolate(compose, problems, env=env), problems
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -608,3 +611,32 @@ def parse_locust(argvs: list[list[str]]) -> list[dict]:
 
 def workdir() -> PurePosixPath:
     return PurePosixPath(re.findall(r"^WORKDIR\s+(\S+)", (ROOT / "Dockerfile").read_text(), flags=re.M)[-1])
+
+
+# --- a service as a local process (tests/test_compose_local.py) ----------------------
+
+
+def local_command(argv: list[Any], at: Mapping[str, Path], addresses: Mapping[str, str]) -> list[str]:
+    """A compose command as a process on this machine runs it: a path under a mount
+    target becomes that path under the host folder `at` gives for the target; a word
+    `addresses` names (a `service:port`, a container port) its local counterpart; and
+    0.0.0.0 the loopback (nothing here listens beyond it)."""
+    out = []
+    for arg in map(str, argv):
+        target = next((t for t in sorted(at, key=len, reverse=True) if arg == t or arg.startswith(f"{t}/")), None)
+        if target is not None:
+            arg = f"{at[target]}{arg[len(target) :]}"
+        out.append(addresses.get(arg, "127.0.0.1" if arg == "0.0.0.0" else arg))
+    return out
+
+
+def local_environment(service: dict, host: Mapping[str, str]) -> dict[str, str]:
+    """What compose puts in the container's environment: the values it sets, and the
+    names it passes on from `host` where they are set there."""
+    env = {}
+    for name, value in environment(service).items():
+        if value is not None:
+            env[name] = value
+        elif name in host:
+            env[name] = host[name]
+    return env

@@ -198,7 +198,7 @@ BROKEN = [
     ("health port", _set("frontend.healthcheck.test.4", "127.0.0.1:8090"), "not the gRPC port"),
     ("unpublished", _set("frontend.ports", ["50051:50051"]), "port 8090 is not published"),
     ("locust host", _set("locust-master.command.10", "frontend:8090"), "is not frontend:50051"),
-    ("locust master", _set("locust-worker.command.5", "master"), "is not the Locust master"),
+    ("locust master", _set("locust-worker.command.7", "master"), "is not the Locust master"),
     ("trainer flag", _set("trainer.command.11", "--processes"), "No such option"),
     ("trainer health port", _set("trainer.healthcheck.test.5", "9999"), "not the --metrics-port 8091"),
 ]
