@@ -28,6 +28,7 @@ from export.contract import DEFAULT_FLAVOUR, FLAVOURS, MODELS
 from export.tensorrt import TRITON_IMAGE
 from export.triton_config import config_filename
 from serving.backends.triton_client import ADMIN_KEY_ENV
+from serving.config import INGRESS_ENV, TOKEN_ENV
 from serving.local.triton import TritonConfig, serving_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,6 +425,28 @@ def admin_key(compose: Compose) -> tuple[str, list[str]]:
     return (keys.pop() if len(keys) == 1 else ""), problems
 
 
+def cli_envvars(command: Any) -> set[str]:
+    """Every environment variable a click command (and its subcommands) reads."""
+    names = {e for p in command.params for e in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])}
+    for sub in getattr(command, "commands", {}).values():
+        names |= cli_envvars(sub)
+    return names
+
+
+def check_environment(compose: Compose) -> list[str]:
+    """Each variable our services are given is one our code reads under that name: an
+    option of the `gem` CLI, the token, ingress and admin-key settings, and Locust's own
+    LOCUST_* options for its services (the local run, test_compose_local.py, uses them)."""
+    known = cli_envvars(click_command(script_entry_points()["gem"])) | {ADMIN_KEY_ENV, TOKEN_ENV, INGRESS_ENV}
+    problems = []
+    for name, s in services(compose).items():
+        locust = s.get("command", [None])[0] == "locust"
+        for variable in environment(s) if ours(s) else ():
+            if variable not in known and not (locust and variable.startswith("LOCUST_")):
+                problems.append(f"{name}: {variable} is read by none of our code")
+    return problems
+
+
 def check_triton(compose: Compose) -> list[str]:
     """Each tritonserver runs the image whose TensorRT builds the plans, serves and guards
     the repository's models with the local launcher's own flags (serving/local/triton.py
@@ -563,9 +586,9 @@ def check_addresses(compose: Compose, prometheus: dict) -> list[str]:
 
 def all_problems(compose: Compose, prometheus: dict) -> list[str]:
     compose, problems = resolved(compose)
-    for check in (check_top_level, check_images, check_mounts, check_ports, check_healthchecks):
-        problems += check(compose)
-    for check in (check_depends_on, check_profiles, check_commands, check_triton, check_tensorrt_pipeline):
+    checks = (check_top_level, check_images, check_mounts, check_ports, check_healthchecks, check_depends_on)
+    checks += (check_profiles, check_commands, check_environment, check_triton, check_tensorrt_pipeline)
+    for check in checks:
         problems += check(compose)
     return problems + check_addresses(compose, prometheus)
 

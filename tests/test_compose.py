@@ -31,6 +31,7 @@ from tests.compose_checks import (
     check_addresses,
     check_commands,
     check_depends_on,
+    check_environment,
     check_healthchecks,
     check_images,
     check_mounts,
@@ -62,7 +63,16 @@ def compose() -> Compose:
 
 @pytest.mark.parametrize(
     "check",
-    [check_top_level, check_images, check_mounts, check_ports, check_healthchecks, check_depends_on, check_profiles],
+    [
+        check_top_level,
+        check_images,
+        check_mounts,
+        check_ports,
+        check_healthchecks,
+        check_depends_on,
+        check_profiles,
+        check_environment,
+    ],
 )
 def test_structure(compose, check):
     assert check(compose) == []
@@ -186,6 +196,8 @@ BROKEN = [
     ("other admin key", lambda c: [_set(f"{t}.environment", ["GEM_TRITON_ADMIN_KEY=k"])(c) for t in TRAINERS], "=k']"),
     ("two admin keys", _set("trainer.environment", ["GEM_TRITON_ADMIN_KEY=k"]), "send different"),
     ("admin key name", _set("trainer-gpu.environment", ["GEM_ADMIN_KEY=x"]), "sets no GEM_TRITON_ADMIN_KEY"),
+    ("unread variable", _set("frontend.environment.1", "GEM_INGRES=direct"), "GEM_INGRES is read by none"),
+    ("not Locust's", _set("locust-worker.environment.0", "GEM_USERS"), "GEM_USERS is read by none"),
     ("python flavour", _set("triton.command.3", "--model-config-name=python"), "python flavour"),
     ("unknown flavour", _set("triton-gpu.command.3", "--model-config-name=trt"), "names no config"),
     ("tensorrt on CPU", _set("triton-gpu.deploy", None), "GPU reservation"),
