@@ -6,9 +6,10 @@ loopback), as local processes, against a local Triton started with the flags com
 
 Exercised: `bootstrap` (on a published repository, where it does nothing), `frontend`
 until its healthcheck says SERVING and a call succeeds, `locust-master` with one
-`locust-worker` for a short headless run against it. Not here: `trainer` (its
-`gem trainer run` is tested in test_trainer_service.py, with other paths), the
-images, the network and the GPU profile (no Docker, no GPU on these machines)."""
+`locust-worker` for a short headless run against it, and `trainer` until its
+healthcheck passes (on an empty stream: its training is test_trainer_service.py's).
+Not here: `trainer-gpu`, `tensorrt-*`, the images, the network and the GPU profile
+(no Docker, no GPU on these machines)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 from gem.knowledge import KnowledgeClient
 
-from export.contract import FM_MODEL
+from serving.backends.triton_client import ADMIN_KEY_ENV
 from serving.local.ports import free_ports
 from serving.local.triton import TritonConfig, TritonServer
 from tests.compose_checks import (
@@ -103,7 +104,7 @@ def test_our_compose_services_run_as_local_processes(published_repo, tmp_path):
     shutil.copytree(published_repo, repo)
     checkpoints.mkdir()
     at = {"/models": repo, "/app/artifacts/checkpoints": checkpoints, str(workdir()): app}
-    triton_http, triton_grpc, triton_metrics, grpc_port, metrics_port, master_port = free_ports(6)
+    triton_http, triton_grpc, triton_metrics, grpc_port, metrics_port, master_port, trainer_port = free_ports(7)
     triton_cfg = TritonConfig(repo, tmp_path / "triton", triton_http, triton_grpc, triton_metrics, admin_key=key)
     addresses = {
         "triton:8001": f"127.0.0.1:{triton_grpc}",
@@ -112,6 +113,7 @@ def test_our_compose_services_run_as_local_processes(published_repo, tmp_path):
         "127.0.0.1:50051": f"127.0.0.1:{grpc_port}",
         "frontend:50051": f"127.0.0.1:{grpc_port}",
         "locust-master": "127.0.0.1",
+        "8091": str(trainer_port),
     }
 
     def command(name: str) -> list[str]:
@@ -145,7 +147,14 @@ def test_our_compose_services_run_as_local_processes(published_repo, tmp_path):
                     text=True,
                     timeout=240,
                 )
-    assert master.returncode == 0, master.stderr[-6000:] + (tmp_path / "worker.log").read_text()[-3000:]
+            assert master.returncode == 0, master.stderr[-6000:] + (tmp_path / "worker.log").read_text()[-3000:]
+        # The side trainer (two gloo processes, a fresh `small` FM: bootstrap trained none
+        # here) waits for shards on an empty stream; its healthcheck asks its metrics.
+        (app / "artifacts" / "stream").mkdir()
+        trainer_env, trainer_log = run_env(svc["trainer"]), tmp_path / "trainer.log"
+        assert trainer_env[ADMIN_KEY_ENV] == key
+        with process(command("trainer"), trainer_env, app, trainer_log) as trainer:
+            check = local_command(healthcheck_argv(svc["trainer"]) or [], at, addresses)
+            healthy(check, trainer_env, app, trainer, trainer_log, timeout_s=300)
     summary = json.loads((app / "artifacts" / "loadtest" / "summary.json").read_text())
     assert summary["calls"] > 0 and summary["failures"] == 0, summary
-    assert (repo / FM_MODEL).is_dir()
