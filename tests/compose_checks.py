@@ -436,7 +436,7 @@ def cli_envvars(command: Any) -> set[str]:
 def check_environment(compose: Compose) -> list[str]:
     """Each variable our services are given is one our code reads under that name: an
     option of the `gem` CLI, the token, ingress and admin-key settings, and Locust's own
-    LOCUST_* options for its services (the local run, test_compose_local.py, uses them)."""
+    LOCUST_* options for its services (the local run in test_container_commands.py uses them)."""
     known = cli_envvars(click_command(script_entry_points()["gem"])) | {ADMIN_KEY_ENV, TOKEN_ENV, INGRESS_ENV}
     problems = []
     for name, s in services(compose).items():
@@ -636,7 +636,7 @@ def workdir() -> PurePosixPath:
     return PurePosixPath(re.findall(r"^WORKDIR\s+(\S+)", (ROOT / "Dockerfile").read_text(), flags=re.M)[-1])
 
 
-# --- a service as a local process (tests/test_compose_local.py) ----------------------
+# --- a service as a local process (tests/test_container_commands.py) ----------------------
 
 
 def local_command(argv: list[Any], at: Mapping[str, Path], addresses: Mapping[str, str]) -> list[str]:
