@@ -10,14 +10,20 @@ handlers' `request_deserializer` and replaces only the behaviour), so this one r
 the same two methods with an identity deserializer: the proxy forwards the bytes as they
 came (no parse and re-serialize in the proxy), and the ingress parses them *after* the
 token check, answering `INVALID_ARGUMENT` for bytes that are not the message.
+
+Server reflection (Serve's `gRPCOptions.enable_reflection`, serving/local/launcher.py)
+answers from the process's default descriptor pool: the generated module imported here
+puts the service's file there in every process that registers it, the proxy's too.
 """
 
 from __future__ import annotations
 
 import grpc
+from gem.knowledge.v1 import knowledge_pb2
 
-SERVICE = "gem.knowledge.v1.KnowledgeService"
-METHODS = ("Generate", "GetModelInfo")
+_DESCRIPTOR = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"]
+SERVICE = _DESCRIPTOR.full_name
+METHODS = tuple(m.name for m in _DESCRIPTOR.methods)
 
 
 def _raw(data: bytes) -> bytes:

@@ -6,6 +6,7 @@ copies, so every check is shown to fail when it should.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import graphlib
 import importlib
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,9 +24,12 @@ import click
 import typer
 import yaml
 
-from export.contract import ADAPTER_MODEL, DEFAULT_FLAVOUR, ENSEMBLE_MODEL, FLAVOURS, FM_MODEL
+from export.contract import DEFAULT_FLAVOUR, FLAVOURS, MODELS
 from export.tensorrt import TRITON_IMAGE
 from export.triton_config import config_filename
+from serving.backends.triton_client import ADMIN_KEY_ENV
+from serving.config import INGRESS_ENV, TOKEN_ENV
+from serving.local.triton import TritonConfig, serving_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -33,9 +38,10 @@ Compose = dict[str, Any]
 
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 TOP_LEVEL = {"name", "services", "volumes", "networks", "configs", "secrets", "include"}
-TRITON_MODELS = {FM_MODEL, ADAPTER_MODEL, ENSEMBLE_MODEL}
-# Triton's default ports (the commands below do not move them).
-TRITON_GRPC_PORT, TRITON_METRICS_PORT = 8001, 8002
+# Triton's default ports, which the local launcher's defaults are too (the commands below
+# do not move them).
+_TRITON_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TritonConfig)}
+TRITON_GRPC_PORT, TRITON_METRICS_PORT = _TRITON_DEFAULTS["grpc_port"], _TRITON_DEFAULTS["metrics_port"]
 # artifacts/ is gitignored, so its folders exist only once something wrote them; the
 # README has `mkdir -p` them before the stack starts (Docker would create them owned by
 # root, where the image's user cannot write).
@@ -51,13 +57,15 @@ def load(path: Path = COMPOSE_FILE) -> Compose:
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
 
 
-def interpolate(value: Any, problems: list[str], where: str = "") -> Any:
-    """The file as Compose sees it with no variable set: each `${VAR:-default}` becomes
-    its default, so that the file works without any environment."""
+def interpolate(value: Any, problems: list[str], where: str = "", env: Mapping[str, str] | None = None) -> Any:
+    """The file as Compose sees it with the variables of `env` set (none by default):
+    each other `${VAR:-default}` becomes its default, so that the file works without
+    any environment."""
+    env = env or {}
     if isinstance(value, dict):
-        return {k: interpolate(v, problems, f"{where}.{k}") for k, v in value.items()}
+        return {k: interpolate(v, problems, f"{where}.{k}", env) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, problems, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [interpolate(v, problems, f"{where}[{i}]", env) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -65,14 +73,14 @@ def interpolate(value: Any, problems: list[str], where: str = "") -> Any:
         if m["op"] is None:
             problems.append(f"{where}: ${{{m['name']}}} has no default")
             return ""
-        return m["default"]
+        return env.get(m["name"]) or m["default"]
 
     return _VARIABLE.sub(default, value).replace("$$", "$")
 
 
-def resolved(compose: Compose) -> tuple[Compose, list[str]]:
+def resolved(compose: Compose, env: Mapping[str, str] | None = None) -> tuple[Compose, list[str]]:
     problems: list[str] = []
-    return interpolate(compose, problems), problems
+    return interpolate(compose, problems, env=env), problems
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -401,22 +409,78 @@ def triton_services(compose: Compose) -> dict[str, dict]:
     return {n: s for n, s in services(compose).items() if s.get("command", [None])[0] == "tritonserver"}
 
 
-def check_triton(compose: Compose) -> list[str]:
-    """Each tritonserver runs the image whose TensorRT builds the plans, loads exactly
-    the repository's models from where ./model_repo is mounted, and picks a config
-    flavour that export/triton_config.py writes; the TensorRT one needs a GPU."""
+def trainer_services(compose: Compose) -> dict[str, dict]:
+    """The side trainers: our code that loads versions through Triton's model control."""
+    return {
+        n: s for n, s in services(compose).items() if ours(s) and s.get("command", [])[:3] == ["gem", "trainer", "run"]
+    }
+
+
+def environment(service: dict) -> dict[str, str | None]:
+    """A service's `environment`, list or mapping form; None: passed on from the host."""
+    env = service.get("environment") or {}
+    if isinstance(env, dict):
+        return {k: None if v is None else str(v) for k, v in env.items()}
+    return {k: (v if eq else None) for k, eq, v in (str(e).partition("=") for e in env)}
+
+
+def admin_key(compose: Compose) -> tuple[str, list[str]]:
+    """The key compose's Triton restricts model control to: the one the side trainers
+    send in $GEM_TRITON_ADMIN_KEY (serving/backends/triton_client.py reads that name)."""
+    problems, keys = [], set()
+    for name, s in trainer_services(compose).items():
+        key = environment(s).get(ADMIN_KEY_ENV)
+        if not key:
+            problems.append(f"{name}: sets no {ADMIN_KEY_ENV}, the key of Triton's restricted model control")
+        else:
+            keys.add(key)
+    if len(keys) > 1:
+        problems.append(f"the side trainers send different {ADMIN_KEY_ENV}s")
+    return (keys.pop() if len(keys) == 1 else ""), problems
+
+
+def cli_envvars(command: Any) -> set[str]:
+    """Every environment variable a click command (and its subcommands) reads."""
+    names = {e for p in command.params for e in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])}
+    for sub in getattr(command, "commands", {}).values():
+        names |= cli_envvars(sub)
+    return names
+
+
+def check_environment(compose: Compose) -> list[str]:
+    """Each variable our services are given is one our code reads under that name: an
+    option of the `gem` CLI, the token, ingress and admin-key settings, and Locust's own
+    LOCUST_* options for its services (the local run in test_container_commands.py uses them)."""
+    known = cli_envvars(click_command(script_entry_points()["gem"])) | {ADMIN_KEY_ENV, TOKEN_ENV, INGRESS_ENV}
     problems = []
+    for name, s in services(compose).items():
+        locust = s.get("command", [None])[0] == "locust"
+        for variable in environment(s) if ours(s) else ():
+            if variable not in known and not (locust and variable.startswith("LOCUST_")):
+                problems.append(f"{name}: {variable} is read by none of our code")
+    return problems
+
+
+def check_triton(compose: Compose) -> list[str]:
+    """Each tritonserver runs the image whose TensorRT builds the plans, serves and guards
+    the repository's models with the local launcher's own flags (serving/local/triton.py
+    `serving_flags`: explicit model control, the restricted APIs, the models loaded) and the
+    side trainers' key, from where ./model_repo is mounted, and picks a config flavour that
+    export/triton_config.py writes; the TensorRT one needs a GPU."""
     all_services = services(compose)
+    key, problems = admin_key(compose)
     if not triton_services(compose):
         problems.append("no service runs tritonserver")
+    local = TritonConfig(repository=Path("."), work_dir=Path("."), admin_key=key)
+    want = serving_flags(local, list(MODELS))
     for name, s in triton_services(compose).items():
         argv = [str(a) for a in s["command"]]
         if s.get("image") != TRITON_IMAGE:
             problems.append(f"{name}: image {s.get('image')!r} is not export/tensorrt.py's {TRITON_IMAGE!r}")
-        if set(many(argv, "--load-model")) != TRITON_MODELS:
-            problems.append(f"{name}: --load-model {many(argv, '--load-model')} != the repository's {TRITON_MODELS}")
-        if many(argv, "--model-control-mode") != ["explicit"]:
-            problems.append(f"{name}: not in explicit model control (rollouts load versions through the client)")
+        for flag in dict.fromkeys(f.partition("=")[0] for f in want):
+            got, expected = sorted(many(argv, flag)), sorted(many(want, flag))
+            if got != expected:
+                problems.append(f"{name}: {flag} {got} != the local launcher's {expected} (serving_flags)")
         repository = many(argv, "--model-repository")
         if repository != [bind_target(s, "./model_repo")]:
             problems.append(f"{name}: --model-repository {repository} is not where ./model_repo is mounted")
@@ -515,16 +579,15 @@ def check_addresses(compose: Compose, prometheus: dict) -> list[str]:
     listening = {frontend: {metrics_port}} | {t: {TRITON_METRICS_PORT} for t in triton_services(compose)}
     # The side trainers: their --metrics-port, and their healthcheck asks that port.
     gem = click_command(script_entry_points()["gem"])
-    for name, s in all_services.items():
-        if ours(s) and s.get("command", [])[:3] == ["gem", "trainer", "run"]:
-            try:
-                port = parse_cli(gem, "gem", [str(a) for a in s["command"][1:]])["metrics_port"]
-            except CommandLineError:
-                continue  # check_commands reports it
-            listening[name] = {port}
-            asked = options(healthcheck_argv(s) or []).get("--port")
-            if port is None or asked != str(port):
-                problems.append(f"{name}: the healthcheck asks port {asked}, not the --metrics-port {port}")
+    for name, s in trainer_services(compose).items():
+        try:
+            port = parse_cli(gem, "gem", [str(a) for a in s["command"][1:]])["metrics_port"]
+        except CommandLineError:
+            continue  # check_commands reports it
+        listening[name] = {port}
+        asked = options(healthcheck_argv(s) or []).get("--port")
+        if port is None or asked != str(port):
+            problems.append(f"{name}: the healthcheck asks port {asked}, not the --metrics-port {port}")
     for job in prometheus["scrape_configs"]:
         targets = [t for c in job.get("static_configs", []) for t in c["targets"]]
         targets += [f"{n}:{c['port']}" for c in job.get("dns_sd_configs", []) for n in c["names"]]
@@ -537,9 +600,9 @@ def check_addresses(compose: Compose, prometheus: dict) -> list[str]:
 
 def all_problems(compose: Compose, prometheus: dict) -> list[str]:
     compose, problems = resolved(compose)
-    for check in (check_top_level, check_images, check_mounts, check_ports, check_healthchecks):
-        problems += check(compose)
-    for check in (check_depends_on, check_profiles, check_commands, check_triton, check_tensorrt_pipeline):
+    checks = (check_top_level, check_images, check_mounts, check_ports, check_healthchecks, check_depends_on)
+    checks += (check_profiles, check_commands, check_environment, check_triton, check_tensorrt_pipeline)
+    for check in checks:
         problems += check(compose)
     return problems + check_addresses(compose, prometheus)
 
@@ -585,3 +648,32 @@ def parse_locust(argvs: list[list[str]]) -> list[dict]:
 
 def workdir() -> PurePosixPath:
     return PurePosixPath(re.findall(r"^WORKDIR\s+(\S+)", (ROOT / "Dockerfile").read_text(), flags=re.M)[-1])
+
+
+# --- a service as a local process (tests/test_container_commands.py) ----------------------
+
+
+def local_command(argv: list[Any], at: Mapping[str, Path], addresses: Mapping[str, str]) -> list[str]:
+    """A compose command as a process on this machine runs it: a path under a mount
+    target becomes that path under the host folder `at` gives for the target; a word
+    `addresses` names (a `service:port`, a container port) its local counterpart; and
+    0.0.0.0 the loopback (nothing here listens beyond it)."""
+    out = []
+    for arg in map(str, argv):
+        target = next((t for t in sorted(at, key=len, reverse=True) if arg == t or arg.startswith(f"{t}/")), None)
+        if target is not None:
+            arg = f"{at[target]}{arg[len(target) :]}"
+        out.append(addresses.get(arg, "127.0.0.1" if arg == "0.0.0.0" else arg))
+    return out
+
+
+def local_environment(service: dict, host: Mapping[str, str]) -> dict[str, str]:
+    """What compose puts in the container's environment: the values it sets, and the
+    names it passes on from `host` where they are set there."""
+    env = {}
+    for name, value in environment(service).items():
+        if value is not None:
+            env[name] = value
+        elif name in host:
+            env[name] = host[name]
+    return env

@@ -31,6 +31,7 @@ from tests.compose_checks import (
     check_addresses,
     check_commands,
     check_depends_on,
+    check_environment,
     check_healthchecks,
     check_images,
     check_mounts,
@@ -63,7 +64,16 @@ def compose() -> Compose:
 
 @pytest.mark.parametrize(
     "check",
-    [check_top_level, check_images, check_mounts, check_ports, check_healthchecks, check_depends_on, check_profiles],
+    [
+        check_top_level,
+        check_images,
+        check_mounts,
+        check_ports,
+        check_healthchecks,
+        check_depends_on,
+        check_profiles,
+        check_environment,
+    ],
 )
 def test_structure(compose, check):
     assert check(compose) == []
@@ -138,6 +148,8 @@ def _set(path: str, value: Any) -> Callable[[Compose], None]:
     return lambda compose: set_path(compose["services"], path, value)
 
 
+TRAINERS = ("trainer", "trainer-gpu")
+OLD_RULE = "model-repository,model-config,shared-memory,statistics,trace,logging:gem-admin-key=change-me"
 BROKEN = [
     ("version key", lambda c: c.update(version="3.9"), "unexpected top-level key 'version'"),
     ("latest tag", _set("triton.image", "nvcr.io/nvidia/tritonserver:latest"), "is not a pinned version tag"),
@@ -165,7 +177,15 @@ BROKEN = [
     ("unknown program", _set("bootstrap.command.0", "python"), "no entry point of our image"),
     ("missing locustfile", _set("locust-worker.command.2", "loadtests/nope.py"), "does not exist"),
     ("variable without default", _set("frontend.command.5", "${TRITON}:8001"), "has no default"),
-    ("wrong model", _set("triton.command.3", "--load-model=gem"), "the repository's"),
+    ("wrong model", _set("triton.command.3", "--load-model=gem"), "--load-model ['gem', "),
+    ("not explicit", _set("triton.command.2", "--model-control-mode=poll"), "--model-control-mode ['poll']"),
+    # The drift issue 27 found: compose restricted the model config, which the front end reads.
+    ("config restricted", _set("triton-gpu.command.7", f"--http-restricted-api={OLD_RULE}"), "the local launcher's"),
+    ("other admin key", lambda c: [_set(f"{t}.environment", ["GEM_TRITON_ADMIN_KEY=k"])(c) for t in TRAINERS], "=k']"),
+    ("two admin keys", _set("trainer.environment", ["GEM_TRITON_ADMIN_KEY=k"]), "send different"),
+    ("admin key name", _set("trainer-gpu.environment", ["GEM_ADMIN_KEY=x"]), "sets no GEM_TRITON_ADMIN_KEY"),
+    ("unread variable", _set("frontend.environment.1", "GEM_INGRES=direct"), "GEM_INGRES is read by none"),
+    ("not Locust's", _set("locust-worker.environment.0", "GEM_USERS"), "GEM_USERS is read by none"),
     ("python flavour", _set("triton.command.3", "--model-config-name=python"), "python flavour"),
     ("unknown flavour", _set("triton-gpu.command.3", "--model-config-name=trt"), "names no config"),
     ("tensorrt on CPU", _set("triton-gpu.deploy", None), "GPU reservation"),
@@ -178,7 +198,7 @@ BROKEN = [
     ("health port", _set("frontend.healthcheck.test.4", "127.0.0.1:8090"), "not the gRPC port"),
     ("unpublished", _set("frontend.ports", ["50051:50051"]), "port 8090 is not published"),
     ("locust host", _set("locust-master.command.10", "frontend:8090"), "is not frontend:50051"),
-    ("locust master", _set("locust-worker.command.5", "master"), "is not the Locust master"),
+    ("locust master", _set("locust-worker.command.7", "master"), "is not the Locust master"),
     ("trainer flag", _set("trainer.command.11", "--processes"), "No such option"),
     ("trainer health port", _set("trainer.healthcheck.test.5", "9999"), "not the --metrics-port 8091"),
 ]

@@ -364,8 +364,11 @@ def test_gem_query_prints_labels(gem_bin, stack):
 def test_serve_config_file_is_valid_and_matches_the_code():
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema(**yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text()))
+    raw = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
+    config = ServeDeploySchema(**raw)
     assert tuple(config.grpc_options.grpc_servicer_functions) == SERVICER_FUNCTIONS
+    # Said, not left to Serve's default: as serving/local/launcher.py starts Serve.
+    assert raw["grpc_options"]["enable_reflection"] is True
     (app,) = config.applications
     assert app.import_path == "serving.servicer:app_builder"
     FrontendConfig.from_args(app.args)  # every arg is a known setting

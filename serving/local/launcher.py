@@ -143,6 +143,9 @@ def start(
             port=proxy_grpc_port,
             grpc_servicer_functions=list(SERVICER_FUNCTIONS),
             request_timeout_s=cfg.backend_timeout_s + 5.0,
+            # On every gRPC server of Serve's (the replica's under direct ingress, the
+            # proxy's): grpcurl and grpcui list and call the services without the .proto.
+            enable_reflection=True,
         ),
     )
     app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time

@@ -126,16 +126,22 @@ def _site_packages() -> str:
 RESTRICTED = "model-repository,shared-memory,statistics,trace,logging"
 
 
-def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str]:
+def serving_flags(cfg: TritonConfig, models: list[str]) -> list[str]:
+    """The flags that decide what Triton serves and who may control it: the local server's
+    and, with compose's key, the `triton` services' of docker-compose.yml
+    (tests/compose_checks.py compares them, so that the two cannot drift apart)."""
     restricted = []
     if cfg.admin_key:
         rule = f"{RESTRICTED}:{ADMIN_HEADER}={cfg.admin_key}"
         restricted = [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
-    args = [
+    return ["--model-control-mode=explicit", *restricted, *(f"--load-model={m}" for m in models)]
+
+
+def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str]:
+    return [
         str(find_binary()),
         f"--model-repository={cfg.repository.resolve()}",
         f"--backend-directory={backend_dir.resolve()}",
-        "--model-control-mode=explicit",
         f"--model-config-name={cfg.model_config_name}",
         f"--http-address={cfg.host}",
         f"--http-port={cfg.http_port}",
@@ -143,14 +149,13 @@ def command(cfg: TritonConfig, backend_dir: Path, models: list[str]) -> list[str
         f"--grpc-port={cfg.grpc_port}",
         f"--metrics-address={cfg.host}",
         f"--metrics-port={cfg.metrics_port}",
-        *restricted,
         "--allow-metrics=true",
         f"--log-file={cfg.log_file.resolve()}",
         "--exit-timeout-secs=10",
         *triton_trace_args(cfg.trace_url),
         *cfg.extra_args,
+        *serving_flags(cfg, models),
     ]
-    return args + [f"--load-model={m}" for m in models]
 
 
 def redacted(args: list[str], secret: str) -> str:
