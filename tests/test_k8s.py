@@ -77,12 +77,6 @@ def test_kubectl_kustomize_renders_the_same_objects(compose):
     assert unlabelled(rendered) == unlabelled(load_objects())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="docker-compose.yml still restricts model-config (issue 27 item 1, fixed on another branch); "
-    "once it is fixed this passes, and strict makes the marker come off",
-)
 def test_triton_restricts_what_compose_restricts(compose):
     (name,) = [n for n in triton_services(compose) if "profiles" not in services(compose)[n]]
 
