@@ -34,7 +34,7 @@ from model.features import input_specs, user_input_names
 from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import load_schema
 from serving.backends.base import make_backend
-from serving.backends.errors import status_of
+from serving.backends.errors import BackendError, status_of
 from serving.config import FrontendConfig
 from serving.dataplane import Call, DataPlane, HealthState, api_outputs, check_finite
 from serving.errors import Refusal, Violation, internal, quote, refuse
@@ -74,6 +74,19 @@ def parse(message_type, request):
             f"the request is not a valid {name} (protobuf decoding failed)",
             (Violation("", f"not a {name}"),),
         ) from None
+
+
+def pinned_version(request: pb.GenerateRequest) -> int | None:
+    """The FM version a request pins; unset or 0 (an old client, or "latest"): None."""
+    if not request.HasField("fm_version") or request.fm_version == 0:
+        return None
+    if request.fm_version < 0:
+        raise Refusal(
+            INVALID,
+            f"fm_version must be a version number (>= 1) or 0 for the latest, got {request.fm_version}",
+            (Violation("fm_version", "not a version number"),),
+        )
+    return request.fm_version
 
 
 def _observed(rpc):
@@ -164,7 +177,7 @@ class KnowledgeIngress:
             raise Refusal(INVALID, str(e), (Violation(e.field, str(e)),)) from None
         except WireError as e:
             raise Refusal(INVALID, str(e), (Violation(f"features[{quote(e.name)}]", str(e)),)) from None
-        call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)))
+        call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)), pinned_version(request))
         result = await self.dataplane.run(call, timeout_s)
         if isinstance(result, Exception):
             code, public = status_of(result, timeout_s)
@@ -206,7 +219,13 @@ class KnowledgeIngress:
             )
             for api, model in OUTPUTS.values()
         ]
+        try:
+            available = [pb.ModelVersions(fm=fm, adapter=adapter) for fm, adapter in await self.backend.loaded()]
+        except BackendError as e:
+            internal(grpc_context, e.code, e.public.format(timeout_s=self.cfg.backend_timeout_s, message=e), e)
+            return pb.GetModelInfoResponse()
         return pb.GetModelInfoResponse(
+            available=available,
             schema_name=s.name,
             schema_yaml=s.to_yaml(),
             inputs=inputs,

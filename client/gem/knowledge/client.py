@@ -5,6 +5,7 @@
     with KnowledgeClient("127.0.0.1:50051") as client:
         reply = client.generate(ads, shared=user)     # numpy dict, pandas or pyarrow
         reply.outputs["labels"], reply.fm_version
+        client.generate(ads, shared=user, fm_version=3)   # pinned: FM v3 and its adapter
 
 Columns may be numpy arrays, a pandas DataFrame or a pyarrow Table in the logged-data
 format: sequences as list columns (padded here, their `<sequence>_length` derived),
@@ -136,8 +137,15 @@ def to_columns(data: Columns, info: pb.GetModelInfoResponse) -> dict[str, np.nda
 
 
 def _request(
-    features: dict[str, np.ndarray], shared: dict[str, np.ndarray], outputs: Iterable[str] | None
+    features: dict[str, np.ndarray],
+    shared: dict[str, np.ndarray],
+    outputs: Iterable[str] | None,
+    fm_version: int | None = None,
 ) -> pb.GenerateRequest:
+    """`fm_version`: the FM version to pin (None: the latest; the field stays unset so a
+    server that predates pins reads the same request)."""
+    if fm_version is not None and fm_version < 1:
+        raise ValueError(f"fm_version must be a version number (>= 1), got {fm_version}")
     unknown = sorted(set(outputs or ()) - OUTPUT_NAMES.keys())
     if unknown:
         raise ValueError(f"unknown output(s) {unknown}; one of {', '.join(OUTPUT_NAMES)}")
@@ -145,6 +153,7 @@ def _request(
         features={k: encode(v) for k, v in features.items()},
         shared={k: encode(v) for k, v in shared.items()},
         outputs=[OUTPUT_NAMES[o] for o in outputs or ()],
+        fm_version=fm_version,
     )
 
 
@@ -226,10 +235,11 @@ class KnowledgeClient(_Base):
         shared: Columns | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        fm_version: int | None = None,
     ) -> Reply:
         if self._info is None:
             self.info()
-        request = _request(self._columns(features), self._columns(shared), outputs)
+        request = _request(self._columns(features), self._columns(shared), outputs, fm_version)
         timeout = timeout_s or self.timeout_s
         response = self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
@@ -257,10 +267,11 @@ class AsyncKnowledgeClient(_Base):
         shared: Columns | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        fm_version: int | None = None,
     ) -> Reply:
         if self._info is None:
             await self.info()
-        request = _request(self._columns(features), self._columns(shared), outputs)
+        request = _request(self._columns(features), self._columns(shared), outputs, fm_version)
         timeout = timeout_s or self.timeout_s
         response = await self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)

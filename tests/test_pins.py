@@ -1,0 +1,144 @@
+"""Pinned FM versions: two FM versions loaded, each with the adapter published for it;
+pinned calls get that version's outputs (equal to its graphs run directly), unpinned
+calls the newest; an adapter-only refresh serves the latest FM only; a pin to a version
+no longer loaded is refused (FAILED_PRECONDITION naming the versions), never served by
+another. The embedded backend and the data plane here; Triton in the `stack` tests."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.contract import (
+    ADAPTER_INPUTS,
+    ADAPTER_MODEL,
+    FM_ADAPTERS_PARAMETER,
+    FM_MODEL,
+    paired_adapter,
+    parse_pairs,
+)
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository
+from export.triton_config import from_pbtxt
+from model.adapter import StudentAdapter
+from model.checkpoint import ModelBundle
+from model.config import preset
+from model.examples import random_batch
+from model.gem import GEM
+from model.outputs import FM_OUTPUTS, LOGITS
+from model.user_index import graph_feeds
+from serving.backends.errors import VersionNotLoaded, status_of
+from serving.backends.onnx import OnnxBackend
+from serving.config import FrontendConfig
+from serving.dataplane import Call, DataPlane
+from serving.prometheus import FrontendMetrics
+
+OUTPUTS = (*FM_OUTPUTS, "adapted_logits")
+
+
+def bundle(schema, seed: int) -> ModelBundle:
+    torch.manual_seed(seed)
+    model = GEM(schema, preset("tiny")).eval()
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
+    torch.nn.init.normal_(adapter.mlp[-1].weight, std=0.5)
+    return ModelBundle(schema, preset("tiny"), model, adapter)
+
+
+@pytest.fixture(scope="module")
+def pinned_repo(tmp_path_factory, published_repo, schema, synth_dir) -> Path:
+    """FM v1 + adapter v1 (published together), FM v2 + adapter v2, then an adapter-only
+    refresh: adapter v3, for FM v2 (read-only: copy it)."""
+    root = tmp_path_factory.mktemp("pinned") / "repo"
+    shutil.copytree(published_repo, root)
+    repo = ModelRepository(root)
+    publish(bundle(schema, 1), repo, PublishPolicy(data=synth_dir))
+    publish(bundle(schema, 2), repo, PublishPolicy(data=synth_dir, with_fm=False))
+    return root
+
+
+def direct(root: Path, fm: int, adapter: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FM version `fm` and adapter version `adapter` run from their files, no backend."""
+    fm_session = ort.InferenceSession(str(root / FM_MODEL / str(fm) / "model.onnx"))
+    feeds = graph_feeds(batch, fm_session.get_inputs())
+    out = dict(zip(FM_OUTPUTS, fm_session.run(list(FM_OUTPUTS), feeds), strict=True))
+    adapter_session = ort.InferenceSession(str(root / ADAPTER_MODEL / str(adapter) / "model.onnx"))
+    logits, surface = ADAPTER_INPUTS
+    (out["adapted_logits"],) = adapter_session.run(["adapted_logits"], {logits: out[LOGITS], surface: feeds[surface]})
+    return out
+
+
+def assert_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    for name in OUTPUTS:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+def test_each_fm_version_runs_with_the_adapter_published_for_it(pinned_repo):
+    assert paired_adapter(pinned_repo, 1) == 1
+    assert paired_adapter(pinned_repo, 2) == 3, "the adapter-only refresh applies to the latest FM"
+    config = from_pbtxt((pinned_repo / ADAPTER_MODEL / "config.pbtxt").read_text())
+    assert parse_pairs(config.parameters[FM_ADAPTERS_PARAMETER].string_value) == {2: 3, 1: 1}
+    assert config.version_policy.HasField("all"), "an older FM's adapter loads though it is not the newest"
+    fm_config = from_pbtxt((pinned_repo / FM_MODEL / "config.pbtxt").read_text())
+    assert fm_config.version_policy.latest.num_versions == 2
+
+
+def test_pruning_keeps_the_loaded_versions_and_their_adapters(pinned_repo, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(pinned_repo, root)
+    repo = ModelRepository(root)
+    assert repo.prune(FM_MODEL, 1) == [], "the newest 2 FM versions are never pruned"
+    assert repo.prune(ADAPTER_MODEL, 1) == [2], "adapter v2 serves no loaded FM; v1 and v3 do"
+    assert repo.versions(ADAPTER_MODEL) == [1, 3]
+
+
+def test_embedded_backend_pins_each_version_and_defaults_to_the_newest(pinned_repo, schema):
+    backend = OnnxBackend(pinned_repo)
+    assert asyncio.run(backend.loaded()) == [(2, 3), (1, 1)]
+    batch = random_batch(schema, 20, 8, seed=5)
+    one, two = direct(pinned_repo, 1, 1, batch), direct(pinned_repo, 2, 3, batch)
+    assert not np.allclose(one[LOGITS], two[LOGITS], atol=1e-3), "the two FM versions must differ"
+    for pin, want, versions in ((1, one, (1, 1)), (2, two, (2, 3)), (None, two, (2, 3))):
+        knowledge = backend.run(batch, OUTPUTS, fm_version=pin)
+        assert_outputs(knowledge.outputs, want)
+        assert (knowledge.fm_version, knowledge.adapter_version) == versions
+
+
+def test_a_pin_to_a_version_not_loaded_is_refused_naming_the_versions(pinned_repo, schema):
+    backend = OnnxBackend(pinned_repo, loaded_versions=1)
+    assert asyncio.run(backend.loaded()) == [(2, 3)]
+    with pytest.raises(VersionNotLoaded) as refused:
+        backend.run(random_batch(schema, 2, 2), OUTPUTS, fm_version=1)
+    code, public = status_of(refused.value, 1.0)
+    assert code.name == "FAILED_PRECONDITION"
+    assert public == "FM version 1 is not loaded; the loaded versions are 2"
+
+
+def test_merged_calls_pinned_to_different_versions_never_share_a_run(pinned_repo, schema):
+    backend = OnnxBackend(pinned_repo)
+    runs: list[int | None] = []
+    infer = backend.infer
+
+    async def counted(batch, outputs, timeout_s=None, chunk=None, fm_version=None):
+        runs.append(fm_version)
+        return await infer(batch, outputs, timeout_s, chunk, fm_version)
+
+    backend.infer = counted  # type: ignore[method-assign]  # observes the real backend's runs
+    plane = DataPlane(backend, FrontendConfig(backend="onnxruntime", repository=pinned_repo), FrontendMetrics("t"))
+    pins = [1, 2, None, 1, 7, 2]
+    calls = [Call(random_batch(schema, 3 + i, 4, seed=i), OUTPUTS, pin) for i, pin in enumerate(pins)]
+    results = asyncio.run(plane._merged(calls))
+    assert sorted(runs, key=str) == sorted([1, 2, None, 7], key=str), "one backend run per pinned version"
+    pairs = {1: (1, 1), 2: (2, 3), None: (2, 3)}
+    for call, result in zip(calls, results, strict=True):
+        if call.fm_version == 7:
+            assert isinstance(result, VersionNotLoaded) and result.available == (2, 1)
+            continue
+        assert not isinstance(result, Exception)
+        assert (result.fm_version, result.adapter_version) == pairs[call.fm_version]
+        assert_outputs(result.outputs, direct(pinned_repo, *pairs[call.fm_version], call.batch))
