@@ -25,6 +25,7 @@ from export.contract import (
 )
 from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository
+from export.rollout import roll_out
 from export.triton_config import from_pbtxt
 from model.adapter import StudentAdapter
 from model.checkpoint import ModelBundle
@@ -35,8 +36,11 @@ from model.outputs import FM_OUTPUTS, LOGITS
 from model.user_index import graph_feeds
 from serving.backends.errors import VersionNotLoaded, status_of
 from serving.backends.onnx import OnnxBackend
+from serving.backends.triton import TritonBackend
+from serving.backends.triton_client import TritonClient
 from serving.config import FrontendConfig
 from serving.dataplane import Call, DataPlane
+from serving.local.triton import TritonServer
 from serving.prometheus import FrontendMetrics
 
 OUTPUTS = (*FM_OUTPUTS, "adapted_logits")
@@ -142,3 +146,83 @@ def test_merged_calls_pinned_to_different_versions_never_share_a_run(pinned_repo
         assert not isinstance(result, Exception)
         assert (result.fm_version, result.adapter_version) == pairs[call.fm_version]
         assert_outputs(result.outputs, direct(pinned_repo, *pairs[call.fm_version], call.batch))
+
+
+@pytest.fixture
+def triton(triton_config, pinned_repo, tmp_path):
+    """A real Triton on a copy of the two-version repository."""
+    root = tmp_path / "repo"
+    shutil.copytree(pinned_repo, root)
+    with TritonServer(triton_config(root, tmp_path / "triton")) as server:
+        yield server, ModelRepository(root)
+
+
+@pytest.mark.stack
+def test_triton_pins_each_version_and_defaults_to_the_newest(triton, schema):
+    server, repo = triton
+    batch = random_batch(schema, 20, 8, seed=5)
+
+    async def scenario():
+        backend = TritonBackend(server.cfg.grpc_url)
+        try:
+            loaded = await backend.loaded()
+            replies = [await backend.infer(batch, OUTPUTS, fm_version=pin) for pin in (1, 2, None)]
+            return loaded, replies
+        finally:
+            await backend.close()
+
+    loaded, (one, two, latest) = asyncio.run(scenario())
+    assert loaded == [(2, 3), (1, 1)]
+    for knowledge, (fm, adapter) in ((one, (1, 1)), (two, (2, 3)), (latest, (2, 3))):
+        assert (knowledge.fm_version, knowledge.adapter_version) == (fm, adapter)
+        assert_outputs(knowledge.outputs, direct(repo.root, fm, adapter, batch))
+
+
+@pytest.mark.stack
+def test_triton_publish_during_pinned_traffic_fails_no_call_and_prunes_to_a_refusal(triton, schema):
+    server, repo = triton
+    batch = random_batch(schema, 16, 8, seed=9)
+
+    async def scenario():
+        backend = TritonBackend(server.cfg.grpc_url)
+        seen: list[tuple[int | None, int, int]] = []
+        failures: list[Exception] = []
+        stop = asyncio.Event()
+
+        async def caller(pin: int | None):
+            while not stop.is_set():
+                try:
+                    k = await backend.infer(batch, OUTPUTS, fm_version=pin)
+                    seen.append((pin, k.fm_version, k.adapter_version))
+                except Exception as e:  # counted, the test asserts none
+                    failures.append(e)
+
+        try:
+            callers = [asyncio.create_task(caller(pin)) for pin in (2, 2, None)]
+            while len(seen) < 10:
+                await asyncio.sleep(0.05)
+            # A new FM (a copy of v2's graph, stamped 3) with its adapter, rolled out as
+            # the side trainer does: FM first, then the adapter, pruning to one on disk.
+            repo.publish(FM_MODEL, repo.root / FM_MODEL / "2" / "model.onnx")
+            repo.publish(ADAPTER_MODEL, repo.root / ADAPTER_MODEL / "3" / "model.onnx")
+            async with TritonClient(server.cfg.grpc_url) as control:
+                rollouts = [await roll_out(control, repo, m, keep=1) for m in (FM_MODEL, ADAPTER_MODEL)]
+            count = len(seen)
+            while len(seen) < count + 10:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*callers)
+            with pytest.raises(VersionNotLoaded) as refused:
+                await backend.infer(batch, OUTPUTS, fm_version=1)
+            return rollouts, seen, failures, refused.value, await backend.loaded()
+        finally:
+            await backend.close()
+
+    rollouts, seen, failures, refused, loaded = asyncio.run(scenario())
+    assert all(r.loaded for r in rollouts)
+    assert failures == []
+    assert {s for s in seen if s[0] == 2} == {(2, 2, 3)}, "pinned calls kept v2 and its adapter throughout"
+    assert (None, 3, 4) in seen, "unpinned calls moved to the new version"
+    assert repo.versions(FM_MODEL) == [2, 3], "v1 is pruned: the newest two stay"
+    assert loaded == [(3, 4), (2, 3)]
+    assert refused.asked == 1 and refused.available == (3, 2)
