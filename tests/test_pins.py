@@ -7,12 +7,16 @@ another. The embedded backend and the data plane here; Triton in the `stack` tes
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from export.contract import (
@@ -27,9 +31,12 @@ from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository
 from export.rollout import roll_out
 from export.triton_config import from_pbtxt
+from jobs.embed import EmbedConfig, run_embed
+from jobs.embed.manifest import MANIFEST
 from model.adapter import StudentAdapter
 from model.checkpoint import ModelBundle
 from model.config import preset
+from model.data.reader import resolve_paths, table_to_batch
 from model.examples import random_batch
 from model.gem import GEM
 from model.outputs import FM_OUTPUTS, LOGITS
@@ -226,3 +233,38 @@ def test_triton_publish_during_pinned_traffic_fails_no_call_and_prunes_to_a_refu
     assert repo.versions(FM_MODEL) == [2, 3], "v1 is pruned: the newest two stay"
     assert loaded == [(3, 4), (2, 3)]
     assert refused.asked == 1 and refused.available == (3, 2)
+
+
+@pytest.fixture
+def ray_session():
+    yield
+    ray.shutdown()
+
+
+def test_gem_embed_stamps_the_pinned_version_and_records_it(ray_session, pinned_repo, synth_dir, schema, tmp_path):
+    source = resolve_paths(synth_dir)[0]
+    rows = 200
+    out = tmp_path / "out"
+    run_embed(EmbedConfig(source=str(source), out=out, repository=pinned_repo, limit=rows, fm_version=1))
+    got = pq.read_table(out / source.stem).sort_by("example_id")
+    table = pq.read_table(source).sort_by("example_id").slice(0, rows)
+    table = table.filter(pc.is_in(table["example_id"], got["example_id"]))
+    want = direct(pinned_repo, 1, 1, table_to_batch(table, schema, labels=False))
+    assert set(got["fm_version"].to_pylist()) == {1} and set(got["adapter_version"].to_pylist()) == {1}
+    embedding = np.stack(got["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(embedding, want["embedding"], atol=1e-5)
+    manifest = json.loads((out / source.stem / MANIFEST).read_text())
+    assert manifest["pinned_fm_version"] == 1 and manifest["fm_versions"] == [1]
+    # Another pin does not count the file as done: it is stamped again, with v2.
+    summary = run_embed(EmbedConfig(source=str(source), out=out, repository=pinned_repo, limit=rows, overwrite=False))
+    assert not any(f.skipped for f in summary.files)
+    assert set(pq.read_table(out / source.stem)["fm_version"].to_pylist()) == {2}
+
+
+def test_gem_embed_refuses_a_pin_not_loaded_in_one_line(gem, pinned_repo, synth_dir, tmp_path):
+    source = resolve_paths(synth_dir)[0]
+    result = gem("embed", str(source), "--out", str(tmp_path / "out"), "--repo", str(pinned_repo), "--fm-version", "9")
+    assert result.returncode == 2
+    assert "FM version 9 is not loaded; the loaded versions are 2, 1" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
