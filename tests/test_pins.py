@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pyarrow.compute as pc
@@ -18,6 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from gem.knowledge.client import KnowledgeClient
+from gem.knowledge.v1 import knowledge_pb2 as pb
+from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
+from gem.knowledge.wire import encode
+from ray import serve
 
 from export.contract import (
     ADAPTER_INPUTS,
@@ -39,7 +45,7 @@ from model.config import preset
 from model.data.reader import resolve_paths, table_to_batch
 from model.examples import random_batch
 from model.gem import GEM
-from model.outputs import FM_OUTPUTS, LOGITS
+from model.outputs import FM_OUTPUTS, LOGITS, sigmoid
 from model.user_index import graph_feeds
 from serving.backends.errors import VersionNotLoaded, status_of
 from serving.backends.onnx import OnnxBackend
@@ -47,8 +53,11 @@ from serving.backends.triton import TritonBackend
 from serving.backends.triton_client import TritonClient
 from serving.config import FrontendConfig
 from serving.dataplane import Call, DataPlane
+from serving.local import launcher
+from serving.local.ports import free_port_run, free_ports
 from serving.local.triton import TritonServer
 from serving.prometheus import FrontendMetrics
+from serving.servicer import KnowledgeIngress
 
 OUTPUTS = (*FM_OUTPUTS, "adapted_logits")
 
@@ -268,3 +277,62 @@ def test_gem_embed_refuses_a_pin_not_loaded_in_one_line(gem, pinned_repo, synth_
     assert "FM version 9 is not loaded; the loaded versions are 2, 1" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+APPS = ("triton", "embedded")
+
+
+@pytest.fixture(scope="module")
+def pinned_stack(triton_config, pinned_repo, tmp_path_factory):
+    """Triton on a copy of the two-version repository and one Serve instance with two
+    applications on it: `triton` and `embedded`; yields ({application: address}, repo)."""
+    work = tmp_path_factory.mktemp("pinned-stack")
+    repo = work / "repo"
+    shutil.copytree(pinned_repo, repo)
+    triton = TritonServer(triton_config(repo, work / "triton")).start()
+    grpc_port, (http_port,) = free_port_run(len(APPS)), free_ports(1)
+    try:
+        launcher.start(
+            FrontendConfig(triton_url=triton.cfg.grpc_url), grpc_port, http_port, name="triton", apps=len(APPS)
+        )
+        light = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
+        embedded = FrontendConfig(backend="onnxruntime", repository=repo)
+        serve.run(light.bind(embedded), name="embedded", route_prefix="/embedded", blocking=False)
+        addresses = {app: launcher.address_of(app) for app in APPS}
+        for app in APPS:
+            launcher.wait_healthy(addresses[app], application=app)
+        yield addresses, repo
+    finally:
+        launcher.stop()
+        triton.stop()
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("app", APPS)
+def test_the_front_end_serves_pins_lists_versions_and_refuses_a_pin_not_loaded(pinned_stack, app, schema):
+    addresses, repo = pinned_stack
+    batch = random_batch(schema, 6, 4, seed=2)
+    with KnowledgeClient(addresses[app], application=app, timeout_s=60) as client:
+        info = client.info()
+        assert [(v.fm, v.adapter) for v in info.available] == [(2, 3), (1, 1)]
+        assert (info.versions.fm, info.versions.adapter) == (2, 3), "the default is the newest"
+        for pin, (fm, adapter) in ((1, (1, 1)), (2, (2, 3)), (None, (2, 3))):
+            reply = client.generate(batch, fm_version=pin)
+            assert (reply.fm_version, reply.adapter_version) == (fm, adapter)
+            want = direct(repo, fm, adapter, batch)
+            np.testing.assert_allclose(reply.outputs["embedding"], want["embedding"], atol=1e-5)
+            np.testing.assert_allclose(reply.outputs["adapted_labels"], sigmoid(want["adapted_logits"]), atol=1e-5)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate(batch, fm_version=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details().startswith("FM version 5 is not loaded; the loaded versions are 2, 1")
+    # An old client's request (no fm_version field) and an explicit 0 both mean the latest;
+    # a negative version is the caller's error.
+    stub = pb_grpc.KnowledgeServiceStub(grpc.insecure_channel(addresses[app]))
+    features = {k: encode(v) for k, v in batch.items()}
+    metadata = [("application", app)]
+    for request in (pb.GenerateRequest(features=features), pb.GenerateRequest(features=features, fm_version=0)):
+        assert stub.Generate(request, timeout=60, metadata=metadata).versions.fm == 2
+    with pytest.raises(grpc.RpcError) as negative:
+        stub.Generate(pb.GenerateRequest(features=features, fm_version=-1), timeout=60, metadata=metadata)
+    assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fm_version" in negative.value.details()
