@@ -222,7 +222,8 @@ class KnowledgeIngress:
         try:
             available = [pb.ModelVersions(fm=fm, adapter=adapter) for fm, adapter in await self.backend.loaded()]
         except BackendError as e:
-            internal(grpc_context, e.code, e.public.format(timeout_s=self.cfg.backend_timeout_s, message=e), e)
+            code, public = status_of(e, self.cfg.backend_timeout_s)
+            internal(grpc_context, code, public, e)
             return pb.GetModelInfoResponse()
         return pb.GetModelInfoResponse(
             available=available,
