@@ -117,6 +117,21 @@ def test_pruning_keeps_the_loaded_versions_and_their_adapters(pinned_repo, tmp_p
     assert repo.versions(ADAPTER_MODEL) == [1, 3]
 
 
+def test_a_rollback_keeps_pins_to_the_versions_it_keeps(pinned_repo, schema, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(pinned_repo, root)
+    ModelRepository(root).rollback(FM_MODEL, 1)
+    config = from_pbtxt((root / ADAPTER_MODEL / "config.pbtxt").read_text())
+    assert parse_pairs(config.parameters[FM_ADAPTERS_PARAMETER].string_value) == {1: 1}
+    backend = OnnxBackend(root)
+    batch = random_batch(schema, 4, 4, seed=1)
+    knowledge = backend.run(batch, OUTPUTS, fm_version=1)
+    assert (knowledge.fm_version, knowledge.adapter_version) == (1, 1)
+    assert_outputs(knowledge.outputs, direct(root, 1, 1, batch))
+    with pytest.raises(VersionNotLoaded, match="FM version 2 is not loaded; the loaded versions are 1"):
+        backend.run(batch, OUTPUTS, fm_version=2)
+
+
 def test_embedded_backend_pins_each_version_and_defaults_to_the_newest(pinned_repo, schema):
     backend = OnnxBackend(pinned_repo)
     assert asyncio.run(backend.loaded()) == [(2, 3), (1, 1)]
