@@ -6,8 +6,10 @@ student trained with `--variant repr` (or `all`), and ranks the candidates by it
         --student artifacts/students/repr --data artifacts/data/synth/part-00003.parquet
 
 The call uses the shared-user form (one user, many candidates: the user's features and
-history are sent once). The candidates here are logged rows of one user; in production
-they come from retrieval.
+history are sent once), pinned to the FM version the student's embedding inputs came
+from (recorded in its checkpoint), so that a newer FM never changes what the student's
+inputs mean; a pin no longer loaded is FAILED_PRECONDITION. The candidates here are
+logged rows of one user; in production they come from retrieval.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,14 +48,18 @@ def candidates_of_one_user(path: Path, student: Student, n: int) -> pa.Table:
     return table.filter(pc.equal(table.column("user_id"), busiest)).slice(0, n)
 
 
-def rank(client: KnowledgeClient, student: Student, rows: pa.Table) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Scores [n, tasks] of the candidates, and the knowledge the service returned."""
+def rank(
+    client: KnowledgeClient, student: Student, rows: pa.Table, fm_version: int | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Scores [n, tasks] of the candidates, and the knowledge the service returned.
+    `fm_version`: the FM version the student's embedding inputs came from (its
+    checkpoint's `fm_version`), pinned so that a newer FM never changes their meaning."""
     schema = load_schema()  # the FM's schema: which columns are user-side
     inputs = [s for s in input_specs(schema) if s.kind != "length"]  # what the service takes
     user_cols = [s.name for s in inputs if s.side == "user"]
     user = rows.slice(0, 1).select(user_cols)
     ads = rows.select([s.name for s in inputs if s.side != "user"])
-    reply = client.generate(ads, shared=user, outputs=["embedding", "user_embedding"])
+    reply = client.generate(ads, shared=user, outputs=["embedding", "user_embedding"], fm_version=fm_version)
     # The student reads the same user row for every candidate, as the service did.
     same_user = ads
     for name in user_cols:
@@ -76,12 +83,15 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     args = p.parse_args()
 
-    student, variant, _ = load_student(args.student)
+    student, variant, metrics = load_student(args.student)
     if not variant.repr:
         p.error(f"{args.student} was trained as {variant.name!r}: it takes no GEM embeddings (train with repr)")
     rows = candidates_of_one_user(args.data, student, args.candidates)
     with KnowledgeClient(args.address, application=args.application, timeout_s=30) as client:
-        scores, _ = rank(client, student, rows)
+        try:
+            scores, _ = rank(client, student, rows, metrics.get("fm_version"))
+        except grpc.RpcError as e:  # e.g. FAILED_PRECONDITION: the student's FM version is gone
+            p.exit(2, f"{p.prog}: the knowledge service refused the call: {e.code().name}: {e.details()}\n")
     tasks = [t.name for t in student.schema.tasks]
     order = np.argsort(-scores[:, 0])
     ids = rows.column("example_id").to_numpy()

@@ -36,14 +36,18 @@ from export.contract import (
     DEFAULT_FLAVOUR,
     ENSEMBLE_MODEL,
     FLAVOURS,
+    FM_ADAPTERS_PARAMETER,
     FM_MODEL,
     FP16_FILENAME,
     ONNX_FILENAME,
+    PAIRED_FM_FILENAME,
     PYTHON_MODEL_FILENAME,
     REJECTED,
     USER_INPUTS_PARAMETER,
     VERSION_OUTPUTS,
+    format_pairs,
     latest_version,
+    loaded_pairs,
     published_versions,
 )
 from export.triton_config import (
@@ -171,10 +175,17 @@ class ModelRepository:
         (staging / PYTHON_MODEL_FILENAME).write_bytes(PYTHON_MODEL_SOURCE.read_bytes())
         if source is not None:
             (staging / SOURCE_FILENAME).write_text(source + "\n")
+        if model == ADAPTER_MODEL:
+            # Published with the FM just written, or fitted alone on the latest FM's logits.
+            fm = self.latest(FM_MODEL)
+            if fm is None:
+                raise RepositoryError(f"{self.root} has no {FM_MODEL} version for {model} to follow")
+            (staging / PAIRED_FM_FILENAME).write_text(f"{fm}\n")
         self._install(staging, folder / str(version))
         log.info("published %s version %d", model, version)
         if model == FM_MODEL:
             self._sync_adapter_configs()
+        self._write_pairs()
         self._write_ensemble()
         return Published(model, version, folder / str(version))
 
@@ -188,9 +199,25 @@ class ModelRepository:
         batched = None if model == FM_MODEL else self._fm_batched()
         for flavour in FLAVOURS:
             config = model_config(model, proto, flavour, self.serving, batched)
+            if model == ADAPTER_MODEL:
+                # Each loaded FM runs with the adapter published for it, which for an older
+                # FM need not be among the newest adapters: all adapter versions on disk
+                # load (they are tiny), and pruning keeps the paired ones (`prune`).
+                config.version_policy.all.SetInParent()
             target = self.root / model / config_filename(flavour)
             target.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(target, to_pbtxt(config))
+
+    def _write_pairs(self) -> None:
+        """The adapter configs' record of which adapter each loaded FM version runs
+        with (`FM_ADAPTERS_PARAMETER`), after every change of the versions on disk."""
+        pairs = format_pairs(loaded_pairs(self.root, self.serving.loaded_versions))
+        for flavour in FLAVOURS:
+            path = self.root / ADAPTER_MODEL / config_filename(flavour)
+            if path.exists():
+                config = from_pbtxt(path.read_text())
+                config.parameters[FM_ADAPTERS_PARAMETER].string_value = pairs
+                write_text_atomic(path, to_pbtxt(config))
 
     def _sync_adapter_configs(self) -> None:
         """Rewrites the adapter's configs when the FM's batching changed."""
@@ -251,6 +278,7 @@ class ModelRepository:
         shutil.rmtree(target, ignore_errors=True)
         (self.root / model / str(version)).rename(target)
         (target / "REASON").write_text(reason + "\n")
+        self._write_pairs()
         log.warning("rejected %s version %d: %s", model, version, reason)
         return target
 
@@ -272,10 +300,19 @@ class ModelRepository:
 
     def prune(self, model: str, keep: int) -> list[int]:
         """Deletes all but the newest `keep` versions (each renamed aside first, so that
-        no incomplete version is ever visible); returns the deleted ones."""
-        old = self.versions(model)[:-keep] if keep > 0 else []
+        no incomplete version is ever visible); returns the deleted ones. Never deleted:
+        the newest `serving.loaded_versions` FM versions and their adapters, which
+        pinned calls may still name."""
+        versions, loaded = self.versions(model), self.serving.loaded_versions
+        if model == FM_MODEL:
+            keep = max(keep, loaded)
+        kept = set(versions[-keep:]) if keep > 0 else set()
+        if model == ADAPTER_MODEL:
+            kept |= {adapter for _, adapter in loaded_pairs(self.root, loaded)}
+        old = [v for v in versions if v not in kept]
         for v in old:
             shutil.rmtree(self._set_aside(model, v))
+        self._write_pairs()
         if old:
             log.info("pruned %s versions %s", model, old)
         return old

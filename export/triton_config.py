@@ -33,6 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.contract import (
     DEFAULT_FLAVOUR,
     FLAVOURS,
+    LOADED_VERSIONS,
     MAX_BATCH_EXAMPLES,
     ONNX_FILENAME,
     PLAN_FILENAME,
@@ -58,8 +59,8 @@ class ServingConfig:
     max_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = (512, 2048)
     instances: int = 1
-    # Versions loaded at once; >1 lets callers pin an older version during a rollout.
-    loaded_versions: int = 1
+    # FM versions loaded at once (and never pruned): callers may pin any of them.
+    loaded_versions: int = LOADED_VERSIONS
     # ONNX Runtime threads per instance in the python flavour (0: one per core).
     intra_op_threads: int = 0
     warmup_batch_size: int = 64

@@ -2,8 +2,9 @@
 out. Concurrent calls merge into one backend batch of up to `max_batch_examples`
 *examples* (`@serve.batch`, sized by rows, not calls) and the reply is split back by
 rows; a failed merged batch is retried call by call so only the culprit fails; big calls
-run apart in chunks; no call is answered with a non-finite number. A call may come
-user-indexed (the shared form: `serving.validation`); merged batches keep that form. `HealthState` keeps
+run apart in chunks; calls pinned to different FM versions never share a backend run;
+no call is answered with a non-finite number. A call may come user-indexed (the shared
+form: `serving.validation`); merged batches keep that form. `HealthState` keeps
 the backend's health from a background probe, so health checks cost no inference."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from model.outputs import sigmoid
 from model.schema import FeatureSchema
 from model.user_index import concat_batches
 from serving.backends.base import Backend, Knowledge, rows_of
-from serving.backends.errors import BackendTimeout, BackendUnavailable
+from serving.backends.errors import BackendTimeout, BackendUnavailable, VersionNotLoaded
 from serving.config import FrontendConfig
 from serving.errors import Refusal, Violation
 from serving.prometheus import FrontendMetrics
@@ -39,6 +40,8 @@ class Call:
     batch: dict[str, np.ndarray]
     # Model output names (`logits`, `adapted_logits`, ...).
     outputs: tuple[str, ...]
+    # The FM version the call pins (None: the latest).
+    fm_version: int | None = None
 
     @property
     def rows(self) -> int:
@@ -143,17 +146,35 @@ class DataPlane:
         return await self._merged(calls)
 
     async def _merged(self, calls: list[Call]) -> list[Knowledge | Exception]:
+        """The batcher's calls, one backend run per FM version they pin (a run is one
+        version's FM and adapter), the runs side by side."""
+        groups: dict[int | None, list[int]] = {}
+        for i, call in enumerate(calls):
+            groups.setdefault(call.fm_version, []).append(i)
+        if len(groups) == 1:
+            return await self._merged_run(calls)
+        runs = await asyncio.gather(*(self._merged_run([calls[i] for i in rows]) for rows in groups.values()))
+        results: list[Knowledge | Exception] = [Exception()] * len(calls)
+        for rows, run in zip(groups.values(), runs, strict=True):
+            for i, result in zip(rows, run, strict=True):
+                results[i] = result
+        return results
+
+    async def _merged_run(self, calls: list[Call]) -> list[Knowledge | Exception]:
+        """One backend run of calls that pin the same FM version (or none)."""
         outputs = tuple(dict.fromkeys(o for c in calls for o in c.outputs))
         try:
             merged = calls[0].batch if len(calls) == 1 else concat_batches([c.batch for c in calls], self.user_names)
             start = time.perf_counter()
             with backend_span(self.backend.name, examples_of(calls), len(calls)):
-                knowledge = await self.backend.infer(merged, outputs, self.cfg.backend_timeout_s)
+                knowledge = await self.backend.infer(
+                    merged, outputs, self.cfg.backend_timeout_s, fm_version=calls[0].fm_version
+                )
             self.metrics.batch(examples_of(calls), time.perf_counter() - start, knowledge.fm_version,
                                knowledge.adapter_version)  # fmt: skip
             results: list[Knowledge | Exception] = list(split(knowledge, calls))
             return results
-        except (BackendUnavailable, BackendTimeout) as e:
+        except (BackendUnavailable, BackendTimeout, VersionNotLoaded) as e:
             return [e] * len(calls)
         except Exception as e:
             if len(calls) == 1:
@@ -163,7 +184,8 @@ class DataPlane:
 
     async def _alone(self, call: Call, timeout_s: float, chunk: int | None = None) -> Knowledge | Exception:
         try:
-            return split(await self.backend.infer(call.batch, call.outputs, timeout_s, chunk), [call])[0]
+            knowledge = await self.backend.infer(call.batch, call.outputs, timeout_s, chunk, call.fm_version)
+            return split(knowledge, [call])[0]
         except Exception as e:
             return e
 

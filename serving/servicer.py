@@ -34,7 +34,7 @@ from model.features import USER_INDEX, input_specs, user_input_names
 from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import load_schema
 from serving.backends.base import make_backend
-from serving.backends.errors import status_of
+from serving.backends.errors import BackendError, status_of
 from serving.config import FrontendConfig
 from serving.dataplane import Call, DataPlane, HealthState, api_outputs, check_finite
 from serving.errors import Refusal, Violation, internal, quote, refuse
@@ -74,6 +74,19 @@ def parse(message_type, request):
             f"the request is not a valid {name} (protobuf decoding failed)",
             (Violation("", f"not a {name}"),),
         ) from None
+
+
+def pinned_version(request: pb.GenerateRequest) -> int | None:
+    """The FM version a request pins; unset or 0 (an old client, or "latest"): None."""
+    if not request.HasField("fm_version") or request.fm_version == 0:
+        return None
+    if request.fm_version < 0:
+        raise Refusal(
+            INVALID,
+            f"fm_version must be a version number (>= 1) or 0 for the latest, got {request.fm_version}",
+            (Violation("fm_version", "not a version number"),),
+        )
+    return request.fm_version
 
 
 def _observed(rpc):
@@ -171,7 +184,7 @@ class KnowledgeIngress:
                 "user_embedding_once needs a call of one user: every user input in `shared`",
                 (Violation("user_embedding_once", "set on a call with user inputs per example"),),
             )
-        call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)))
+        call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)), pinned_version(request))
         result = await self.dataplane.run(call, timeout_s)
         if isinstance(result, Exception):
             code, public = status_of(result, timeout_s)
@@ -217,7 +230,14 @@ class KnowledgeIngress:
             )
             for api, model in OUTPUTS.values()
         ]
+        try:
+            available = [pb.ModelVersions(fm=fm, adapter=adapter) for fm, adapter in await self.backend.loaded()]
+        except BackendError as e:
+            code, public = status_of(e, self.cfg.backend_timeout_s)
+            internal(grpc_context, code, public, e)
+            return pb.GetModelInfoResponse()
         return pb.GetModelInfoResponse(
+            available=available,
             schema_name=s.name,
             schema_yaml=s.to_yaml(),
             inputs=inputs,

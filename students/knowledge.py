@@ -97,3 +97,21 @@ def matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def teacher_probs(table: pa.Table, prefix: str, tasks: tuple[str, ...]) -> np.ndarray:
     """[n, T] probabilities from `<prefix>_<task>` columns ("knowledge" or "adapted")."""
     return np.stack([table.column(f"{prefix}_{t}").to_numpy().astype(np.float32) for t in tasks], axis=1)
+
+
+# The column `gem embed` stamps with the FM version of each row's knowledge.
+FM_VERSION_COLUMN = "fm_version"
+
+
+def knowledge_fm_version(folder: str | Path, stems: list[str]) -> int:
+    """The one FM version whose embedding space the knowledge of these files is in. A
+    student must not learn from two spaces at once: knowledge of mixed versions is an
+    error that says how to stamp it under one (`gem embed --fm-version`)."""
+    versions = pc.unique(read_knowledge(folder, stems, [FM_VERSION_COLUMN]).column(FM_VERSION_COLUMN)).to_pylist()
+    versions = sorted(v for v in versions if v is not None)
+    if len(versions) != 1:
+        raise KnowledgeJoinError(
+            f"the knowledge in {folder} comes from FM versions {versions or 'none'}, not one; stamp it again "
+            f"under one version (`gem embed --fm-version V --overwrite`)"
+        )
+    return int(versions[0])

@@ -30,7 +30,15 @@ from model.data.reader import DataError, resolve_paths, surface_index, table_to_
 from model.outputs import EMBEDDING, USER_EMBEDDING
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema, schema_from_yaml
 from students.config import REFERENCE_CONFIG, StudentConfig, load_student_config
-from students.knowledge import KEY, join_knowledge, knowledge_columns, matrix, read_knowledge, teacher_probs
+from students.knowledge import (
+    KEY,
+    join_knowledge,
+    knowledge_columns,
+    knowledge_fm_version,
+    matrix,
+    read_knowledge,
+    teacher_probs,
+)
 from students.losses import student_loss
 from students.model import SERVING, Student
 from students.share import share_tables
@@ -185,6 +193,11 @@ def train_student(
     # Only `repr` needs knowledge at test time (as input, as the service gives it online).
     test_variant = Variant(repr=True) if variant.repr else Variant()
     test = load_split(test_paths, student_cfg, schema, cfg.knowledge, test_variant)
+    # The FM version whose embeddings `repr` takes as inputs (one, checked before any
+    # training): a ranker serving this student pins it (examples/student_ranker.py).
+    fm_version = None
+    if variant.repr and cfg.knowledge is not None:
+        fm_version = knowledge_fm_version(cfg.knowledge, [p.stem for p in (*train_paths, *test_paths)])
     widths = (train[EMBEDDING].shape[1], train[USER_EMBEDDING].shape[1]) if variant.repr else None
     model = build_student(student_cfg, schema, variant, widths)
     shared = share_tables(model, cfg.share_checkpoint, variant.share_mode) if variant.share else []
@@ -204,6 +217,7 @@ def train_student(
         "test_rows": len(test[SURFACE_INPUT]),
         "train_loss": loss,
         "shared": shared,
+        "fm_version": fm_version,
         "test": evaluate(schema, predict(model, test), labels_of(test, schema), test[SURFACE_INPUT]),
     }
     path = save_student(cfg.out, model, variant, metrics)

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,7 +20,7 @@ from model.examples import random_batch
 from model.outputs import EMBEDDING, USER_EMBEDDING
 from model.schema import SURFACE_INPUT
 from students.config import StudentConfig, StudentConfigError, load_student_config
-from students.knowledge import KnowledgeJoinError, join_knowledge, matrix, read_knowledge
+from students.knowledge import KnowledgeJoinError, join_knowledge, knowledge_fm_version, matrix, read_knowledge
 from students.losses import student_loss
 from students.model import AUX, SERVING, Student
 from students.share import fm_tables, share_tables
@@ -63,6 +64,18 @@ def test_a_file_without_committed_knowledge_is_named(tmp_path):
     (tmp_path / "part-00000").mkdir()
     with pytest.raises(KnowledgeJoinError, match="no committed knowledge for part-00001"):
         read_knowledge(tmp_path, ["part-00001"])
+
+
+def test_the_fm_version_of_the_knowledge_is_one_or_an_error(tmp_path):
+    for stem, version in (("part-00000", 3), ("part-00001", 3), ("part-00002", 4)):
+        (tmp_path / stem).mkdir()
+        pq.write_table(
+            pa.table({"example_id": [1, 2], "fm_version": [version, version]}), tmp_path / stem / "p.parquet"
+        )
+        (tmp_path / stem / "_manifest.json").write_text("{}")
+    assert knowledge_fm_version(tmp_path, ["part-00000", "part-00001"]) == 3
+    with pytest.raises(KnowledgeJoinError, match=r"FM versions \[3, 4\], not one.*--fm-version"):
+        knowledge_fm_version(tmp_path, ["part-00000", "part-00002"])
 
 
 # -- variants and losses ------------------------------------------------------------------

@@ -106,3 +106,24 @@ def test_the_example_refuses_a_student_without_embeddings(stack, schema, synth_d
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 2 and "takes no GEM embeddings" in run.stderr
+
+
+def test_the_example_pins_the_students_fm_version(stack, schema, synth_dir, tmp_path):
+    """A student records the FM version of its embedding inputs; the example pins it: a
+    loaded version answers, one no longer loaded is refused, never served by another."""
+    address, _ = stack
+    variant = parse_variant("repr")
+    student = build_student(load_student_config(), schema, variant, (32, 16)).eval()
+    data = synth_dir / "part-00003.parquet"
+    runs = {}
+    for version in (1, 7):
+        path = save_student(tmp_path / f"repr-v{version}", student, variant, {"fm_version": version})
+        runs[version] = subprocess.run(
+            [sys.executable, str(EXAMPLE), "--address", address, "--student", str(path), "--data", str(data),
+             "--candidates", "4", "--json"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )  # fmt: skip
+    assert runs[1].returncode == 0, runs[1].stderr[-3000:]
+    assert runs[7].returncode == 2
+    assert "FAILED_PRECONDITION: FM version 7 is not loaded; the loaded versions are 1" in runs[7].stderr
+    assert "Traceback" not in runs[7].stderr

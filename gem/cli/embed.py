@@ -59,6 +59,13 @@ def embed_cmd(
             "column: users found by their features alone. '' turns key grouping off.",
         ),
     ] = "request_id",
+    fm_version: Annotated[
+        int | None,
+        typer.Option(
+            help="Stamp with this FM version (one of the newest loaded) and the adapter published for it; "
+            "recorded in each file's manifest (default: the latest)."
+        ),
+    ] = None,
     schema: SchemaOption = DEFAULT_SCHEMA_PATH,
 ) -> None:
     """Stamp GEM's knowledge (labels and adapted labels per task, embeddings, versions) onto
@@ -72,7 +79,7 @@ def embed_cmd(
     cfg = EmbedConfig(
         source=source, out=out, repository=repo, schema_path=schema, backend=backend, triton_url=triton_url,
         batch_size=batch_size, actors=actors, threads=threads, overwrite=overwrite, fail_on_error=fail_on_error,
-        limit=limit, address=address, group_by=group_by or None,
+        limit=limit, address=address, group_by=group_by or None, fm_version=fm_version,
     )  # fmt: skip
 
     with progress("rows") as bar:

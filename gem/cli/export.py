@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from export.contract import CONTAINER_REPOSITORY
+from export.contract import CONTAINER_REPOSITORY, LOADED_VERSIONS
 from gem.cli.common import (
     DEFAULT_CHECKPOINT,
     DEFAULT_DATA,
@@ -28,6 +28,12 @@ from model.schema import DEFAULT_SCHEMA_PATH, load_schema
 
 # Options `gem export` and `gem trainer run` share: both publish through export.publish.
 KeepOption = Annotated[int, typer.Option(help="Versions to keep per model; older ones are deleted.")]
+LoadedOption = Annotated[
+    int,
+    typer.Option(
+        help="FM versions Triton keeps loaded (callers may pin any of them); never pruned, whatever --keep says."
+    ),
+]
 LoadOption = Annotated[str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")]
 
 triton_app = typer.Typer(
@@ -58,14 +64,18 @@ def run_export(
     tensorrt: bool = False,
     triton_url: str | None = None,
     fp16: bool = False,
+    loaded_versions: int = LOADED_VERSIONS,
 ):
     from export.publish import PublishPolicy, publish
     from export.repository import ModelRepository
     from export.tensorrt import build_plan, serving_profile
+    from export.triton_config import ServingConfig
     from model.checkpoint import load_checkpoint
 
+    if loaded_versions < 1:
+        raise ValueError(f"--loaded-versions must be at least 1, got {loaded_versions}")
     ckpt = load_checkpoint(checkpoint)
-    repository = ModelRepository(repo)
+    repository = ModelRepository(repo, ServingConfig(loaded_versions=loaded_versions))
     connect = None
     if triton_url:
         from serving.backends.triton_client import TritonClient
@@ -104,6 +114,7 @@ def export_cmd(
         bool, typer.Option(help="Also build a TensorRT plan for the new FM version (needs trtexec and a GPU).")
     ] = False,
     load: LoadOption = None,
+    loaded_versions: LoadedOption = LOADED_VERSIONS,
     fp16: Annotated[
         bool,
         typer.Option(help="Also publish a half-precision FM graph (model.fp16.onnx); with --tensorrt, an FP16 plan."),
@@ -113,7 +124,7 @@ def export_cmd(
     versions of gem_fm and student_adapter in the Triton model repository."""
     if data is None and any(DEFAULT_DATA.glob("*.parquet")):
         data = DEFAULT_DATA
-    report = run_export(checkpoint, repo, data, keep, tensorrt, load, fp16)
+    report = run_export(checkpoint, repo, data, keep, tensorrt, load, fp16, loaded_versions)
     stdout().print(parity_table(report))
 
 

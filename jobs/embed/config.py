@@ -34,6 +34,9 @@ class EmbedConfig:
     # The request (or user) key column: a user-indexed FM encodes the user of each key
     # once per batch. None, or a column a file lacks: users found by content alone.
     group_by: str | None = "request_id"
+    # The FM version to stamp with, and the adapter published for it (None: the latest);
+    # recorded in each file's manifest, so that a rerun with another pin redoes the file.
+    fm_version: int | None = None
 
     def __post_init__(self) -> None:
         BackendConfig(self.backend)  # refuses an unknown backend
@@ -41,3 +44,5 @@ class EmbedConfig:
             raise ValueError("batch_size and actors must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be at least 1")
+        if self.fm_version is not None and self.fm_version < 1:
+            raise ValueError("fm_version must be a version number (at least 1)")

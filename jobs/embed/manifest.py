@@ -15,19 +15,21 @@ MANIFEST = "_manifest.json"
 
 
 def write_manifest(folder: Path, result: FileResult, cfg: EmbedConfig) -> None:
-    manifest = {"source": str(result.path), "limit": cfg.limit, **asdict(result)}
+    manifest = {"source": str(result.path), "limit": cfg.limit, "pinned_fm_version": cfg.fm_version, **asdict(result)}
     del manifest["path"], manifest["skipped"], manifest["error"]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def committed(target: Path, cfg: EmbedConfig) -> dict | None:
     """The manifest of a file's finished output, if it stands for what is asked now (a
-    dry run's output does not stand for the whole file)."""
+    dry run's output does not stand for the whole file, nor one stamped under another
+    FM pin)."""
     manifest = target / MANIFEST
     if not manifest.exists():
         return None
     done = json.loads(manifest.read_text())
-    return done if done.get("limit") in (None, cfg.limit) else None
+    same_pin = done.get("pinned_fm_version") == cfg.fm_version
+    return done if same_pin and done.get("limit") in (None, cfg.limit) else None
 
 
 def skipped_result(path: Path, done: dict) -> FileResult:

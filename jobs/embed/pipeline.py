@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from export.contract import LOADED_VERSIONS
 from jobs.embed.commit import STAGING, commit
 from jobs.embed.config import EmbedConfig
 from jobs.embed.outputs import KEY_COLUMNS
@@ -23,6 +24,7 @@ from model.data.reader import DataError
 from model.features import input_specs
 from model.progress import SILENT, Progress
 from model.schema import FeatureSchema, load_schema
+from serving.backends.errors import VersionNotLoaded
 from serving.backends.onnx import published_graphs
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,11 @@ def run_embed(cfg: EmbedConfig, progress: Progress = SILENT) -> Summary:
 
     start = time.perf_counter()
     if cfg.backend == "onnxruntime":
-        published_graphs(cfg.repository)  # no model: say so now, not from every actor
+        # No model, or a pin to a version the actors will not load: say so now, not
+        # from every actor.
+        loaded = [fm for fm, _ in published_graphs(cfg.repository, LOADED_VERSIONS)]
+        if cfg.fm_version is not None and cfg.fm_version not in loaded:
+            raise VersionNotLoaded(cfg.fm_version, loaded)
     schema = load_schema(cfg.schema_path)
     files, footers = plan(cfg, schema)
     summary = Summary(files)

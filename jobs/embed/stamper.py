@@ -42,7 +42,8 @@ def open_backend(cfg: EmbedConfig, users: tuple[str, ...]) -> tuple[Infer, tuple
         BackendConfig(cfg.backend, cfg.triton_url, cfg.repository, timeout_s=120, threads=threads), user_names=users
     )
     fm_users = loop.run_until_complete(backend.fm_user_inputs())
-    return (lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS))), fm_users
+    pin = cfg.fm_version
+    return (lambda batch: loop.run_until_complete(backend.infer(batch, MODEL_OUTPUTS, fm_version=pin))), fm_users
 
 
 class KnowledgeStamper:

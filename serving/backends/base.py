@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from export.contract import ADAPTER_VERSION, FM_VERSION, TRITON_GRPC_URL
+from export.contract import ADAPTER_VERSION, FM_VERSION, LOADED_VERSIONS, TRITON_GRPC_URL
 from model.features import USER_INDEX
 from model.user_index import candidate_rows
 
@@ -42,6 +42,8 @@ class BackendConfig:
     timeout_s: float = 10.0
     # ONNX Runtime intra-op threads (0: its default).
     threads: int = 0
+    # FM versions the embedded backend keeps loaded for pinned calls.
+    loaded_versions: int = LOADED_VERSIONS
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
@@ -57,14 +59,22 @@ class Backend(abc.ABC):
         outputs: Sequence[str],
         timeout_s: float | None = None,
         chunk: int | None = None,
+        fm_version: int | None = None,
     ) -> Knowledge:
         """`outputs` are model output names (`logits`, `adapted_logits`, ...); past
-        `timeout_s`, `BackendTimeout`; `chunk`: most rows per backend request."""
-        return Knowledge.of(await self._infer(batch, tuple(outputs), timeout_s, chunk), outputs)
+        `timeout_s`, `BackendTimeout`; `chunk`: most rows per backend request;
+        `fm_version`: the FM version to run with its paired adapter (None: the latest),
+        `VersionNotLoaded` when it is not loaded."""
+        return Knowledge.of(await self._infer(batch, tuple(outputs), timeout_s, chunk, fm_version), outputs)
 
     @abc.abstractmethod
-    async def _infer(self, batch, outputs, timeout_s, chunk) -> dict[str, np.ndarray]:
+    async def _infer(self, batch, outputs, timeout_s, chunk, fm_version) -> dict[str, np.ndarray]:
         """The model's reply: the asked outputs and both version tensors."""
+
+    @abc.abstractmethod
+    async def loaded(self) -> list[tuple[int, int]]:
+        """(FM version, the adapter it runs with) of every version a call may pin,
+        newest first."""
 
     @abc.abstractmethod
     async def fm_user_inputs(self) -> tuple[str, ...] | None:
@@ -98,4 +108,4 @@ def make_backend(cfg: BackendConfig, user_names: Sequence[str] | None = None) ->
         return TritonBackend(cfg.triton_url, cfg.timeout_s, user_names=user_names)
     from serving.backends.onnx import OnnxBackend
 
-    return OnnxBackend(cfg.repository, cfg.threads, user_names=user_names)
+    return OnnxBackend(cfg.repository, cfg.threads, user_names=user_names, loaded_versions=cfg.loaded_versions)

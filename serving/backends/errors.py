@@ -4,6 +4,7 @@ to the log only."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import grpc
@@ -40,6 +41,20 @@ class InvalidRequest(BackendError):
     public = "the model refused the batch's tensors"
 
 
+class VersionNotLoaded(BackendError):
+    """A call pinned an FM version that is not loaded (pruned, or never published): it
+    is refused, never answered by another version. The message is public: it names only
+    version numbers."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    public = "{message}"
+
+    def __init__(self, asked: int, available: Sequence[int]):
+        self.asked, self.available = asked, tuple(available)
+        listed = ", ".join(map(str, self.available)) or "none"
+        super().__init__(f"FM version {asked} is not loaded; the loaded versions are {listed}")
+
+
 class ModelLoadError(BackendError, ModelRefused):
     """The backend could not load a model version (what rollout calls `ModelRefused`)."""
 
@@ -49,7 +64,7 @@ def status_of(error: Exception, timeout_s: float) -> tuple[grpc.StatusCode, str]
     backend cannot take (`ValueError`, which our own user-index check raises naming the
     input) is the caller's, never an internal failure."""
     if isinstance(error, BackendError):
-        return error.code, error.public.format(timeout_s=timeout_s)
+        return error.code, error.public.format(timeout_s=timeout_s, message=error)
     if isinstance(error, UserIndexError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"the batch's user rows do not hold together: {error}"
     if isinstance(error, ValueError):

@@ -102,21 +102,43 @@ class TritonClient:
         self._client = InferenceServerClient(url, channel_args=_channel_args())
         # Model -> its user inputs if it takes the user-indexed form, else None.
         self._forms: dict[str, tuple[str, ...] | None] = {}
+        # Model -> whether Triton batches it (its [B] inputs are declared [B, 1]).
+        self._batched: dict[str, bool] = {}
 
     async def _user_inputs(self, model: str) -> tuple[str, ...] | None:
         """The user inputs of a user-indexed model (`user_inputs` parameter of a config
         without Triton batching), None for a batched per-example model; asked once."""
         if model not in self._forms:
-            try:
-                config = (await self._client.get_model_config(model, as_json=True))["config"]
-            except InferenceServerException as e:
-                raise _translate(e, f"{model} config") from None
-            except grpc.RpcError as e:
-                raise BackendUnavailable(f"{model} config: {e}") from None
+            config = await self._config(model)
             users = config.get("parameters", {}).get(USER_INPUTS_PARAMETER, {}).get("string_value", "")
             batched = int(config.get("max_batch_size", 0)) > 0
+            self._batched[model] = batched
             self._forms[model] = None if batched or not users else tuple(users.split(","))
         return self._forms[model]
+
+    async def _config(self, model: str) -> dict:
+        """The model's loaded config, as JSON."""
+        try:
+            return (await self._client.get_model_config(model, as_json=True))["config"]
+        except InferenceServerException as e:
+            raise _translate(e, f"{model} config") from None
+        except grpc.RpcError as e:
+            raise BackendUnavailable(f"{model} config: {e}") from None
+
+    async def parameter(self, model: str, name: str) -> str:
+        """A string parameter of the model's loaded config (empty when it has none);
+        asked each time: a reload may change it."""
+        return (await self._config(model)).get("parameters", {}).get(name, {}).get("string_value", "")
+
+    async def ready_versions(self, model: str) -> list[int]:
+        """The versions of `model` that take requests now."""
+        try:
+            metadata = await self._client.get_model_metadata(model, as_json=True)
+        except InferenceServerException as e:
+            raise _translate(e, f"{model} metadata") from None
+        except grpc.RpcError as e:
+            raise BackendUnavailable(f"{model} metadata: {e}") from None
+        return sorted(int(v) for v in metadata.get("versions", []))
 
     async def user_inputs(self, model: str | None = None) -> tuple[str, ...] | None:
         """The user inputs of the model (default: the client's) if it takes the
@@ -184,7 +206,7 @@ class TritonClient:
         inputs = []
         for name, array in batch.items():
             # Triton declares [B] inputs as [B, 1] (a batched model needs a non-batch dim).
-            reshape = array.ndim == 1 and user_inputs is None
+            reshape = array.ndim == 1 and self._batched.get(model, user_inputs is None)
             array = np.ascontiguousarray(array.reshape(-1, 1) if reshape else array)
             tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)

@@ -5,6 +5,7 @@
     with KnowledgeClient("127.0.0.1:50051") as client:
         reply = client.generate(ads, shared=user)     # numpy dict, pandas or pyarrow
         reply.outputs["labels"], reply.fm_version
+        client.generate(ads, shared=user, fm_version=3)   # pinned: FM v3 and its adapter
 
 Columns may be numpy arrays, a pandas DataFrame or a pyarrow Table in the logged-data
 format: sequences as list columns (padded here, their `<sequence>_length` derived),
@@ -140,7 +141,12 @@ def _request(
     shared: dict[str, np.ndarray],
     outputs: Iterable[str] | None,
     user_embedding_once: bool = False,
+    fm_version: int | None = None,
 ) -> pb.GenerateRequest:
+    """`fm_version`: the FM version to pin (None: the latest; the field stays unset so a
+    server that predates pins reads the same request)."""
+    if fm_version is not None and fm_version < 1:
+        raise ValueError(f"fm_version must be a version number (>= 1), got {fm_version}")
     unknown = sorted(set(outputs or ()) - OUTPUT_NAMES.keys())
     if unknown:
         raise ValueError(f"unknown output(s) {unknown}; one of {', '.join(OUTPUT_NAMES)}")
@@ -149,6 +155,7 @@ def _request(
         shared={k: encode(v) for k, v in shared.items()},
         outputs=[OUTPUT_NAMES[o] for o in outputs or ()],
         user_embedding_once=user_embedding_once,
+        fm_version=fm_version,
     )
 
 
@@ -231,10 +238,11 @@ class KnowledgeClient(_Base):
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
         user_embedding_once: bool = False,
+        fm_version: int | None = None,
     ) -> Reply:
         if self._info is None:
             self.info()
-        request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once)
+        request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once, fm_version)
         timeout = timeout_s or self.timeout_s
         response = self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)
@@ -263,10 +271,11 @@ class AsyncKnowledgeClient(_Base):
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
         user_embedding_once: bool = False,
+        fm_version: int | None = None,
     ) -> Reply:
         if self._info is None:
             await self.info()
-        request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once)
+        request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once, fm_version)
         timeout = timeout_s or self.timeout_s
         response = await self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
         return _reply(response)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n gem/knowledge/v1/knowledge.proto\x12\x10gem.knowledge.v1\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.gem.knowledge.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xef\x02\n\x0fGenerateRequest\x12\x41\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32/.gem.knowledge.v1.GenerateRequest.FeaturesEntry\x12=\n\x06shared\x18\x02 \x03(\x0b\x32-.gem.knowledge.v1.GenerateRequest.SharedEntry\x12)\n\x07outputs\x18\x03 \x03(\x0e\x32\x18.gem.knowledge.v1.Output\x12\x1b\n\x13user_embedding_once\x18\x05 \x01(\x08\x1aI\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gem.knowledge.v1.Tensor:\x02\x38\x01\x1aG\n\x0bSharedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gem.knowledge.v1.Tensor:\x02\x38\x01\",\n\rModelVersions\x12\n\n\x02\x66m\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\x03\"\xd1\x01\n\x10GenerateResponse\x12@\n\x07outputs\x18\x01 \x03(\x0b\x32/.gem.knowledge.v1.GenerateResponse.OutputsEntry\x12\x31\n\x08versions\x18\x02 \x01(\x0b\x32\x1f.gem.knowledge.v1.ModelVersions\x1aH\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gem.knowledge.v1.Tensor:\x02\x38\x01\"\x15\n\x13GetModelInfoRequest\"\x96\x01\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.gem.knowledge.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04side\x18\x05 \x01(\t\x12\x12\n\nmax_length\x18\x06 \x01(\x03\x12\x10\n\x08sequence\x18\x07 \x01(\t\"\xa1\x02\n\x14GetModelInfoResponse\x12\x13\n\x0bschema_name\x18\x01 \x01(\t\x12\x13\n\x0bschema_yaml\x18\x02 \x01(\t\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.gem.knowledge.v1.TensorInfo\x12-\n\x07outputs\x18\x04 \x03(\x0b\x32\x1c.gem.knowledge.v1.TensorInfo\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\x10\n\x08surfaces\x18\x06 \x03(\t\x12\x31\n\x08versions\x18\x07 \x01(\x0b\x32\x1f.gem.knowledge.v1.ModelVersions\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x1d\n\x15max_examples_per_call\x18\t \x01(\x03*Q\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02*\x7f\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x11\n\rOUTPUT_LABELS\x10\x01\x12\x19\n\x15OUTPUT_ADAPTED_LABELS\x10\x02\x12\x14\n\x10OUTPUT_EMBEDDING\x10\x03\x12\x19\n\x15OUTPUT_USER_EMBEDDING\x10\x04\x32\xc4\x01\n\x10KnowledgeService\x12Q\n\x08Generate\x12!.gem.knowledge.v1.GenerateRequest\x1a\".gem.knowledge.v1.GenerateResponse\x12]\n\x0cGetModelInfo\x12%.gem.knowledge.v1.GetModelInfoRequest\x1a&.gem.knowledge.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n gem/knowledge/v1/knowledge.proto\x12\x10gem.knowledge.v1\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.gem.knowledge.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x97\x03\n\x0fGenerateRequest\x12\x41\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32/.gem.knowledge.v1.GenerateRequest.FeaturesEntry\x12=\n\x06shared\x18\x02 \x03(\x0b\x32-.gem.knowledge.v1.GenerateRequest.SharedEntry\x12)\n\x07outputs\x18\x03 \x03(\x0e\x32\x18.gem.knowledge.v1.Output\x12\x17\n\nfm_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x13user_embedding_once\x18\x05 \x01(\x08\x1aI\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gem.knowledge.v1.Tensor:\x02\x38\x01\x1aG\n\x0bSharedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gem.knowledge.v1.Tensor:\x02\x38\x01\x42\r\n\x0b_fm_version\",\n\rModelVersions\x12\n\n\x02\x66m\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\x03\"\xd1\x01\n\x10GenerateResponse\x12@\n\x07outputs\x18\x01 \x03(\x0b\x32/.gem.knowledge.v1.GenerateResponse.OutputsEntry\x12\x31\n\x08versions\x18\x02 \x01(\x0b\x32\x1f.gem.knowledge.v1.ModelVersions\x1aH\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gem.knowledge.v1.Tensor:\x02\x38\x01\"\x15\n\x13GetModelInfoRequest\"\x96\x01\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1a.gem.knowledge.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04side\x18\x05 \x01(\t\x12\x12\n\nmax_length\x18\x06 \x01(\x03\x12\x10\n\x08sequence\x18\x07 \x01(\t\"\xd5\x02\n\x14GetModelInfoResponse\x12\x13\n\x0bschema_name\x18\x01 \x01(\t\x12\x13\n\x0bschema_yaml\x18\x02 \x01(\t\x12,\n\x06inputs\x18\x03 \x03(\x0b\x32\x1c.gem.knowledge.v1.TensorInfo\x12-\n\x07outputs\x18\x04 \x03(\x0b\x32\x1c.gem.knowledge.v1.TensorInfo\x12\r\n\x05tasks\x18\x05 \x03(\t\x12\x10\n\x08surfaces\x18\x06 \x03(\t\x12\x31\n\x08versions\x18\x07 \x01(\x0b\x32\x1f.gem.knowledge.v1.ModelVersions\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x1d\n\x15max_examples_per_call\x18\t \x01(\x03\x12\x32\n\tavailable\x18\n \x03(\x0b\x32\x1f.gem.knowledge.v1.ModelVersions*Q\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02*\x7f\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x11\n\rOUTPUT_LABELS\x10\x01\x12\x19\n\x15OUTPUT_ADAPTED_LABELS\x10\x02\x12\x14\n\x10OUTPUT_EMBEDDING\x10\x03\x12\x19\n\x15OUTPUT_USER_EMBEDDING\x10\x04\x32\xc4\x01\n\x10KnowledgeService\x12Q\n\x08Generate\x12!.gem.knowledge.v1.GenerateRequest\x1a\".gem.knowledge.v1.GenerateResponse\x12]\n\x0cGetModelInfo\x12%.gem.knowledge.v1.GetModelInfoRequest\x1a&.gem.knowledge.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_SHAREDENTRY']._serialized_options = b'8\001'
   _globals['_GENERATERESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_GENERATERESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1232
-  _globals['_DATATYPE']._serialized_end=1313
-  _globals['_OUTPUT']._serialized_start=1315
-  _globals['_OUTPUT']._serialized_end=1442
+  _globals['_DATATYPE']._serialized_start=1324
+  _globals['_DATATYPE']._serialized_end=1405
+  _globals['_OUTPUT']._serialized_start=1407
+  _globals['_OUTPUT']._serialized_end=1534
   _globals['_TENSOR']._serialized_start=54
   _globals['_TENSOR']._serialized_end=134
   _globals['_GENERATEREQUEST']._serialized_start=137
-  _globals['_GENERATEREQUEST']._serialized_end=504
-  _globals['_GENERATEREQUEST_FEATURESENTRY']._serialized_start=358
-  _globals['_GENERATEREQUEST_FEATURESENTRY']._serialized_end=431
-  _globals['_GENERATEREQUEST_SHAREDENTRY']._serialized_start=433
-  _globals['_GENERATEREQUEST_SHAREDENTRY']._serialized_end=504
-  _globals['_MODELVERSIONS']._serialized_start=506
-  _globals['_MODELVERSIONS']._serialized_end=550
-  _globals['_GENERATERESPONSE']._serialized_start=553
-  _globals['_GENERATERESPONSE']._serialized_end=762
-  _globals['_GENERATERESPONSE_OUTPUTSENTRY']._serialized_start=690
-  _globals['_GENERATERESPONSE_OUTPUTSENTRY']._serialized_end=762
-  _globals['_GETMODELINFOREQUEST']._serialized_start=764
-  _globals['_GETMODELINFOREQUEST']._serialized_end=785
-  _globals['_TENSORINFO']._serialized_start=788
-  _globals['_TENSORINFO']._serialized_end=938
-  _globals['_GETMODELINFORESPONSE']._serialized_start=941
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1230
-  _globals['_KNOWLEDGESERVICE']._serialized_start=1445
-  _globals['_KNOWLEDGESERVICE']._serialized_end=1641
+  _globals['_GENERATEREQUEST']._serialized_end=544
+  _globals['_GENERATEREQUEST_FEATURESENTRY']._serialized_start=383
+  _globals['_GENERATEREQUEST_FEATURESENTRY']._serialized_end=456
+  _globals['_GENERATEREQUEST_SHAREDENTRY']._serialized_start=458
+  _globals['_GENERATEREQUEST_SHAREDENTRY']._serialized_end=529
+  _globals['_MODELVERSIONS']._serialized_start=546
+  _globals['_MODELVERSIONS']._serialized_end=590
+  _globals['_GENERATERESPONSE']._serialized_start=593
+  _globals['_GENERATERESPONSE']._serialized_end=802
+  _globals['_GENERATERESPONSE_OUTPUTSENTRY']._serialized_start=730
+  _globals['_GENERATERESPONSE_OUTPUTSENTRY']._serialized_end=802
+  _globals['_GETMODELINFOREQUEST']._serialized_start=804
+  _globals['_GETMODELINFOREQUEST']._serialized_end=825
+  _globals['_TENSORINFO']._serialized_start=828
+  _globals['_TENSORINFO']._serialized_end=978
+  _globals['_GETMODELINFORESPONSE']._serialized_start=981
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1322
+  _globals['_KNOWLEDGESERVICE']._serialized_start=1537
+  _globals['_KNOWLEDGESERVICE']._serialized_end=1733
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("features", "shared", "outputs", "user_embedding_once")
+    __slots__ = ("features", "shared", "outputs", "fm_version", "user_embedding_once")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,12 +58,14 @@ class GenerateRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FM_VERSION_FIELD_NUMBER: _ClassVar[int]
     USER_EMBEDDING_ONCE_FIELD_NUMBER: _ClassVar[int]
     features: _containers.MessageMap[str, Tensor]
     shared: _containers.MessageMap[str, Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[Output]
+    fm_version: int
     user_embedding_once: bool
-    def __init__(self, features: _Optional[_Mapping[str, Tensor]] = ..., shared: _Optional[_Mapping[str, Tensor]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., user_embedding_once: bool = ...) -> None: ...
+    def __init__(self, features: _Optional[_Mapping[str, Tensor]] = ..., shared: _Optional[_Mapping[str, Tensor]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., fm_version: _Optional[int] = ..., user_embedding_once: bool = ...) -> None: ...
 
 class ModelVersions(_message.Message):
     __slots__ = ("fm", "adapter")
@@ -111,7 +113,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., side: _Optional[str] = ..., max_length: _Optional[int] = ..., sequence: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("schema_name", "schema_yaml", "inputs", "outputs", "tasks", "surfaces", "versions", "backend", "max_examples_per_call")
+    __slots__ = ("schema_name", "schema_yaml", "inputs", "outputs", "tasks", "surfaces", "versions", "backend", "max_examples_per_call", "available")
     SCHEMA_NAME_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_YAML_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class GetModelInfoResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_PER_CALL_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     schema_name: str
     schema_yaml: str
     inputs: _containers.RepeatedCompositeFieldContainer[TensorInfo]
@@ -130,4 +133,5 @@ class GetModelInfoResponse(_message.Message):
     versions: ModelVersions
     backend: str
     max_examples_per_call: int
-    def __init__(self, schema_name: _Optional[str] = ..., schema_yaml: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., surfaces: _Optional[_Iterable[str]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., backend: _Optional[str] = ..., max_examples_per_call: _Optional[int] = ...) -> None: ...
+    available: _containers.RepeatedCompositeFieldContainer[ModelVersions]
+    def __init__(self, schema_name: _Optional[str] = ..., schema_yaml: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., surfaces: _Optional[_Iterable[str]] = ..., versions: _Optional[_Union[ModelVersions, _Mapping]] = ..., backend: _Optional[str] = ..., max_examples_per_call: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelVersions, _Mapping]]] = ...) -> None: ...
