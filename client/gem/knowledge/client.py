@@ -10,7 +10,9 @@ Columns may be numpy arrays, a pandas DataFrame or a pyarrow Table in the logged
 format: sequences as list columns (padded here, their `<sequence>_length` derived),
 surfaces as names or indices, ids of any integer type. The server's schema (from
 `GetModelInfo`, fetched once) says how. One channel per client, reused by every call;
-UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline.
+UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline:
+an overloaded server's refusal (admission control) is UNAVAILABLE with a
+`retry-pushback-ms` trailer, and the policy waits that long instead of its own backoff.
 
 The channel is plaintext unless `credentials` are given (TLS, say
 `grpc.ssl_channel_credentials(root_certificates=...)`); `options` are gRPC channel
@@ -41,8 +43,10 @@ Columns = Mapping[str, Any] | Any
 # the same name.
 TIMEOUT_METADATA = "gem-timeout-ms"
 # Only what is safe to retry: UNAVAILABLE means the call did not run (or its result was
-# lost before any work counted). DEADLINE_EXCEEDED is not retried: the work may still be
-# running, and a retry would double the load exactly when the server is slow.
+# lost before any work counted); the server's overload refusals are UNAVAILABLE for this.
+# RESOURCE_EXHAUSTED is not: gRPC answers it for a message over the size limit too.
+# DEADLINE_EXCEEDED is not retried: the work may still be running, and a retry would
+# double the load exactly when the server is slow.
 RETRYABLE = ("UNAVAILABLE",)
 # gRPC channel arguments, as grpc.insecure_channel and grpc.secure_channel take them.
 ChannelOptions = Sequence[tuple[str, Any]]
