@@ -162,8 +162,9 @@ class KnowledgeIngress:
     async def Generate(self, request, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         self._authorize(grpc_context)
         self.health.ensure_probing()
-        request = parse(pb.GenerateRequest, request)
         timeout_s = self._timeout_s(grpc_context)
+        self._admit(0, timeout_s)  # before decoding: a refusal costs no parse
+        request = parse(pb.GenerateRequest, request)
         try:
             wanted = [OUTPUTS[o] for o in (request.outputs or OUTPUTS)]
         except KeyError as e:
@@ -185,12 +186,15 @@ class KnowledgeIngress:
         versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
         return pb.GenerateResponse(outputs=outputs, versions=versions)
 
-    async def _admitted(self, call: Call, timeout_s: float) -> Knowledge | Exception:
-        """The data plane's answer, if the admission gate lets the call in now."""
-        verdict = self.admission.decide(call.rows, timeout_s)
+    def _admit(self, rows: int, timeout_s: float) -> None:
+        verdict = self.admission.decide(rows, timeout_s)
         if not verdict.admitted:
             self.metrics.refusal(verdict.reason)
             raise Refusal(UNAVAILABLE, OVERLOADED[verdict.reason], retry_after_s=verdict.retry_after_s)
+
+    async def _admitted(self, call: Call, timeout_s: float) -> Knowledge | Exception:
+        """The data plane's answer, if the admission gate lets the call in now."""
+        self._admit(call.rows, timeout_s)
         start = time.perf_counter()
         self.admission.enter(call.rows)
         try:

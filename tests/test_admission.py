@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from gem.knowledge.client import pushback_wait
 from google.rpc import error_details_pb2, status_pb2
 
 from serving.admission import DEADLINE, FULL, AdmissionConfig, AdmissionGate
@@ -111,3 +112,31 @@ def test_a_refusal_without_a_retry_after_has_no_pushback():
     refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad")
     assert PUSHBACK_KEY not in context.trailer
     assert not status_pb2.Status.FromString(context.trailer[DETAILS_KEY]).details
+
+
+class Refused(grpc.RpcError):
+    """What a client call raises: a code and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, trailer: tuple = ()):
+        self._code, self._trailer = code, trailer
+
+    def code(self):
+        return self._code
+
+    def trailing_metadata(self):
+        return self._trailer
+
+
+@pytest.mark.parametrize(
+    ("error", "attempt", "remaining_s", "wait"),
+    [
+        (Refused(grpc.StatusCode.UNAVAILABLE, ((PUSHBACK_KEY, "30"),)), 0, 1.0, 0.03),
+        (Refused(grpc.StatusCode.UNAVAILABLE, ((PUSHBACK_KEY, "30"),)), 3, 1.0, None),  # retries spent
+        (Refused(grpc.StatusCode.UNAVAILABLE, ((PUSHBACK_KEY, "30"),)), 0, 0.02, None),  # past the deadline
+        (Refused(grpc.StatusCode.UNAVAILABLE, ((PUSHBACK_KEY, "soon"),)), 0, 1.0, None),
+        (Refused(grpc.StatusCode.UNAVAILABLE), 0, 1.0, None),  # gRPC's own policy retries those
+        (Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, ((PUSHBACK_KEY, "30"),)), 0, 1.0, None),
+    ],
+)
+def test_the_client_retries_only_overload_refusals_within_its_deadline(error, attempt, remaining_s, wait):
+    assert pushback_wait(error, attempt, retries=3, remaining_s=remaining_s) == wait

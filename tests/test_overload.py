@@ -106,9 +106,20 @@ def test_overload_is_refused_fast_and_retryable_and_admitted_calls_succeed(overl
     samples = poll(metrics_url, lambda s: total(s, counted, reason=FULL) >= len(refused))
     assert total(samples, counted) == len(refused)
 
-    # The load drops to 2x: the client's retry policy waits out the pushback and every
-    # call gets through within its deadline.
-    results = asyncio.run(drive(2 * CALLS_ADMITTED, rounds=5, retries=4))
+    # Bursts of 2x, each followed by quiet: the client waits out the pushback, by when
+    # the load has dropped, and every call gets through within its deadline.
+    async def bursts(count: int, retries: int) -> list[tuple[float, object]]:
+        async with AsyncKnowledgeClient(address, retries=retries) as client:
+            await client.info()
+            results = []
+            for _ in range(count):
+                results += await asyncio.gather(*(_timed(client, batch) for _ in range(2 * CALLS_ADMITTED)))
+            return results
+
+    results = asyncio.run(bursts(3, retries=4))
     failed = [r for _, r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert not failed, [(e.code(), e.details()) for e in failed[:3]]
     assert all(np.isfinite(r.outputs["labels"]).all() for _, r in results)
+    # ... and they got through by retrying: the server refused some of them.
+    samples = poll(metrics_url, lambda s: total(s, counted) > len(refused))
+    assert total(samples, counted) > len(refused)
