@@ -10,8 +10,8 @@ than what calls take now (it would time out after using a slot and backend time)
 A refused call gets UNAVAILABLE, not RESOURCE_EXHAUSTED: gRPC itself answers
 RESOURCE_EXHAUSTED for a message over the size limit, which no retry can fix, so a
 client cannot retry that code blindly; UNAVAILABLE says the call did not run and may be
-retried with backoff, which the client's retry policy already does. The refusal carries
-`retry-pushback-ms` (honoured by gRPC's retry policy) and `google.rpc.RetryInfo`.
+retried with backoff. The refusal carries `retry-pushback-ms` (gRFC A6's trailer) and
+`google.rpc.RetryInfo`; our client waits that long and retries (gem.knowledge.client).
 
 One event loop per replica: the gate is plain state, no lock.
 """

@@ -25,7 +25,7 @@ MAX_MESSAGE = 1024
 MAX_VIOLATIONS = 16
 # The trailer clients read rich status details from (grpcio-status, grpc-go, ...).
 DETAILS_KEY = "grpc-status-details-bin"
-# The trailer gRPC's retry policy reads the server's retry-after from (gRFC A6), in ms.
+# The trailer of the server's retry-after, in ms (gRFC A6's name; gem.knowledge.client reads it).
 PUSHBACK_KEY = "retry-pushback-ms"
 
 
