@@ -10,6 +10,7 @@ from typing import Literal, cast
 
 from export.contract import MAX_BATCH_EXAMPLES, TRITON_GRPC_URL
 from model.schema import DEFAULT_SCHEMA_PATH
+from serving.admission import AdmissionConfig
 from serving.backends.base import BackendConfig, BackendKind
 
 SERVICER_FUNCTIONS = (
@@ -72,6 +73,13 @@ class FrontendConfig:
     # Calls with more examples than this run apart from the merged batches, in backend
     # chunks of at most this many rows, so that one slow call never holds others up.
     solo_examples: int = 1024
+    # Admission control (serving/admission.py): examples and calls in flight on one
+    # replica past which a call is refused at once (UNAVAILABLE with a retry-after)
+    # instead of queued. 0 examples: two full batches (one running, one filling).
+    # Calls stay below the deployment's max_ongoing_requests (1024), so Serve's own
+    # queue, which refuses without a retry-after, only fills when the gate is off.
+    max_in_flight_examples: int = 0
+    max_in_flight_calls: int = 512
     # Bearer token every call must carry (metadata `authorization: Bearer <token>`);
     # empty: no check. Defaults to $GEM_AUTH_TOKEN. Never logged.
     auth_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""), repr=False)
@@ -80,6 +88,12 @@ class FrontendConfig:
         BackendConfig(self.backend)  # refuses an unknown backend
         if self.max_examples_per_call > self.max_batch_examples:
             raise ValueError("max_examples_per_call cannot exceed max_batch_examples (a call must fit in a batch)")
+        _ = self.admission  # refuses a bound below 1
+
+    @property
+    def admission(self) -> AdmissionConfig:
+        examples = self.max_in_flight_examples or 2 * self.max_batch_examples
+        return AdmissionConfig(max_examples=examples, max_calls=self.max_in_flight_calls)
 
     @property
     def backend_config(self) -> BackendConfig:

@@ -25,6 +25,8 @@ MAX_MESSAGE = 1024
 MAX_VIOLATIONS = 16
 # The trailer clients read rich status details from (grpcio-status, grpc-go, ...).
 DETAILS_KEY = "grpc-status-details-bin"
+# The trailer of the server's retry-after, in ms (gRFC A6's name; gem.knowledge.client reads it).
+PUSHBACK_KEY = "retry-pushback-ms"
 
 
 def quote(name: object) -> str:
@@ -32,7 +34,7 @@ def quote(name: object) -> str:
     return repr(cut(name))
 
 
-__all__ = ["Refusal", "Violation", "cut", "internal", "quote", "refuse", "status_details"]
+__all__ = ["Refusal", "Violation", "cut", "internal", "pushback_ms", "quote", "refuse", "status_details"]
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,22 @@ class Refusal(Exception):
     code: grpc.StatusCode
     message: str
     violations: Sequence[Violation] = field(default_factory=tuple)
+    # Set on a refusal that a retry after this long may pass (admission control).
+    retry_after_s: float | None = None
 
     def __str__(self) -> str:
         return self.message
 
 
-def status_details(code: grpc.StatusCode, message: str, violations: Sequence[Violation]) -> bytes:
+def status_details(
+    code: grpc.StatusCode, message: str, violations: Sequence[Violation], retry_after_s: float | None = None
+) -> bytes:
     """The serialized `google.rpc.Status` for the details trailer."""
     status = status_pb2.Status(code=code.value[0], message=message)
+    if retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(pushback_ms(retry_after_s))
+        status.details.add().Pack(retry)
     if violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
@@ -85,14 +95,27 @@ def request_id() -> str:
     return rid or uuid.uuid4().hex
 
 
-def refuse(context, code: grpc.StatusCode, message: str, violations: Sequence[Violation] = ()) -> str:
-    """Sets code, bounded message and details on the (Ray Serve) gRPC context; returns the
-    message sent."""
+def pushback_ms(seconds: float) -> int:
+    return max(round(seconds * 1000), 1)
+
+
+def refuse(
+    context,
+    code: grpc.StatusCode,
+    message: str,
+    violations: Sequence[Violation] = (),
+    retry_after_s: float | None = None,
+) -> str:
+    """Sets code, bounded message and details (with the retry-after, if any, also as
+    `retry-pushback-ms`) on the (Ray Serve) gRPC context; returns the message sent."""
     rid = request_id()
     message = cut(" ".join(str(message).split()), MAX_MESSAGE - 60) + f" (request id {rid})"
     context.set_code(code)
     context.set_details(message)
-    context.set_trailing_metadata([(DETAILS_KEY, status_details(code, message, violations))])
+    trailer: list[tuple[str, str | bytes]] = [(DETAILS_KEY, status_details(code, message, violations, retry_after_s))]
+    if retry_after_s is not None:
+        trailer.append((PUSHBACK_KEY, str(pushback_ms(retry_after_s))))
+    context.set_trailing_metadata(trailer)
     return message
 
 

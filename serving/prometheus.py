@@ -65,7 +65,14 @@ BACKEND_LATENCY = Metric(
 MODEL_VERSION = Metric(
     "gem_model_version", "gauge", ("model",), "Model version that produced the latest reply, per model (fm, adapter)."
 )
-DOCUMENTED = (CALLS, EXAMPLES_SERVED, CALL_LATENCY, BATCH_EXAMPLES, BACKEND_LATENCY, MODEL_VERSION)
+REFUSALS = Metric(
+    "gem_admission_refusals",
+    "counter",
+    ("reason",),
+    "Generate calls refused by admission control (UNAVAILABLE with a retry-after), by reason: "
+    "full (the replica's in-flight bound) or deadline (shorter than calls take now).",
+)
+DOCUMENTED = (CALLS, EXAMPLES_SERVED, CALL_LATENCY, BATCH_EXAMPLES, BACKEND_LATENCY, MODEL_VERSION, REFUSALS)
 
 
 class FrontendMetrics:
@@ -78,7 +85,7 @@ class FrontendMetrics:
         def histogram(m: Metric, boundaries: list[float]) -> metrics.Histogram:
             return metrics.Histogram(m.name, description=m.description, boundaries=boundaries, tag_keys=m.tags)  # type: ignore[arg-type]  # ray types it tuple[str]
 
-        self.calls, self.examples = counter(CALLS), counter(EXAMPLES_SERVED)
+        self.calls, self.examples, self.refusals = counter(CALLS), counter(EXAMPLES_SERVED), counter(REFUSALS)
         self.call_latency = histogram(CALL_LATENCY, LATENCY_MS)
         self.batch_examples = histogram(BATCH_EXAMPLES, EXAMPLES)
         self.backend_latency = histogram(BACKEND_LATENCY, LATENCY_MS)
@@ -92,6 +99,9 @@ class FrontendMetrics:
         self.call_latency.observe(seconds * 1000, tags={"method": method})
         if examples:
             self.examples.inc(examples, tags={"method": method})
+
+    def refusal(self, reason: str) -> None:
+        self.refusals.inc(tags={"reason": reason})
 
     def batch(self, examples: int, seconds: float, fm_version: int, adapter_version: int) -> None:
         self.batch_examples.observe(examples)

@@ -33,7 +33,8 @@ from export.contract import ADAPTER_OUTPUT
 from model.features import USER_INDEX, input_specs, user_input_names
 from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import load_schema
-from serving.backends.base import make_backend
+from serving.admission import DEADLINE, FULL, AdmissionGate
+from serving.backends.base import Knowledge, make_backend
 from serving.backends.errors import BackendError, status_of
 from serving.config import FrontendConfig
 from serving.dataplane import Call, DataPlane, HealthState, api_outputs, check_finite
@@ -55,10 +56,18 @@ MODEL_OUTPUT = {
 OUTPUTS = {code: (name, MODEL_OUTPUT[name]) for name, code in OUTPUT_NAMES.items()}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 NO_TOKEN = "missing or wrong bearer token"
+OVERLOADED = {
+    FULL: "overloaded: the server is at its bound of calls in flight; retry after the pushback",
+    DEADLINE: "overloaded: the call's deadline is shorter than calls take now; retry after the pushback",
+}
 # Ray Serve must admit enough concurrent calls for batches to fill (its default of 5
 # starves them; see DESIGN.md).
 MAX_ONGOING_REQUESTS = 1024
+# Serve's own bound on calls waiting for one of those slots: a backstop (refused with
+# RESOURCE_EXHAUSTED, no retry-after) behind the admission gate, which refuses first.
+MAX_QUEUED_REQUESTS = 64
 
 
 def parse(message_type, request):
@@ -100,7 +109,7 @@ def _observed(rpc):
             try:
                 response = await rpc(self, request, grpc_context)
             except Refusal as r:
-                refuse(grpc_context, r.code, r.message, r.violations)
+                refuse(grpc_context, r.code, r.message, r.violations, r.retry_after_s)
                 response = _EMPTY[rpc.__name__]()
             except Exception as e:
                 internal(grpc_context, grpc.StatusCode.INTERNAL, "internal error", repr(e))
@@ -120,7 +129,7 @@ def _observed(rpc):
 _EMPTY = {"Generate": pb.GenerateResponse, "GetModelInfo": pb.GetModelInfoResponse}
 
 
-@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS, max_queued_requests=MAX_QUEUED_REQUESTS)
 class KnowledgeIngress:
     def __init__(self, cfg: FrontendConfig | dict | None = None):
         self.cfg = cfg if isinstance(cfg, FrontendConfig) else FrontendConfig.from_args(cfg or {})
@@ -131,6 +140,7 @@ class KnowledgeIngress:
         self.backend = make_backend(self.cfg.backend_config, user_names=users)
         self.metrics = FrontendMetrics(self.backend.name)
         self.dataplane = DataPlane(self.backend, self.cfg, self.metrics, users)
+        self.admission = AdmissionGate(self.cfg.admission)
         every_output = tuple(model for _, model in OUTPUTS.values())
         self.health = HealthState(self.backend, self.schema, every_output, min(self.cfg.backend_timeout_s, 5.0))
         log.info("GEM knowledge ingress: backend %s, schema %s", self.backend.name, self.schema.name)
@@ -166,8 +176,9 @@ class KnowledgeIngress:
     async def Generate(self, request, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         self._authorize(grpc_context)
         self.health.ensure_probing()
-        request = parse(pb.GenerateRequest, request)
         timeout_s = self._timeout_s(grpc_context)
+        self._admit(0, timeout_s)  # before decoding: a refusal costs no parse
+        request = parse(pb.GenerateRequest, request)
         try:
             wanted = [OUTPUTS[o] for o in (request.outputs or OUTPUTS)]
         except KeyError as e:
@@ -185,7 +196,7 @@ class KnowledgeIngress:
                 (Violation("user_embedding_once", "set on a call with user inputs per example"),),
             )
         call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)), pinned_version(request))
-        result = await self.dataplane.run(call, timeout_s)
+        result = await self._admitted(call, timeout_s)
         if isinstance(result, Exception):
             code, public = status_of(result, timeout_s)
             internal(grpc_context, code, public, result)
@@ -198,6 +209,22 @@ class KnowledgeIngress:
         outputs = {api: encode(value) for api, value in replied.items()}
         versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
         return pb.GenerateResponse(outputs=outputs, versions=versions)
+
+    def _admit(self, rows: int, timeout_s: float) -> None:
+        verdict = self.admission.decide(rows, timeout_s)
+        if not verdict.admitted:
+            self.metrics.refusal(verdict.reason)
+            raise Refusal(UNAVAILABLE, OVERLOADED[verdict.reason], retry_after_s=verdict.retry_after_s)
+
+    async def _admitted(self, call: Call, timeout_s: float) -> Knowledge | Exception:
+        """The data plane's answer, if the admission gate lets the call in now."""
+        self._admit(call.rows, timeout_s)
+        start = time.perf_counter()
+        self.admission.enter(call.rows)
+        try:
+            return await self.dataplane.run(call, timeout_s)
+        finally:
+            self.admission.leave(call.rows, time.perf_counter() - start)
 
     @_observed
     async def GetModelInfo(self, request, grpc_context: RayServegRPCContext) -> pb.GetModelInfoResponse:

@@ -47,6 +47,9 @@ ALLOWED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.UNIMPLEMENTED,
+    # Admission control: a call whose deadline is shorter than calls take now is refused
+    # at once, with a retry-after (serving/admission.py).
+    grpc.StatusCode.UNAVAILABLE,
 }
 INTERNALS = ("Traceback", 'File "', ".py", "ray::", "pid=", "\x1b[", "127.0.0.1:", "onnx", "/v2/")
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")

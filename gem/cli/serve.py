@@ -30,6 +30,20 @@ if TYPE_CHECKING:
     from serving.config import Ingress
 
 
+# Admission control (serving/admission.py); defaults are serving.config.FrontendConfig's.
+InFlightExamplesOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Examples in flight on a replica past which calls are refused at once (UNAVAILABLE, "
+        "with a retry-after); 0: two full batches.",
+    ),
+]
+InFlightCallsOption = Annotated[
+    int, typer.Option(min=1, help="Calls in flight on a replica past which calls are refused at once.")
+]
+
+
 def ingress_of(value: str) -> Ingress:
     """The --ingress value, checked (a typo is a usage error, not a traceback)."""
     from serving.config import INGRESSES
@@ -142,6 +156,8 @@ def up(
     ] = "127.0.0.1",
     ingress: IngressOption = "direct",
     tracing: TracingOption = None,
+    max_in_flight_examples: InFlightExamplesOption = 0,
+    max_in_flight_calls: InFlightCallsOption = 512,
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
@@ -153,7 +169,12 @@ def up(
     triton = None
     if not embedded:
         triton = TritonConfig(repo, triton_work_dir, triton_http_port, triton_grpc_port, triton_metrics_port, host)
-    frontend = FrontendConfig(backend="onnxruntime" if embedded else "triton", repository=repo)
+    frontend = FrontendConfig(
+        backend="onnxruntime" if embedded else "triton",
+        repository=repo,
+        max_in_flight_examples=max_in_flight_examples,
+        max_in_flight_calls=max_in_flight_calls,
+    )
     cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host, ingress_of(ingress), tracing)
     check_ports(cfg)  # before minutes of training
     bootstrap(checkpoint, data, repo, train_when_published=True)
@@ -178,6 +199,8 @@ def serve_cmd(
     ] = "127.0.0.1",
     ingress: IngressOption = "direct",
     tracing: TracingOption = None,
+    max_in_flight_examples: InFlightExamplesOption = 0,
+    max_in_flight_calls: InFlightCallsOption = 512,
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
     cluster, use `serve deploy serving/serve_config.yaml`. Several replicas need
@@ -186,7 +209,13 @@ def serve_cmd(
     from serving.local import launcher
 
     address = launcher.start(
-        FrontendConfig(backend=backend, triton_url=triton_url, repository=repo),
+        FrontendConfig(
+            backend=backend,
+            triton_url=triton_url,
+            repository=repo,
+            max_in_flight_examples=max_in_flight_examples,
+            max_in_flight_calls=max_in_flight_calls,
+        ),
         grpc_port=grpc_port,
         replicas=replicas,
         metrics_port=metrics_port,

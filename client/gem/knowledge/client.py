@@ -12,6 +12,10 @@ format: sequences as list columns (padded here, their `<sequence>_length` derive
 surfaces as names or indices, ids of any integer type. The server's schema (from
 `GetModelInfo`, fetched once) says how. One channel per client, reused by every call;
 UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline.
+An overloaded server's refusal (admission control) is UNAVAILABLE with a
+`retry-pushback-ms` trailer; Ray Serve sends response headers before it, which commits
+the call for gRPC's policy, so `generate` retries those refusals itself: after the
+pushback, up to `retries` times, within the call's deadline.
 
 The channel is plaintext unless `credentials` are given (TLS, say
 `grpc.ssl_channel_credentials(root_certificates=...)`); `options` are gRPC channel
@@ -21,7 +25,9 @@ Every call carries the user agent `gem-knowledge-client/<version>`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -42,9 +48,13 @@ Columns = Mapping[str, Any] | Any
 # the same name.
 TIMEOUT_METADATA = "gem-timeout-ms"
 # Only what is safe to retry: UNAVAILABLE means the call did not run (or its result was
-# lost before any work counted). DEADLINE_EXCEEDED is not retried: the work may still be
-# running, and a retry would double the load exactly when the server is slow.
+# lost before any work counted); the server's overload refusals are UNAVAILABLE for this.
+# RESOURCE_EXHAUSTED is not: gRPC answers it for a message over the size limit too.
+# DEADLINE_EXCEEDED is not retried: the work may still be running, and a retry would
+# double the load exactly when the server is slow.
 RETRYABLE = ("UNAVAILABLE",)
+# The trailer of an overload refusal: how long to wait before retrying, in ms (gRFC A6).
+PUSHBACK_METADATA = "retry-pushback-ms"
 # gRPC channel arguments, as grpc.insecure_channel and grpc.secure_channel take them.
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -87,6 +97,21 @@ def channel_options(retries: int, extra: ChannelOptions = ()) -> list[tuple[str,
     }
     options.update(extra)
     return list(options.items())
+
+
+def pushback_wait(error: grpc.RpcError, attempt: int, retries: int, remaining_s: float) -> float | None:
+    """Seconds to wait before retrying a call refused by an overloaded server, or None when
+    it is not such a refusal, the retries are spent or the wait would pass the deadline."""
+    if attempt >= retries or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == PUSHBACK_METADATA:
+            try:
+                wait = int(value) / 1000
+            except ValueError:
+                return None
+            return wait if 0 <= wait < remaining_s else None
+    return None
 
 
 def _table(data: Columns) -> Any:
@@ -203,6 +228,7 @@ class _Base:
         `options`: gRPC channel arguments laid over the client's own."""
         self.address = address
         self.timeout_s = timeout_s
+        self.retries = retries
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         if application:
             # Routes the call to one application when a Serve instance runs several.
@@ -243,9 +269,18 @@ class KnowledgeClient(_Base):
         if self._info is None:
             self.info()
         request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once, fm_version)
-        timeout = timeout_s or self.timeout_s
-        response = self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
-        return _reply(response)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:  # pushback_wait ends it after `retries` retries
+            remaining = deadline - time.monotonic()
+            try:
+                return _reply(self._stub.Generate(request, timeout=remaining, metadata=self._call_metadata(remaining)))
+            except grpc.RpcError as e:
+                wait = pushback_wait(e, attempt, self.retries, deadline - time.monotonic())
+                if wait is None:
+                    raise
+                attempt += 1
+                time.sleep(wait)
 
     def close(self) -> None:
         self._channel.close()
@@ -276,9 +311,19 @@ class AsyncKnowledgeClient(_Base):
         if self._info is None:
             await self.info()
         request = _request(self._columns(features), self._columns(shared), outputs, user_embedding_once, fm_version)
-        timeout = timeout_s or self.timeout_s
-        response = await self._stub.Generate(request, timeout=timeout, metadata=self._call_metadata(timeout))
-        return _reply(response)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:  # pushback_wait ends it after `retries` retries
+            remaining = deadline - time.monotonic()
+            try:
+                call = self._stub.Generate(request, timeout=remaining, metadata=self._call_metadata(remaining))
+                return _reply(await call)
+            except grpc.aio.AioRpcError as e:
+                wait = pushback_wait(e, attempt, self.retries, deadline - time.monotonic())
+                if wait is None:
+                    raise
+                attempt += 1
+                await asyncio.sleep(wait)
 
     async def close(self) -> None:
         await self._channel.close()
