@@ -8,26 +8,25 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.embed.config import EmbedConfig
 from jobs.embed.results import FileResult
 
 MANIFEST = "_manifest.json"
 
 
-def write_manifest(folder: Path, result: FileResult, cfg: EmbedConfig) -> None:
-    manifest = {"source": str(result.path), "limit": cfg.limit, **asdict(result)}
+def write_manifest(folder: Path, result: FileResult, limit: int | None) -> None:
+    manifest = {"source": str(result.path), "limit": limit, **asdict(result)}
     del manifest["path"], manifest["skipped"], manifest["error"]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def committed(target: Path, cfg: EmbedConfig) -> dict | None:
-    """The manifest of a file's finished output, if it stands for what is asked now (a
-    dry run's output does not stand for the whole file)."""
+def committed(target: Path, limit: int | None) -> dict | None:
+    """The manifest of a file's finished output, if it stands for what is asked now (rows
+    up to `limit`: a dry run's output does not stand for the whole file)."""
     manifest = target / MANIFEST
     if not manifest.exists():
         return None
     done = json.loads(manifest.read_text())
-    return done if done.get("limit") in (None, cfg.limit) else None
+    return done if done.get("limit") in (None, limit) else None
 
 
 def skipped_result(path: Path, done: dict) -> FileResult:
