@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from export.contract import ADAPTER_MODEL, FM_MODEL
+from export.contract import ADAPTER_MODEL, ADAPTER_OUTPUT, FM_MODEL
 from export.repository import ModelRepository
 from jobs.embed.outputs import MODEL_OUTPUTS
 from model.adapter import StudentAdapter
@@ -266,11 +266,15 @@ class Coordinator:
         if self.knowledge is None:
             return None
         assert plan.eval is not None
-        if result.served is None:
-            log.warning("cycle %d: no knowledge for %s: %s", plan.cycle, plan.eval,
-                        "nothing is served yet" if result.candidate else result.reason)  # fmt: skip
-            return None
-        return self.knowledge.write(plan.eval, result.served)
+        served = result.served
+        if served is None:  # no candidate metrics: the gate could not run (its reason says why)
+            why = "nothing is served yet" if result.candidate else result.reason
+        elif ADAPTER_OUTPUT not in served.outputs:
+            why = f"no {ADAPTER_MODEL} is published"
+        else:
+            return self.knowledge.write(plan.eval, served)
+        log.warning("cycle %d: no knowledge for %s: %s", plan.cycle, plan.eval, why)
+        return None
 
     def _refresh_adapter(self, shard: str, model: GEM, use_candidate: bool) -> None:
         batch = self.planner.batches.get(shard)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export.contract import ADAPTER_INPUTS, ADAPTER_MODEL, ADAPTER_OUTPUT, FM_MODEL, ONNX_FILENAME
-from export.repository import ModelRepository, RepositoryError
+from export.repository import ModelRepository
 from model.batch import Batch, iter_minibatches, take
 from model.features import input_names
 from model.outputs import LOGITS, sigmoid
@@ -114,24 +114,22 @@ def serving_pass(
     repo: ModelRepository, batch: Batch, schema: FeatureSchema, outputs: tuple[str, ...] = (LOGITS,)
 ) -> Knowledge | None:
     """The served FM version's one pass over the batch: its `outputs` (logits always; the
-    served adapter's adapted logits too when asked, from the FM's logits of this same
-    pass) with both versions, or None when nothing is published."""
+    served adapter's adapted logits too when asked and one is published, from the FM's
+    logits of this same pass) with both versions (0: no adapter), or None when no FM is
+    published."""
     version = repo.latest(FM_MODEL)
     if version is None:
         return None
     fm_outputs = tuple(dict.fromkeys((LOGITS, *(o for o in outputs if o != ADAPTER_OUTPUT))))
     out = onnx_outputs(repo.root / FM_MODEL / str(version) / ONNX_FILENAME, batch, schema, fm_outputs)
-    adapter_version = 0
-    if ADAPTER_OUTPUT in outputs:
-        adapter_version = repo.latest(ADAPTER_MODEL) or 0
-        if not adapter_version:
-            raise RepositoryError(f"no {ADAPTER_MODEL} version in {repo.root} to adapt the served logits with")
+    adapter_version = repo.latest(ADAPTER_MODEL) if ADAPTER_OUTPUT in outputs else None
+    if adapter_version is not None:  # else not asked, or no adapter published: no adapted logits
         logits, surface = ADAPTER_INPUTS
         session = _session(repo.root / ADAPTER_MODEL / str(adapter_version) / ONNX_FILENAME)
         (out[ADAPTER_OUTPUT],) = session.run(
             [ADAPTER_OUTPUT], {logits: out[LOGITS], surface: np.ascontiguousarray(batch[SURFACE_INPUT])}
         )
-    return Knowledge(out, version, adapter_version)
+    return Knowledge(out, version, adapter_version or 0)
 
 
 def gate(
