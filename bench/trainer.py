@@ -14,7 +14,11 @@ from the first shard to the last):
    version trained on it (`gem trainer run` next to the local Triton, a stream player
    writing a shard every --every-s seconds). Progressive validation waits for the next
    shard, so this includes one inter-arrival time; the time from that next shard's
-   arrival to serving is reported too.
+   arrival to serving is reported too;
+5. a cycle's time without and with --knowledge-out (the served versions' knowledge of
+   each gated shard written from the gate's own pass): the same cycles, each timed
+   between consecutive publish lines of the ledger. `--knowledge-only` runs only this
+   (and the warm start it needs), into bench/results/trainer_knowledge.json.
 
 Prints a table, writes bench/results/trainer.json and bench/results/trainer.png.
 """
@@ -228,6 +232,39 @@ def refresh_latency(
     return {"every_s": every_s, "rows_per_shard": rows, "refreshes": out}
 
 
+# -- 5. knowledge stamping ------------------------------------------------------------------
+
+
+def cycle_seconds(ledger_path: Path) -> list[float]:
+    """Each FM cycle's wall time after the first, from one publish line to the next (a cycle
+    plans, trains, gates, commits and publishes; the first one also includes the start)."""
+    lines = [json.loads(x) for x in ledger_path.read_text().splitlines()]
+    fm_cycles = {e["cycle"] for e in lines if e.get("kind") == "shard"}
+    ts = [e["ts"] for e in lines if e.get("kind") == "publish" and e.get("cycle") in fm_cycles]
+    return [float(x) for x in np.diff(ts)]
+
+
+def knowledge_cost(stream: Path, warm: Path, work: Path, preset_name: str, batch_size: int, runs: int) -> dict:
+    """The same trainer run (served: the warm start) without, with, with and without
+    --knowledge-out, the first `runs` of those (4, ABBA: the shared machine's drift falls
+    on both arms alike)."""
+    seconds: dict[str, list[float]] = {"without": [], "with": []}
+    for i, arm in enumerate(("without", "with", "with", "without")[:runs]):
+        repo, state, out = work / f"k-repo-{i}", work / f"k-state-{i}", work / f"k-knowledge-{i}"
+        publish(load_checkpoint(warm), ModelRepository(repo), PublishPolicy())
+        cfg = TrainerConfig(
+            stream=stream, repository=repo, state_dir=state, checkpoint=warm, preset=preset_name,
+            batch_size=batch_size, tolerance=0.01, exit_when_idle=True, knowledge_out=out if arm == "with" else None,
+        )  # fmt: skip
+        Trainer(cfg, D.Runtime()).run()
+        seconds[arm] += cycle_seconds(state / "ledger.jsonl")
+    without, with_ = float(np.mean(seconds["without"])), float(np.mean(seconds["with"]))
+    return {
+        "cycle_s": seconds, "mean_without_s": without, "mean_with_s": with_,
+        "added_pct": 100.0 * (with_ - without) / without,
+    }  # fmt: skip
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -261,11 +298,14 @@ def main() -> None:
     parser.add_argument("--latency-shards", type=int, default=3)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--knowledge-only", action="store_true", help="only 5.: a cycle without/with --knowledge-out")
+    parser.add_argument("--knowledge-runs", type=int, default=4, choices=(2, 4), help="5.: AB or ABBA")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     schema = load_schema()
     tasks = schema.task_names
-    warm_shards = 2
+    # The warm start's train, validation and test slices (`gem train` holds out the last two).
+    warm_shards = 3
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp_name:
         tmp = Path(tmp_name)
         everything = tmp / "all"
@@ -280,10 +320,21 @@ def main() -> None:
             shutil.copy(p, warm_dir / p.name)
         for p in paths[warm_shards:]:
             shutil.copy(p, stream / p.name)
-        # The warm start: trained on the first shard, validated on the second.
+        # The warm start: trained on the first shard, validated on the second, tested on the third.
         console.print("training the warm start (the frozen FM)")
         warm = train(TrainConfig(data=warm_dir, out=tmp / "warm-ckpt", preset=args.preset, epochs=2,
                                  batch_size=args.batch_size)).checkpoint  # fmt: skip
+
+        console.print(f"a cycle without and with --knowledge-out ({args.knowledge_runs} runs of {args.cycles} cycles)")
+        knowledge = knowledge_cost(stream, warm, tmp, args.preset, args.batch_size, args.knowledge_runs)
+        if args.knowledge_only:
+            RESULTS.mkdir(exist_ok=True)
+            config = {**vars(args), "cpu_count": os.cpu_count(), "torch": torch.__version__}
+            (RESULTS / "trainer_knowledge.json").write_text(
+                json.dumps({"config": config, "knowledge": knowledge}, indent=2)
+            )
+            report_knowledge(knowledge)
+            return
 
         console.print("throughput: 1 and 2 processes")
         speed = [throughput(paths[warm_shards : warm_shards + 2], args.preset, args.batch_size, n, tmp) for n in (1, 2)]
@@ -307,12 +358,24 @@ def main() -> None:
         "refresh_vs_frozen": drift_rows,
         "adapted_vs_raw": adapter_rows,
         "latency": latency,
+        "knowledge": knowledge,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "trainer.json").write_text(json.dumps(result, indent=2))
     plot(drift_rows, tasks, RESULTS / "trainer.png")
     report(result, tasks)
     console.print(f"wrote {RESULTS / 'trainer.json'} and {RESULTS / 'trainer.png'}")
+
+
+def report_knowledge(k: dict) -> None:
+    t = Table(title="a cycle's seconds without and with --knowledge-out")
+    for col in ("arm", "cycles", "mean s", "each s"):
+        t.add_column(col, justify="right")
+    for arm in ("without", "with"):
+        each = k["cycle_s"][arm]
+        t.add_row(arm, str(len(each)), f"{np.mean(each):.2f}", " ".join(f"{x:.2f}" for x in each))
+    Console().print(t)
+    Console().print(f"added by --knowledge-out: {k['added_pct']:+.1f} % of a cycle")
 
 
 def report(result: dict, tasks: list[str]) -> None:
@@ -360,6 +423,7 @@ def report(result: dict, tasks: list[str]) -> None:
             t.add_row(r["shard"], str(r["version"]), f"{r['arrival_to_served_s']:.1f}",
                       f"{r['next_arrival_to_served_s']:.1f}")  # fmt: skip
         out.print(t)
+    report_knowledge(result["knowledge"])
 
 
 if __name__ == "__main__":

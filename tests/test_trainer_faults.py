@@ -1,8 +1,8 @@
 """The side trainer killed at every commit point of a cycle (SIGKILL of its process
 group, at deterministic hold points: tests/conftest.py's `hold_env`), then restarted: it
 ends exactly where an uninterrupted run does (ledger, versions and what they were
-exported from, weights, adapter and optimizer state, bit for bit) and leaves no
-temporary behind.
+exported from, weights, adapter and optimizer state, the knowledge of each gated shard
+(--knowledge-out), bit for bit) and leaves no temporary behind.
 
 The stream arrives in three phases, each run until idle (`--exit-when-idle`):
   A: part-00000 alone  -> an adapter-only cycle (the FM waits for a shard to validate on)
@@ -22,11 +22,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
+from jobs.embed.manifest import MANIFEST
 from model.checkpoint import load_checkpoint
 from tests.trainer_support import gem, kill_group, ledger, make_stream, start_gem, wait_for
 
@@ -45,6 +47,8 @@ CKPT_POINTED = "model.checkpoint:CheckpointStore._point:after:1"
 CKPT_OLD_ASIDE = "model.checkpoint:CheckpointStore._set_aside:after:1"
 COMMIT_LINE = "trainer.commit:Committer._record_commit:before:1"
 PUBLISH_LINE = "trainer.publish:Publisher._record_publish:before:1"
+KNOWLEDGE_STAGED = "trainer.knowledge:KnowledgeWriter._commit:before:1"
+KNOWLEDGE_COMMITTED = "trainer.knowledge:KnowledgeWriter._commit:after:1"
 
 
 def repo_install(when: str, n: int) -> str:
@@ -58,7 +62,7 @@ def _args(root: Path, procs: int, first: bool) -> list[str]:
     return [
         "trainer", "run", "--stream", str(root / "stream"), "--repo", str(root / "repo"), "--state",
         str(root / "state"), "--preset", "tiny", "--batch-size", "128", "--tolerance", "10", "--poll-s", "0.2",
-        "--keep", "1", "--procs", str(procs), "--exit-when-idle",
+        "--keep", "1", "--procs", str(procs), "--exit-when-idle", "--knowledge-out", str(root / "knowledge"),
         *(["--checkpoint", str(root / "start")] if first else []),
     ]  # fmt: skip
 
@@ -78,6 +82,17 @@ def _run(root: Path, procs: int, first: bool) -> str:
     return result.stdout + result.stderr
 
 
+def _knowledge(root: Path) -> dict:
+    """Every entry of the knowledge folder: a committed shard's rows (by id) and manifest."""
+    out = root / "knowledge"
+    found = {}
+    for folder in sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["source"] = Path(manifest["source"]).name  # under this run's root
+        found[folder.name] = {"manifest": manifest, "rows": pq.read_table(folder).sort_by("example_id").to_pydict()}
+    return found
+
+
 def _outcome(root: Path) -> dict:
     state, repo = root / "state", ModelRepository(root / "repo")
     ckpt = load_checkpoint(state / "checkpoint")
@@ -89,6 +104,7 @@ def _outcome(root: Path) -> dict:
         "checkpoints": sorted(p.name for p in (state / "checkpoints").iterdir()),
         "weights": {**ckpt.model.state_dict(), **{f"adapter.{k}": v for k, v in ckpt.adapter.state_dict().items()}},
         "optimizer": ckpt.optimizer,
+        "knowledge": _knowledge(root),
     }
 
 
@@ -113,7 +129,7 @@ def _assert_nothing_left(root: Path) -> None:
         *(state / "checkpoints").glob(".*"), *state.glob(".checkpoint*"), *repo.glob("*/.staging-*"),
         *repo.glob("*/.pruned-*"), *repo.glob("*/.*.tmp"), *(root / "tmp").glob("gem-export-*"),
         *(p for p in (root / "tmp").iterdir() if p.is_dir()),
-        *((state / "tmp").glob("*") if (state / "tmp").exists() else []),
+        *((state / "tmp").glob("*") if (state / "tmp").exists() else []), *(root / "knowledge").glob(".*"),
     ]  # fmt: skip
     assert left == [], f"temporaries left behind: {left}"
     for model in MODELS:
@@ -182,6 +198,9 @@ SCENARIOS = {
     "fm-old-aside-publish-line": ("C", 1, [CKPT_OLD_ASIDE, PUBLISH_LINE]),
     # The checkpoint complete, its ledger line not written.
     "fm-commit-line": ("C", 1, [COMMIT_LINE]),
+    # The gated shard's knowledge staged, then committed (the checkpoint not yet written):
+    # the rerun cycle keeps what was committed.
+    "fm-knowledge": ("C", 1, [KNOWLEDGE_STAGED, KNOWLEDGE_COMMITTED]),
 }  # fmt: skip
 
 
@@ -227,3 +246,15 @@ def test_the_ledger_line_written_back_by_recovery_is_whole(reference):
     assert all(isinstance(e["loss"], float) for e in lines if e["kind"] == "shard")
     record = json.loads((reference["after C"] / "state" / "checkpoint" / "metrics.json").read_text())
     assert record["commit"]["shard"] == "part-00001.parquet" and "loss" in record["commit"]
+
+
+def test_each_gated_shard_has_its_knowledge_once_from_the_version_served_then(reference):
+    """Cycle 1 gates part-00001 with v1, cycle 2 part-00002 with cycle 1's publish (v2)."""
+    knowledge = _knowledge(reference["after C"])
+    assert sorted(knowledge) == ["part-00001", "part-00002"]
+    for stem, fm in (("part-00001", 1), ("part-00002", 2)):
+        rows = knowledge[stem]["rows"]
+        assert len(set(rows["example_id"])) == len(rows["example_id"]) == 1_000
+        assert set(rows["fm_version"]) == {fm} and knowledge[stem]["manifest"]["fm_versions"] == [fm]
+    lines = [e for e in ledger(reference["after C"] / "state") if e["kind"] == "shard"]
+    assert [e["knowledge"]["shard"] for e in lines] == ["part-00001.parquet", "part-00002.parquet"]

@@ -42,6 +42,9 @@ class TrainerConfig:
     embedding_lr: float = 0.05
     adapter_epochs: int = 3
     seed: int = 0
+    # Where the served versions' knowledge of every shard the gate scores goes, as
+    # `gem embed` writes it (trainer/knowledge.py); None: not written.
+    knowledge_out: Path | None = None
 
     def __post_init__(self) -> None:
         if self.procs < 1:

@@ -10,8 +10,10 @@ Every FM cycle (trainer/loop.py runs the training on all ranks and hands rank 0 
    candidate's weights and optimizer state are dropped on every rank;
 3. adapter: the Student Adapter is refitted on the freshest shard, on the logits of the
    FM that will serve with it;
-4. commit (trainer/commit.py): a new numbered checkpoint (weights, adapter, optimizer
-   state, the record of shards, the ledger line), then that ledger line (trainer/ledger.py);
+4. commit: with --knowledge-out, the served versions' knowledge of shard n + 1 from the
+   gate's pass (trainer/knowledge.py); then (trainer/commit.py) a new numbered checkpoint
+   (weights, adapter, optimizer state, the record of shards, the ledger line), then that
+   ledger line (trainer/ledger.py);
 5. publish (trainer/publish.py): the FM and the adapter as new versions (or the adapter
    alone when the FM was refused), Triton loads them (old versions serve until the new
    ones are ready), the last K versions are kept, then the `publish` line.
@@ -35,17 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from export.contract import ADAPTER_MODEL, FM_MODEL
+from export.contract import ADAPTER_MODEL, ADAPTER_OUTPUT, FM_MODEL
 from export.repository import ModelRepository
+from jobs.embed.outputs import MODEL_OUTPUTS
 from model.adapter import StudentAdapter
 from model.batch import Batch
 from model.checkpoint import Checkpoint, CheckpointStore, ModelBundle
 from model.config import GEMConfig
 from model.gem import GEM
+from model.outputs import LOGITS
 from model.schema import SURFACE_INPUT, FeatureSchema
 from trainer.commit import Committer
 from trainer.config import TrainerConfig
-from trainer.gate import GateConfig, GateResult, gate, serving_logits
+from trainer.gate import GateConfig, GateResult, gate, serving_pass
+from trainer.knowledge import KnowledgeWriter, tidy_staging
 from trainer.ledger import REFUSED, TRAINED, AdapterCommit, Committed, Ledger, ShardCommit, ShardId, TrainerRecord
 from trainer.plan import Plan, Planner
 from trainer.prometheus import TrainerMetrics, cycle_line
@@ -106,6 +111,8 @@ def prepare(cfg: TrainerConfig) -> Start:
     if left:
         log.warning("removed %d leftover(s) of an interrupted checkpoint save in %s", len(left), cfg.state_dir)
     ModelRepository(cfg.repository).clean()
+    if cfg.knowledge_out is not None:
+        tidy_staging(cfg.knowledge_out)
     ledger = Ledger(cfg.ledger_path)
     newest = store.newest()
     if newest is not None:
@@ -150,6 +157,8 @@ class Coordinator:
         self.planner = Planner(cfg, schema, config.seq_len, ledger, self.repo, self.metrics)
         self.committer = Committer(CheckpointStore(cfg.state_dir), ledger, ckpt, resumed)
         self.publisher = Publisher(cfg, self.repo, ledger, self.metrics)
+        out = cfg.knowledge_out
+        self.knowledge = None if out is None else KnowledgeWriter(out, cfg.stream, schema.task_names)
         self.fm_cycles = 0
 
     def _bundle(self, model: GEM) -> ModelBundle:
@@ -186,10 +195,12 @@ class Coordinator:
         """The candidate (just trained) against the served version on plan.eval."""
         assert plan.eval is not None
         eval_batch = self.planner.batches[plan.eval]
+        # The served version's pass keeps the knowledge too when it is asked for.
+        outputs = MODEL_OUTPUTS if self.knowledge is not None else (LOGITS,)
         try:
             return gate(
                 self.schema, predict(candidate, eval_batch, self.schema), eval_batch, plan.eval, self.repo,
-                GateConfig(self.cfg.tolerance),
+                GateConfig(self.cfg.tolerance), outputs,
             )  # fmt: skip
         except Exception as e:  # a gate that cannot run refuses: never publish blind
             return GateResult(False, f"the gate could not run: {e}", plan.eval, {})
@@ -212,6 +223,7 @@ class Coordinator:
         if plan.adapter is not None:
             self._refresh_adapter(plan.adapter, trained.model, use_candidate=result.passed)
 
+        written = self._write_knowledge(plan, result)
         state = TRAINED if result.passed else REFUSED
         previous = self.committer.record
         record = TrainerRecord(
@@ -220,6 +232,7 @@ class Coordinator:
         entry = ShardCommit(
             ShardId.of(self.cfg.stream / plan.train), plan.cycle, state, plan.eval, result.reason, trained.loss,
             trained.examples, trained.examples_per_s, result.candidate, result.serving, result.serving_version,
+            written,
         )  # fmt: skip
         gate_metrics = {
             "passed": result.passed, "reason": result.reason, "eval_shard": result.eval_shard,
@@ -247,6 +260,22 @@ class Coordinator:
         )  # fmt: skip
         return CycleResult(plan.cycle, outcome, versions, seconds)
 
+    def _write_knowledge(self, plan: Plan, result: GateResult) -> dict[str, Any] | None:
+        """The served versions' knowledge of the eval shard, committed before the cycle's
+        checkpoint (trainer/knowledge.py); None when not asked or nothing scored it."""
+        if self.knowledge is None:
+            return None
+        assert plan.eval is not None
+        served = result.served
+        if served is None:  # no candidate metrics: the gate could not run (its reason says why)
+            why = "nothing is served yet" if result.candidate else result.reason
+        elif ADAPTER_OUTPUT not in served.outputs:
+            why = f"no {ADAPTER_MODEL} is published"
+        else:
+            return self.knowledge.write(plan.eval, served)
+        log.warning("cycle %d: no knowledge for %s: %s", plan.cycle, plan.eval, why)
+        return None
+
     def _refresh_adapter(self, shard: str, model: GEM, use_candidate: bool) -> None:
         batch = self.planner.batches.get(shard)
         if batch is None:
@@ -254,7 +283,9 @@ class Coordinator:
         if use_candidate or self.repo.latest(FM_MODEL) is None:
             logits = predict(model, batch, self.schema)
         else:
-            _, logits = serving_logits(self.repo, batch, self.schema)
+            served = serving_pass(self.repo, batch, self.schema)
+            assert served is not None  # checked above
+            logits = served.outputs[LOGITS]
         self.adapter = fit_refresh(self.adapter, logits, batch, self.schema, self.cfg.adapter_epochs, self.cfg.seed)
 
     # -- an adapter-only cycle -----------------------------------------------------------

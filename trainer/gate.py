@@ -5,7 +5,9 @@ scored on shard n + 1, which neither has trained on: the freshest honest test se
 is. The candidate is refused when, for any task, its normalized entropy is worse than the
 served version's by more than the tolerance (relative). The served version is scored
 from its own ONNX file in the model repository (what Triton serves, whoever published
-it, rollbacks included), not from weights the trainer remembers.
+it, rollbacks included), not from weights the trainer remembers. With --knowledge-out,
+that same pass also keeps the served version's adapted logits and embeddings: the
+knowledge trainer/knowledge.py writes for the shard (no second forward pass).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import FM_MODEL, ONNX_FILENAME
+from export.contract import ADAPTER_INPUTS, ADAPTER_MODEL, ADAPTER_OUTPUT, FM_MODEL, ONNX_FILENAME
 from export.repository import ModelRepository
 from model.batch import Batch, iter_minibatches, take
 from model.features import input_names
 from model.outputs import LOGITS, sigmoid
 from model.schema import SURFACE_INPUT, FeatureSchema
 from model.user_index import graph_feeds
+from serving.backends.base import Knowledge
 from trainer.evaluation import auc, normalized_entropy
 
 
@@ -40,6 +43,9 @@ class GateResult:
     candidate: dict[str, dict[str, float]]
     serving: dict[str, dict[str, float]] | None = None
     serving_version: int | None = None
+    # The served version's pass over the eval shard (its outputs and versions): the
+    # knowledge that version served for those rows.
+    served: Knowledge | None = None
 
 
 def task_metrics(schema: FeatureSchema, logits: np.ndarray, batch: Batch) -> dict[str, dict[str, float]]:
@@ -74,26 +80,56 @@ def decide(
     return True, f"within tolerance {cfg.tolerance:.2%}: {summary}"
 
 
-def onnx_logits(model_path: Path, batch: Batch, schema: FeatureSchema, batch_size: int = 4096) -> np.ndarray:
-    """The FM's logits from an ONNX file (a published version) for every row."""
+def _session(model_path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(
+    model_path: Path, batch: Batch, schema: FeatureSchema, outputs: tuple[str, ...] = (LOGITS,), batch_size: int = 4096
+) -> dict[str, np.ndarray]:
+    """The FM's `outputs` from an ONNX file (a published version) for every row, in one pass."""
+    session = _session(model_path)
     names = input_names(schema)
-    out = np.empty((len(batch[SURFACE_INPUT]), len(schema.tasks)), dtype=np.float32)
+    n = len(batch[SURFACE_INPUT])
+    out: dict[str, np.ndarray] = {}
     for rows, mb in iter_minibatches(take(batch, slice(None)), batch_size, schema):
-        (out[rows],) = session.run([LOGITS], graph_feeds({n: mb[n] for n in names}, session.get_inputs()))
+        values = session.run(list(outputs), graph_feeds({k: mb[k] for k in names}, session.get_inputs()))
+        for name, value in zip(outputs, values, strict=True):
+            if name not in out:
+                out[name] = np.empty((n, *value.shape[1:]), value.dtype)
+            out[name][rows] = value
     return out
 
 
-def serving_logits(repo: ModelRepository, batch: Batch, schema: FeatureSchema) -> tuple[int | None, np.ndarray | None]:
-    """(served FM version, its logits), or (None, None) when nothing is published."""
+def onnx_logits(model_path: Path, batch: Batch, schema: FeatureSchema, batch_size: int = 4096) -> np.ndarray:
+    """The FM's logits from an ONNX file (a published version) for every row."""
+    return onnx_outputs(model_path, batch, schema, (LOGITS,), batch_size)[LOGITS]
+
+
+def serving_pass(
+    repo: ModelRepository, batch: Batch, schema: FeatureSchema, outputs: tuple[str, ...] = (LOGITS,)
+) -> Knowledge | None:
+    """The served FM version's one pass over the batch: its `outputs` (logits always; the
+    served adapter's adapted logits too when asked and one is published, from the FM's
+    logits of this same pass) with both versions (0: no adapter), or None when no FM is
+    published."""
     version = repo.latest(FM_MODEL)
     if version is None:
-        return None, None
-    return version, onnx_logits(repo.root / FM_MODEL / str(version) / ONNX_FILENAME, batch, schema)
+        return None
+    fm_outputs = tuple(dict.fromkeys((LOGITS, *(o for o in outputs if o != ADAPTER_OUTPUT))))
+    out = onnx_outputs(repo.root / FM_MODEL / str(version) / ONNX_FILENAME, batch, schema, fm_outputs)
+    adapter_version = repo.latest(ADAPTER_MODEL) if ADAPTER_OUTPUT in outputs else None
+    if adapter_version is not None:  # else not asked, or no adapter published: no adapted logits
+        logits, surface = ADAPTER_INPUTS
+        session = _session(repo.root / ADAPTER_MODEL / str(adapter_version) / ONNX_FILENAME)
+        (out[ADAPTER_OUTPUT],) = session.run(
+            [ADAPTER_OUTPUT], {logits: out[LOGITS], surface: np.ascontiguousarray(batch[SURFACE_INPUT])}
+        )
+    return Knowledge(out, version, adapter_version or 0)
 
 
 def gate(
@@ -103,9 +139,12 @@ def gate(
     eval_shard: str,
     repo: ModelRepository,
     cfg: GateConfig,
+    outputs: tuple[str, ...] = (LOGITS,),
 ) -> GateResult:
+    """`outputs`: what the served version's pass keeps beyond its logits (the knowledge)."""
     candidate = task_metrics(schema, candidate_logits, eval_batch)
-    version, served_logits = serving_logits(repo, eval_batch, schema)
-    serving = None if served_logits is None else task_metrics(schema, served_logits, eval_batch)
+    served = serving_pass(repo, eval_batch, schema, outputs)
+    serving = None if served is None else task_metrics(schema, served.outputs[LOGITS], eval_batch)
     passed, reason = decide(candidate, serving, cfg)
-    return GateResult(passed, reason, eval_shard, candidate, serving, version)
+    version = None if served is None else served.fm_version
+    return GateResult(passed, reason, eval_shard, candidate, serving, version, served)

@@ -3,7 +3,7 @@
 `<state>/ledger.jsonl` holds one JSON line per event, appended and fsynced:
 
   {"kind": "shard", "shard": NAME, "size": BYTES, "sha256": HEX, "cycle": N, "checkpoint": C,
-   "state": "trained"|"refused", "loss": L, ...}                       an FM cycle's commit
+   "state": "trained"|"refused", "loss": L, "knowledge": {...}, ...}  an FM cycle's commit
   {"kind": "adapter", "shard": NAME, "size": BYTES, "sha256": HEX, "checkpoint": C, ...}
                                                                       an adapter-only commit
   {"kind": "quarantine", "shard": NAME, "size": BYTES, "sha256": HEX, "reason": TEXT}
@@ -84,13 +84,16 @@ class ShardCommit:
     candidate: dict[str, dict[str, float]]
     serving: dict[str, dict[str, float]] | None
     serving_version: int | None
+    # The knowledge committed for eval_shard (trainer/knowledge.py `summary`); None: none
+    # asked, or nothing served to score it.
+    knowledge: dict[str, Any] | None = None
 
     def line(self) -> dict[str, Any]:
         return {
             "kind": "shard", **self.shard.fields(), "cycle": self.cycle, "state": self.state,
             "eval_shard": self.eval_shard, "reason": self.reason, "loss": self.loss, "examples": self.examples,
             "examples_per_s": self.examples_per_s, "candidate": self.candidate, "serving": self.serving,
-            "serving_version": self.serving_version,
+            "serving_version": self.serving_version, **({"knowledge": self.knowledge} if self.knowledge else {}),
         }  # fmt: skip
 
 

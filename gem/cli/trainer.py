@@ -64,6 +64,14 @@ def trainer_run(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Examples per step on each process.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the shuffling (and of a fresh model).")] = 0,
+    knowledge_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the served versions' knowledge of every shard the gate scores here, as `gem embed` does "
+            "(from the gate's own pass; a folder of its own).",
+            file_okay=False,
+        ),
+    ] = None,
     schema: SchemaOption = DEFAULT_SCHEMA_PATH,
 ) -> None:
     """Train the FM continuously on shards arriving in --stream: each cycle trains on the
@@ -81,7 +89,7 @@ def trainer_run(
         stream=stream, repository=repo, state_dir=state, checkpoint=checkpoint, preset=preset, schema_path=schema,
         procs=procs, strategy=strategy, triton_url=triton_url, keep=keep, tolerance=tolerance,
         metrics_port=metrics_port, poll_s=poll_s, max_cycles=max_cycles, exit_when_idle=exit_when_idle,
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, knowledge_out=knowledge_out,
     )  # fmt: skip
     log.info("side trainer: stream %s -> %s (%d process(es), %s)", stream, repo, procs, strategy)
     run(cfg)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.embed.config import EmbedConfig
 from jobs.embed.manifest import write_manifest
 from jobs.embed.results import FileResult
 
@@ -28,13 +27,15 @@ def write_part(run_staging: Path, source: str, kind: str, part: pa.Table) -> Non
         pq.write_table(part, folder / f"part-{uuid.uuid4().hex}.parquet")
 
 
-def commit(result: FileResult, cfg: EmbedConfig, run_staging: Path) -> None:
-    """Errors first, data (with its manifest) last: the data folder marks the file done."""
+def commit(result: FileResult, out: Path, limit: int | None, fm_version: int | None, run_staging: Path) -> None:
+    """Errors first, data (with its manifest) last: the data folder marks the file done.
+    `limit`: the rows per file asked (None: all), `fm_version`: the FM pin (None: the
+    latest); the manifest says both."""
     stem = result.path.stem
     staging = run_staging / stem
     (staging / "data").mkdir(parents=True, exist_ok=True)
-    write_manifest(staging / "data", result, cfg)
-    for final, part in ((cfg.out / ERRORS / stem, staging / "errors"), (cfg.out / stem, staging / "data")):
+    write_manifest(staging / "data", result, limit, fm_version)
+    for final, part in ((out / ERRORS / stem, staging / "errors"), (out / stem, staging / "data")):
         if final.exists():
             shutil.rmtree(final)
         if part.exists():

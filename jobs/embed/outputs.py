@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from export.contract import ADAPTER_OUTPUT
 from jobs.embed.rows import servable
@@ -50,3 +51,12 @@ def stamped_table(
         columns[name] = pa.array(np.full(n, version, np.int64), mask=missing)
     columns["error"] = problems
     return pa.table(columns)
+
+
+def split_stamped(stamped: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The rows served (the knowledge written, without `error`) and the rows refused (their
+    keys and `error`)."""
+    bad = pc.is_valid(stamped.column("error"))
+    served = stamped.filter(pc.invert(bad)).drop_columns(["error"])
+    errors = stamped.filter(bad).select([c for c in (*KEY_COLUMNS, "error") if c in stamped.column_names])
+    return served, errors

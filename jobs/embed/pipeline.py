@@ -109,7 +109,7 @@ def _stamp(
                         versions.append(receipt[key])
                 progress.advance(receipt["rows_out"] + receipt["error_rows"])
                 if result.done:
-                    commit(result, cfg, run_staging)
+                    commit(result, cfg.out, cfg.limit, cfg.fm_version, run_staging)
                     progress.note(result.describe())
     except (DataError, ray.exceptions.RayError, pa.ArrowException, OSError) as e:
         reason = _root_cause(e)
@@ -161,7 +161,7 @@ def run_embed(cfg: EmbedConfig, progress: Progress = SILENT) -> Summary:
                      len(lacking), len(pending), cfg.group_by)  # fmt: skip
     for result in pending:
         if result.done:  # an empty file
-            commit(result, cfg, run_staging)
+            commit(result, cfg.out, cfg.limit, cfg.fm_version, run_staging)
             progress.note(result.describe())
         else:
             groups.setdefault(footers[result.path].remove_metadata(), {})[str(result.path)] = result

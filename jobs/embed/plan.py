@@ -37,7 +37,7 @@ def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dic
             raise DataError(f"{other} and {path} would both write {cfg.out / path.stem}: rename one")
     results, footers = [], {}
     for path in paths:
-        done = None if cfg.overwrite else committed(cfg.out / path.stem, cfg)
+        done = None if cfg.overwrite else committed(cfg.out / path.stem, cfg.limit, cfg.fm_version)
         if done is not None:
             results.append(skipped_result(path.resolve(), done))
             continue

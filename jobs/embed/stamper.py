@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from jobs.embed.commit import write_part
 from jobs.embed.config import EmbedConfig
-from jobs.embed.outputs import EMBEDDINGS, KEY_COLUMNS, MODEL_OUTPUTS, stamped_table
+from jobs.embed.outputs import EMBEDDINGS, MODEL_OUTPUTS, split_stamped, stamped_table
 from jobs.embed.rows import key_codes, row_problems, servable
 from model.data.reader import table_to_batch
 from model.examples import zero_batch
@@ -91,9 +91,7 @@ class KnowledgeStamper:
             here = pc.equal(sources, source)
             rows = stamped.filter(here)
             mine = user_of[here.to_numpy(zero_copy_only=False)]
-            bad = pc.is_valid(rows.column("error"))
-            served = rows.filter(pc.invert(bad)).drop_columns(["error"])
-            errors = rows.filter(bad).select([c for c in (*KEY_COLUMNS, "error") if c in rows.column_names])
+            served, errors = split_stamped(rows)
             write_part(self.staging, source, "data", served)
             write_part(self.staging, source, "errors", errors)
             receipts.append({
