@@ -41,11 +41,17 @@ def overlaps(start: float, end: float, windows: list[Window]) -> bool:
     return any(start <= w.end and end >= w.start for w in windows)
 
 
+# What a call that ran into a down Triton ends with: its deadline passed, or the front end
+# said UNAVAILABLE (retry later) to each of the client's retries.
+WHILE_DOWN = ("DEADLINE_EXCEEDED", "UNAVAILABLE")
+
+
 def failed_calls(failures: list[dict], triton_down: list[Window], rate: float, deadline_s: float) -> list[Verdict]:
-    """0 failed calls after the client's retries, except those whose deadline passed while
-    Triton was down; those are counted and bounded by the calls that could have been in
-    flight then (the rate over each down window and one deadline)."""
-    excused = [f for f in failures if f["code"] == "DEADLINE_EXCEEDED" and overlaps(f["start"], f["end"], triton_down)]
+    """0 failed calls after the client's retries, except those that ran into a killed
+    Triton (their deadline passed, or their retries were spent, while it was down); those
+    are counted and bounded by the calls that could have been in flight then (the rate
+    over each down window and one deadline)."""
+    excused = [f for f in failures if f["code"] in WHILE_DOWN and overlaps(f["start"], f["end"], triton_down)]
     others = [f for f in failures if f not in excused]
     by_code: dict[str, int] = defaultdict(int)
     for f in others:
@@ -55,7 +61,7 @@ def failed_calls(failures: list[dict], triton_down: list[Window], rate: float, d
     return [
         Verdict("failed calls (after retries)", f"{len(others)} {dict(by_code) or ''}".strip(), not others),
         Verdict(
-            "deadline passed while Triton was down",
+            "failed while a killed Triton was down",
             f"{len(excused)} (<= {most:.0f}: {rate:g}/s over {down_s:.1f} s down + a deadline per restart)",
             len(excused) <= most,
         ),
@@ -136,3 +142,11 @@ def faults_done(records: list[dict], scheduled: int) -> list[Verdict]:
     export: the served versions unchanged, no partial version, one clear line)."""
     done = Verdict("faults carried out", f"{len(records)} of {scheduled}", len(records) == scheduled)
     return [done, *(Verdict(f"fault at {r['at_s']:g} s: {r['kind']}", r["detail"], r["ok"]) for r in records)]
+
+
+def triton_exits(samples: list[dict], killed: int) -> list[Verdict]:
+    """Triton exits nobody asked for: each tritonserver process past the first is a
+    restart, and the schedule killed `killed` of them."""
+    pids = {p["pid"] for s in samples for p in s["processes"] if p["name"].startswith("tritonserver")}
+    unplanned = max(0, len(pids) - 1 - killed)
+    return [Verdict("Triton exits not scheduled", f"{unplanned} ({len(pids)} Triton processes seen)", unplanned == 0)]

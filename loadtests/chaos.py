@@ -10,6 +10,7 @@ the kernel would kill the export instead of failing its write."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -53,6 +54,7 @@ class Target:
     repo: Path
     checkpoint: Path  # what the disk-full export exports
     stream_cfg: StreamConfig  # the side trainer's input (its `out` folder)
+    trainer_state: Path  # its ledger says when a cycle has ended
     schema: FeatureSchema
 
 
@@ -84,13 +86,26 @@ def next_shard(target: Target, fault: Fault, index: int) -> dict:
     """Shard `index` of the stream: alone (index 0) the trainer refits the adapter only;
     after that each shard is an FM cycle that publishes both models."""
     started, model = time.time(), ADAPTER_MODEL if index == 0 else FM_MODEL
-    before = _latest(target.repo, model)
+    before, cycles = _latest(target.repo, model), len(_publish_lines(target.trainer_state))
     # One shard of the whole stream's world (play_stream writes all from `start` on).
     synth = target.stream_cfg.synth()
     write_shard(synth, target.schema, World(synth, len(target.schema.surfaces)), target.stream_cfg.out, index)
-    landed = _wait(lambda: _latest(target.repo, model) > before, PUBLISH_TIMEOUT_S)
+    # The cycle ends with its publish line in the trainer's ledger, published or not.
+    ended = _wait(lambda: len(_publish_lines(target.trainer_state)) > cycles, PUBLISH_TIMEOUT_S)
     after = _latest(target.repo, model)
-    return record(fault, started, landed, f"{model} {before} -> {after} (shard {index})")
+    if not ended:
+        return record(fault, started, False, f"shard {index}: no publish after {PUBLISH_TIMEOUT_S:g} s")
+    line = _publish_lines(target.trainer_state)[-1]
+    why = f", not published: {line.get('error') or 'see the trainer log'}" if after <= before else ""
+    return record(fault, started, after > before, f"{model} {before} -> {after} (shard {index}){why}")
+
+
+def _publish_lines(state: Path) -> list[dict]:
+    path = state / "ledger.jsonl"
+    if not path.exists():
+        return []
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [line for line in lines if line.get("kind") == "publish"]
 
 
 def _processes(target: Target, prefix: str) -> list[int]:

@@ -157,6 +157,7 @@ def verdicts(run: Run, summary: dict, rate: float, faults: list[Fault], warm_up_
         *bounds.versions_served(summary["versions"], run.published, rolled_back),
         *bounds.rss_growth(run.samples, warm_up_end),
         *bounds.flat(run.samples, warm_up_end),
+        *bounds.triton_exits(run.samples, sum(f["kind"] == "kill_triton" for f in run.faults)),
         *bounds.faults_done(run.faults, len(faults)),
     ]
 
@@ -216,24 +217,25 @@ def soak(args: argparse.Namespace) -> tuple[list[bounds.Verdict], dict]:
         stream = StreamConfig(out=args.out / "stream", shards=len([f for f in faults if "publish" in f.kind or
                               "refresh" in f.kind]), rows_per_shard=STREAM_ROWS, every_s=0.0, drift=0.0, seed=7,
                               users=3_000, ads=1_000)  # fmt: skip
-        target = chaos.Target(roots, address, triton_url, admin_key, repo, args.checkpoint, stream, schema)
+        target = chaos.Target(roots, address, triton_url, admin_key, repo, args.checkpoint, stream,
+                              args.out / "trainer", schema)  # fmt: skip
         users = users_for(rate, args.users)
         command = locust_command(address, rate, users, seconds, args.candidates, 1, args.out)
         threads = [threading.Thread(target=watch, args=(run, roots, repo, args.sample_s), daemon=True),
                    threading.Thread(target=inject, args=(run, target, faults), daemon=True)]  # fmt: skip
+        run.started = time.time()
+        with (args.out / "locust.log").open("w") as out:
+            locust = subprocess.Popen([*command, "--csv-full-history"], stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, SKIP_ENV: "1"}, start_new_session=True)  # fmt: skip
         try:
-            run.started = time.time()
-            with (args.out / "locust.log").open("w") as out:
-                locust = subprocess.Popen([*command, "--csv-full-history"], stdout=out, stderr=subprocess.STDOUT,
-                                          env={**os.environ, SKIP_ENV: "1"})  # fmt: skip
             for thread in threads:
                 thread.start()
             locust.wait(timeout=seconds + 300)
             threads[1].join(timeout=chaos.PUBLISH_TIMEOUT_S)  # a fault still running finishes first
         finally:
-            run.stop.set()
-            for thread in threads:
-                thread.join(timeout=60)
+            run.stop.set()  # an interrupted soak leaves its faults' thread (a daemon) behind
+            threads[0].join(timeout=60)
+            stop_process(locust)
             stop_process(trainer)
     summary = json.loads((args.out / "summary.json").read_text())
     result = verdicts(run, summary, rate, faults, run.started + warm_up_s(seconds))

@@ -54,11 +54,12 @@ def _failure(start, end, code="DEADLINE_EXCEEDED"):
 
 
 def test_failed_calls_excuse_only_deadlines_that_passed_while_triton_was_down():
-    failures = [_failure(95, 105), _failure(108, 138), _failure(120, 121), _failure(101, 102, "UNAVAILABLE")]
+    failures = [_failure(95, 105), _failure(108, 138), _failure(101, 102, "UNAVAILABLE"), _failure(120, 121),
+                _failure(101, 102, "INVALID_ARGUMENT")]  # fmt: skip
     failed, excused = bounds.failed_calls(failures, DOWN, rate=2.0, deadline_s=30)
-    assert not failed.ok and failed.measured.startswith("2 ")  # the one after, and UNAVAILABLE
-    assert "DEADLINE_EXCEEDED" in failed.measured and "UNAVAILABLE" in failed.measured
-    assert excused.ok and excused.measured.startswith("2 ")
+    assert not failed.ok and failed.measured.startswith("2 ")  # the one after, and the bad call
+    assert "DEADLINE_EXCEEDED" in failed.measured and "INVALID_ARGUMENT" in failed.measured
+    assert excused.ok and excused.measured.startswith("3 ")
     ok, _ = bounds.failed_calls([], DOWN, 2.0, 30)
     assert ok.ok and ok.measured == "0"
 
@@ -114,6 +115,17 @@ def test_flat_fds_threads_and_shm():
     fds, threads, shm = bounds.flat(growing, 0)
     assert (fds.ok, threads.ok, shm.ok) == (False, True, False)
     assert not bounds.flat(steady[:3], 0)[0].ok  # too few samples is not a pass
+
+
+def test_triton_exits_counts_restarts_nobody_scheduled():
+    def triton(t, pid):
+        return {"t": t, "processes": [{"pid": pid, "name": "tritonserver", "rss_bytes": 1, "fds": 1, "threads": 1}],
+                "shm_bytes": 0}  # fmt: skip
+
+    samples = [triton(0, 10), triton(5, 11), triton(10, 12)]
+    assert bounds.triton_exits(samples, killed=2)[0].ok
+    verdict = bounds.triton_exits(samples, killed=1)[0]
+    assert not verdict.ok and verdict.measured.startswith("1 ")
 
 
 def test_faults_done_needs_every_fault_and_its_check():
