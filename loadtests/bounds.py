@@ -150,3 +150,15 @@ def triton_exits(samples: list[dict], killed: int) -> list[Verdict]:
     pids = {p["pid"] for s in samples for p in s["processes"] if p["name"].startswith("tritonserver")}
     unplanned = max(0, len(pids) - 1 - killed)
     return [Verdict("Triton exits not scheduled", f"{unplanned} ({len(pids)} Triton processes seen)", unplanned == 0)]
+
+
+def trainer_published(lines: list[dict], shards: int) -> list[Verdict]:
+    """Each shard the soak fed the side trainer became a cycle that published: the first
+    an adapter-only refresh (a student_adapter version), each later one an FM cycle (both
+    models); `lines`: the publish lines of the trainer's ledger."""
+    wanted = [("student_adapter",)] + [("gem_fm", "student_adapter")] * (shards - 1)
+    done = [all(line.get(model) for model in models) and not line.get("error")
+            for line, models in zip(lines, wanted, strict=False)]  # fmt: skip
+    published = ", ".join(f"fm {line.get('gem_fm')} adapter {line.get('student_adapter')}" for line in lines)
+    ok = len(lines) == shards and all(done)
+    return [Verdict("trainer cycles published (adapter-only, then FM)", f"{sum(done)} of {shards}: {published}", ok)]

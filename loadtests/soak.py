@@ -57,7 +57,9 @@ log = logging.getLogger("gem.soak")
 DEADLINE_S = 30.0
 # The stream the trainer learns from: the test world of the synthetic data, small shards
 # (a cycle of the `tiny` model takes seconds, of `small` a minute on two cores).
-STREAM_ROWS = 3_000
+STREAM_ROWS = 1_000
+# The faults that feed the side trainer a shard.
+SHARD_FAULTS = ("adapter_refresh", "publish")
 
 
 @dataclass
@@ -90,7 +92,7 @@ def inject(run: Run, target: chaos.Target, faults: list[Fault]) -> None:
             return
         log.info("fault at %g s: %s", fault.at_s, fault.kind)
         result = chaos.carry_out(target, fault, shards)
-        shards += fault.kind in ("adapter_refresh", "publish")
+        shards += fault.kind in SHARD_FAULTS
         log.info("  %s: %s", "done" if result["ok"] else "FAILED", result["detail"])
         run.faults.append(result)
 
@@ -145,7 +147,9 @@ def history(path: Path, started: float) -> list[dict]:
             for r in rows]  # fmt: skip
 
 
-def verdicts(run: Run, summary: dict, rate: float, faults: list[Fault], warm_up_end: float) -> list[bounds.Verdict]:
+def verdicts(
+    run: Run, summary: dict, rate: float, faults: list[Fault], warm_up_end: float, publishes: list[dict]
+) -> list[bounds.Verdict]:
     triton_down = [bounds.Window(**f["down"]) for f in run.faults if f["down"] and f["down"]["what"] == "triton"]
     rolled_back = {
         f["rolled_back"]["model"]: (set(f["rolled_back"]["versions"]), f["done"])
@@ -158,6 +162,7 @@ def verdicts(run: Run, summary: dict, rate: float, faults: list[Fault], warm_up_
         *bounds.rss_growth(run.samples, warm_up_end),
         *bounds.flat(run.samples, warm_up_end),
         *bounds.triton_exits(run.samples, sum(f["kind"] == "kill_triton" for f in run.faults)),
+        *bounds.trainer_published(publishes, sum(f["kind"] in SHARD_FAULTS for f in faults)),
         *bounds.faults_done(run.faults, len(faults)),
     ]
 
@@ -214,9 +219,9 @@ def soak(args: argparse.Namespace) -> tuple[list[bounds.Verdict], dict]:
     run, schema = Run(), load_schema(args.schema)
     with the_stack(args) as (address, triton_url, admin_key, repo, roots):
         trainer = start_trainer(args, repo, triton_url, admin_key)
-        stream = StreamConfig(out=args.out / "stream", shards=len([f for f in faults if "publish" in f.kind or
-                              "refresh" in f.kind]), rows_per_shard=STREAM_ROWS, every_s=0.0, drift=0.0, seed=7,
-                              users=3_000, ads=1_000)  # fmt: skip
+        shards = sum(f.kind in SHARD_FAULTS for f in faults)
+        stream = StreamConfig(out=args.out / "stream", shards=shards, rows_per_shard=STREAM_ROWS, every_s=0.0,
+                              drift=0.0, seed=7, users=3_000, ads=1_000)  # fmt: skip
         target = chaos.Target(roots, address, triton_url, admin_key, repo, args.checkpoint, stream,
                               args.out / "trainer", schema)  # fmt: skip
         users = users_for(rate, args.users)
@@ -232,13 +237,14 @@ def soak(args: argparse.Namespace) -> tuple[list[bounds.Verdict], dict]:
                 thread.start()
             locust.wait(timeout=seconds + 300)
             threads[1].join(timeout=chaos.PUBLISH_TIMEOUT_S)  # a fault still running finishes first
+            publishes = chaos.wait_for_publishes(target, shards)
         finally:
             run.stop.set()  # an interrupted soak leaves its faults' thread (a daemon) behind
             threads[0].join(timeout=60)
             stop_process(locust)
             stop_process(trainer)
     summary = json.loads((args.out / "summary.json").read_text())
-    result = verdicts(run, summary, rate, faults, run.started + warm_up_s(seconds))
+    result = verdicts(run, summary, rate, faults, run.started + warm_up_s(seconds), publishes)
     calls = history(args.out / "gem_stats_history.csv", run.started)
     report = {"config": {k: str(v) for k, v in vars(args).items()}, "rate": rate, "summary": summary,
               "faults": run.faults, "published": {k: sorted(v) for k, v in run.published.items()},
@@ -288,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the stack, the trainer and Locust are stopped", file=sys.stderr)
+        return 130
     table = Table(title=f"soak: {summary['calls']} calls, {summary['calls_per_s']:.1f}/s, "
                   f"p99 {summary['p99_ms']:.0f} ms ({args.out / 'soak.json'}, soak.png)")  # fmt: skip
     for col in ("bound", "measured", "verdict"):

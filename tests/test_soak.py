@@ -128,6 +128,15 @@ def test_triton_exits_counts_restarts_nobody_scheduled():
     assert not verdict.ok and verdict.measured.startswith("1 ")
 
 
+def test_trainer_published_wants_an_adapter_refresh_then_fm_cycles():
+    lines = [{"gem_fm": None, "student_adapter": 2, "error": None}, {"gem_fm": 2, "student_adapter": 3, "error": None}]
+    assert bounds.trainer_published(lines, 2)[0].ok
+    assert not bounds.trainer_published(lines, 3)[0].ok  # a cycle missing
+    unloaded = [lines[0], {"gem_fm": 2, "student_adapter": 3, "error": "could not reach Triton"}]
+    assert not bounds.trainer_published(unloaded, 2)[0].ok
+    assert not bounds.trainer_published([lines[0], {**lines[1], "gem_fm": None}], 2)[0].ok
+
+
 def test_faults_done_needs_every_fault_and_its_check():
     records = [{"at_s": 18, "kind": "rollback", "detail": "gem_fm 3 -> 2", "ok": True}]
     done, one = bounds.faults_done(records, 1)
@@ -149,6 +158,7 @@ def test_three_minute_soak(published_repo, tiny_checkpoint, tmp_path):
          "--repo", str(repo), "--checkpoint", str(tiny_checkpoint), "--preset", "tiny", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=1100,
     )  # fmt: skip
+    assert (out / "soak.json").exists(), (done.returncode, done.stdout[-3000:], done.stderr[-5000:])
     report = json.loads((out / "soak.json").read_text())
     broken = [v for v in report["verdicts"] if not v["ok"]]
     assert done.returncode == 0 and not broken, (broken, done.stdout[-3000:], done.stderr[-3000:])
