@@ -162,7 +162,7 @@ def verdicts(
         *bounds.rss_growth(run.samples, warm_up_end),
         *bounds.flat(run.samples, warm_up_end),
         *bounds.triton_exits(run.samples, sum(f["kind"] == "kill_triton" for f in run.faults)),
-        *bounds.trainer_published(publishes, sum(f["kind"] in SHARD_FAULTS for f in faults)),
+        *bounds.trainer_published(publishes, sum(f.kind in SHARD_FAULTS for f in faults)),
         *bounds.faults_done(run.faults, len(faults)),
     ]
 
