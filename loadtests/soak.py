@@ -244,7 +244,7 @@ def soak(args: argparse.Namespace) -> tuple[list[bounds.Verdict], dict]:
             stop_process(locust)
             stop_process(trainer)
     summary = json.loads((args.out / "summary.json").read_text())
-    result = verdicts(run, summary, rate, faults, run.started + warm_up_s(seconds), publishes)
+    result = verdicts(run, summary, rate, faults, warm_up_s(seconds), publishes)
     calls = history(args.out / "gem_stats_history.csv", run.started)
     report = {"config": {k: str(v) for k, v in vars(args).items()}, "rate": rate, "summary": summary,
               "faults": run.faults, "published": {k: sorted(v) for k, v in run.published.items()},
