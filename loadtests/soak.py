@@ -247,7 +247,8 @@ def soak(args: argparse.Namespace) -> tuple[list[bounds.Verdict], dict]:
     result = verdicts(run, summary, rate, faults, warm_up_s(seconds), publishes)
     calls = history(args.out / "gem_stats_history.csv", run.started)
     report = {"config": {k: str(v) for k, v in vars(args).items()}, "rate": rate, "summary": summary,
-              "faults": run.faults, "published": {k: sorted(v) for k, v in run.published.items()},
+              "faults": run.faults, "publishes": publishes,
+              "published": {k: sorted(v) for k, v in run.published.items()},
               "samples": run.samples, "calls": calls, "verdicts": [v.__dict__ for v in result]}  # fmt: skip
     (args.out / "soak.json").write_text(json.dumps(report, indent=1))
     plot(run, calls, args.out / "soak.png", f"soak: {args.minutes:g} min at {rate:g} calls/s")
