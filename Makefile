@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up test lint protos bench loadtest clean
+.PHONY: setup up test lint protos bench loadtest soak clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ bench: setup
 # artifacts/loadtest/). Flags: loadtests/locust.conf, or LOCUST_ARGS="--rate 40 ...".
 loadtest: setup
 	$(VENV)/bin/locust -f loadtests/locustfile.py --config loadtests/locust.conf --host 127.0.0.1:50051 $(LOCUST_ARGS)
+
+# The soak (loadtests/soak.py): its own stack and side trainer, Locust at 70 % of the
+# capacity for 20 min under a fault schedule, then the bounds (exit 1 when one is broken);
+# soak.json and soak.png in artifacts/soak/. Flags: SOAK_ARGS="--minutes 3 --rate 10 ...".
+soak: setup
+	$(VENV)/bin/python -m loadtests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .ruff_cache

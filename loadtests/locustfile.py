@@ -49,6 +49,8 @@ OUTPUT_SETS = (("labels",), ("labels", "adapted_labels"), ("embedding", "user_em
 # goes to sending calls, not to making random arrays.
 PAYLOADS = 16
 SEQ_LEN = 64
+# The failed calls the summary lists one by one (a stack that is down fails every call).
+MAX_FAILED_LOGGED = 10_000
 
 
 @events.init_command_line_parser.add_listener
@@ -71,21 +73,26 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         self.environment = environment
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
-        start, exception, size, examples = time.perf_counter(), None, 0, 0
+        start, exception, size = time.perf_counter(), None, 0
+        # Wall-clock, for the soak (loadtests/soak.py): its faults happen in another process.
+        context: dict = {"examples": 0, "start": time.time()}
         outcome = continuation(client_call_details, request)
         try:
             response = outcome.result()
             size = response.ByteSize()
-            examples = max((t.shape[0] for t in getattr(request, "features", {}).values()), default=0)
+            context["examples"] = max((t.shape[0] for t in getattr(request, "features", {}).values()), default=0)
+            if response.HasField("versions"):
+                context["versions"] = f"{response.versions.fm}:{response.versions.adapter}"
         except grpc.RpcError as e:
             exception = e
+            context["code"] = e.code().name
         self.environment.events.request.fire(
             request_type="grpc",
             name=client_call_details.method.rsplit("/", 1)[-1],
             response_time=(time.perf_counter() - start) * 1000,
             response_length=size,
             exception=exception,
-            context={"examples": examples},
+            context=context,
         )
         return outcome
 
@@ -135,11 +142,17 @@ class KnowledgeUser(User):
 
 class ExampleCounter:
     """Examples served, summed over this process and (on the master) its workers, and
-    when the test ran (rates are over the whole run, not first to last call)."""
+    when the test ran (rates are over the whole run, not first to last call). Also what
+    the soak's bounds need: the versions that answered (calls, first and last call start)
+    and each failed call (start, end, status)."""
 
     def __init__(self) -> None:
         self.total = self.unreported = 0
         self.started = self.stopped = 0.0
+        self.versions: dict[str, dict] = {}
+        self.failed: list[dict] = []
+        self.unreported_versions: dict[str, dict] = {}
+        self.unreported_failed: list[dict] = []
 
     def on_start(self, **_) -> None:
         self.started = time.time()
@@ -151,12 +164,34 @@ class ExampleCounter:
         if exception is None:
             self.total += context["examples"]
             self.unreported += context["examples"]
+            if "versions" in context:
+                seen = {"calls": 1, "first": context["start"], "last": context["start"]}
+                for tally in (self.versions, self.unreported_versions):
+                    merge_versions(tally, {context["versions"]: seen})
+        elif "code" in context and len(self.failed) < MAX_FAILED_LOGGED:
+            failed = {"start": context["start"], "end": time.time(), "code": context["code"]}
+            self.failed.append(failed)
+            self.unreported_failed.append(failed)
 
     def report(self, client_id, data) -> None:
         data["examples"], self.unreported = self.unreported, 0
+        data["versions"], self.unreported_versions = self.unreported_versions, {}
+        data["failed_calls"], self.unreported_failed = self.unreported_failed, []
 
     def collect(self, client_id, data) -> None:
         self.total += data.get("examples", 0)
+        merge_versions(self.versions, data.get("versions", {}))
+        self.failed.extend(data.get("failed_calls", [])[: MAX_FAILED_LOGGED - len(self.failed)])
+
+
+def merge_versions(into: dict[str, dict], new: dict[str, dict]) -> None:
+    for key, seen in new.items():
+        if key not in into:
+            into[key] = dict(seen)
+            continue
+        mine = into[key]
+        mine["calls"] += seen["calls"]
+        mine["first"], mine["last"] = min(mine["first"], seen["first"]), max(mine["last"], seen["last"])
 
 
 counter = ExampleCounter()
@@ -194,6 +229,8 @@ def summary(environment) -> dict:
         "users": environment.parsed_options.num_users,
         "rate": environment.parsed_options.rate,
         "candidates": environment.parsed_options.candidates,
+        "versions": counter.versions,
+        "failed_calls": counter.failed,
     }
 
 

@@ -45,13 +45,20 @@ def users_for(rate: float, most: int) -> int:
     return max(2, min(most, math.ceil(rate * 2)))
 
 
+def locust_command(address: str, rate: float, users: int, seconds: float, candidates: str, processes: int,
+                   out: Path) -> list[str]:  # fmt: skip
+    """The headless run (loadtests/locust.conf) at `rate`, its CSV, HTML and summary in `out`
+    (also the soak's load: loadtests/soak.py)."""
+    return [str(LOCUST), "-f", str(HERE / "locustfile.py"), "--config", str(HERE / "locust.conf"),
+            "--host", address, "--run-time", f"{seconds:g}s", "--users", str(users),
+            "--spawn-rate", str(users), "--rate", str(rate), "--candidates", candidates,
+            "--processes", str(processes), "--csv", str(out / "gem"), "--html", str(out / "report.html"),
+            "--summary-file", str(out / "summary.json")]  # fmt: skip
+
+
 def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path) -> dict:
-    users = str(users_for(rate, args.users))
-    command = [str(LOCUST), "-f", str(HERE / "locustfile.py"), "--config", str(HERE / "locust.conf"),
-               "--host", address, "--run-time", f"{args.duration}s", "--users", users,
-               "--spawn-rate", users, "--rate", str(rate), "--candidates", args.candidates,
-               "--processes", str(args.processes), "--csv", str(out / "gem"), "--html", str(out / "report.html"),
-               "--summary-file", str(out / "summary.json")]  # fmt: skip
+    users = users_for(rate, args.users)
+    command = locust_command(address, rate, users, args.duration, args.candidates, args.processes, out)
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 120)
     if done.returncode != 0:
         raise RuntimeError(f"locust exited {done.returncode}: {done.stderr[-2000:]}")

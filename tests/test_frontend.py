@@ -9,6 +9,7 @@ import concurrent.futures
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import grpc
@@ -332,10 +333,7 @@ class FlakyService(pb_grpc.KnowledgeServiceServicer):
 @pytest.mark.parametrize(("failures", "retries", "ok"), [(2, 3, True), (4, 3, False)])
 def test_client_retries_unavailable(failures, retries, ok, schema, tiny_checkpoint):
     service = FlakyService(failures)
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-    pb_grpc.add_KnowledgeServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = flaky_server(service)
     try:
         client = KnowledgeClient(f"127.0.0.1:{port}", retries=retries, timeout_s=10)
         client._remember(pb.GetModelInfoResponse(schema_yaml=schema.to_yaml()))
@@ -349,6 +347,43 @@ def test_client_retries_unavailable(failures, retries, ok, schema, tiny_checkpoi
         client.close()
     finally:
         server.stop(None)
+
+
+def flaky_server(service: FlakyService, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    pb_grpc.add_KnowledgeServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+@pytest.mark.parametrize("retries", [3, 0])
+def test_a_call_waits_for_a_server_that_comes_up_within_its_deadline(retries, schema):
+    """A replica restarting refuses connections for seconds: with retries the call waits
+    for it (gRPC's waitForReady) within its deadline; with retries=0 it fails at once."""
+    (port,) = free_ports(1)
+    client = KnowledgeClient(f"127.0.0.1:{port}", retries=retries, timeout_s=20)
+    client._remember(pb.GetModelInfoResponse(schema_yaml=schema.to_yaml()))
+    refused = threading.Event()  # the channel found nothing listening: the call is waiting
+    client._channel.subscribe(lambda state: state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and refused.set())
+    server = None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.generate, {})
+            assert refused.wait(15), "the channel never tried the closed port"
+            if retries:
+                # Down for 3 s, past what the retry policy's backoff spans (< 1.5 s).
+                assert not concurrent.futures.wait([call], timeout=3).done, "the call did not wait"
+                server, _ = flaky_server(FlakyService(0), port)
+                assert call.result(timeout=20).fm_version == 7
+            else:
+                with pytest.raises(grpc.RpcError) as e:
+                    call.result(timeout=20)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        client.close()
+        if server is not None:
+            server.stop(None)
 
 
 def test_gem_query_prints_labels(gem_bin, stack):

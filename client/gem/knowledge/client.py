@@ -11,7 +11,9 @@ Columns may be numpy arrays, a pandas DataFrame or a pyarrow Table in the logged
 format: sequences as list columns (padded here, their `<sequence>_length` derived),
 surfaces as names or indices, ids of any integer type. The server's schema (from
 `GetModelInfo`, fetched once) says how. One channel per client, reused by every call;
-UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline.
+UNAVAILABLE is retried with backoff by gRPC's own retry policy, within the deadline,
+and a call waits (within its deadline) for a server that is not up yet or restarting;
+`retries=0` turns both off, so a call fails at once (say, a TLS mismatch).
 An overloaded server's refusal (admission control) is UNAVAILABLE with a
 `retry-pushback-ms` trailer; Ray Serve sends response headers before it, which commits
 the call for gRPC's policy, so `generate` retries those refusals itself: after the
@@ -80,6 +82,9 @@ def channel_options(retries: int, extra: ChannelOptions = ()) -> list[tuple[str,
     takes `extra`'s value: gRPC itself does not say which of two equal keys wins)."""
     method: dict[str, Any] = {"name": [{"service": "gem.knowledge.v1.KnowledgeService"}]}
     if retries > 0:  # gRPC refuses a retry policy of fewer than 2 attempts
+        # A call waits for a server that is not up (a replica or the stack restarting,
+        # connection refused) within its deadline, instead of failing at once.
+        method["waitForReady"] = True
         method["retryPolicy"] = {
             "maxAttempts": retries + 1,
             "initialBackoff": "0.1s",
@@ -94,6 +99,10 @@ def channel_options(retries: int, extra: ChannelOptions = ()) -> list[tuple[str,
         "grpc.max_send_message_length": 1 << 30,
         "grpc.max_receive_message_length": 1 << 30,
         "grpc.primary_user_agent": user_agent(),
+        # Reconnect to a server that went away within a second of its return (gRPC's
+        # default backoff grows to two minutes, past any deadline of ours).
+        "grpc.initial_reconnect_backoff_ms": 100,
+        "grpc.max_reconnect_backoff_ms": 1000,
     }
     options.update(extra)
     return list(options.items())
