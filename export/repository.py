@@ -60,6 +60,7 @@ from export.triton_config import (
     model_config,
     to_pbtxt,
 )
+from model.checkpoint import checkpoint_digests
 from model.files import write_text_atomic
 from model.outputs import LOGITS
 
@@ -71,6 +72,13 @@ PYTHON_MODEL_SOURCE = files("export") / "python_model" / PYTHON_MODEL_FILENAME
 # A version set aside for deletion (pruning), and a version's record of its source.
 PRUNED = ".pruned-"
 SOURCE_FILENAME = "SOURCE"
+
+
+def checkpoint_sources(checkpoint: Path) -> dict[str, str]:
+    """What versions exported from `checkpoint` say they came from (SOURCE), per model:
+    its weights' digests."""
+    digests = checkpoint_digests(checkpoint)
+    return {FM_MODEL: f"sha256:{digests['model.pt']}", ADAPTER_MODEL: f"sha256:{digests['adapter.pt']}"}
 
 
 class RepositoryError(RuntimeError):
@@ -145,6 +153,10 @@ class ModelRepository:
             return None
         path = self.root / model / str(version) / SOURCE_FILENAME
         return path.read_text().strip() if path.is_file() else None
+
+    def version_from(self, model: str, source: str) -> int | None:
+        """The newest version of `model` exported from `source` (its SOURCE file), if any."""
+        return next((v for v in sorted(self.versions(model), reverse=True) if self.source(model, v) == source), None)
 
     def publish(
         self, model: str, onnx_path: Path, fp16_path: Path | None = None, source: str | None = None

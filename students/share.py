@@ -7,6 +7,10 @@ The FM names its tables after the schema's features (model/embedding.py):
 the model's (`.0.table.weight`). The student's `tables.<feature>` are `HashedEmbedding`s
 of the same buckets and width, so a table is loaded as is (the same ids hash to the same
 rows), then frozen or fine-tuned. Nothing is matched by position or copied by hand.
+
+The student records where its tables came from: the checkpoint's FM digest (what the
+repository's SOURCE files hold) and, given the model repository it was published to, the
+FM version published from it (the side trainer writes SOURCE with each version).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from export.contract import FM_MODEL
+from export.repository import ModelRepository, checkpoint_sources
 from model.checkpoint import load_checkpoint
 from students.model import Student
 
@@ -55,3 +61,16 @@ def share_tables(student: Student, checkpoint: str | Path, mode: str = "finetune
             f"the checkpoint has tables for {', '.join(sorted(tables)) or 'none'}"
         )
     return shared
+
+
+def shared_fm_version(checkpoint: str | Path, repository: str | Path | None) -> tuple[str, int | None]:
+    """(the checkpoint's FM source, the FM version of `repository` published from it; None
+    without a repository). A repository that never published it is an error: the student
+    would record a version its tables did not come from."""
+    source = checkpoint_sources(Path(checkpoint))[FM_MODEL]
+    if repository is None:
+        return source, None
+    version = ModelRepository(Path(repository)).version_from(FM_MODEL, source)
+    if version is None:
+        raise ShareError(f"{repository} has no {FM_MODEL} version published from {checkpoint} ({source})")
+    return source, version

@@ -41,7 +41,7 @@ from students.knowledge import (
 )
 from students.losses import student_loss
 from students.model import SERVING, Student
-from students.share import share_tables
+from students.share import share_tables, shared_fm_version
 from students.variants import Variant
 from trainer.evaluation import evaluate
 from trainer.train import labels_of, make_optimizers, split_shards
@@ -60,8 +60,10 @@ class StudentTrainConfig:
     variant: Variant = field(default_factory=Variant)
     config_path: Path = REFERENCE_CONFIG
     schema_path: Path = DEFAULT_SCHEMA_PATH
-    # The FM checkpoint whose tables `share` takes.
+    # The FM checkpoint whose tables `share` takes, and the model repository it was
+    # published to (to record the FM version; None: the digest only).
     share_checkpoint: Path | None = None
+    repository: Path | None = None
     epochs: int = 2
     batch_size: int = 512
     lr: float = 2e-3
@@ -198,6 +200,9 @@ def train_student(
     fm_version = None
     if variant.repr and cfg.knowledge is not None:
         fm_version = knowledge_fm_version(cfg.knowledge, [p.stem for p in (*train_paths, *test_paths)])
+    share_source, share_fm_version = (None, None)
+    if variant.share:  # before training: a repository without it is the caller's error
+        share_source, share_fm_version = shared_fm_version(cfg.share_checkpoint, cfg.repository)
     widths = (train[EMBEDDING].shape[1], train[USER_EMBEDDING].shape[1]) if variant.repr else None
     model = build_student(student_cfg, schema, variant, widths)
     shared = share_tables(model, cfg.share_checkpoint, variant.share_mode) if variant.share else []
@@ -218,6 +223,8 @@ def train_student(
         "train_loss": loss,
         "shared": shared,
         "fm_version": fm_version,
+        "share_fm_source": share_source,
+        "share_fm_version": share_fm_version,
         "test": evaluate(schema, predict(model, test), labels_of(test, schema), test[SURFACE_INPUT]),
     }
     path = save_student(cfg.out, model, variant, metrics)

@@ -14,6 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from export.contract import FM_MODEL
+from export.publish import PublishPolicy, publish
+from export.repository import ModelRepository, checkpoint_sources
 from gem.cli import app
 from model.checkpoint import load_checkpoint
 from model.examples import random_batch
@@ -23,8 +26,8 @@ from students.config import StudentConfig, StudentConfigError, load_student_conf
 from students.knowledge import KnowledgeJoinError, join_knowledge, knowledge_fm_version, matrix, read_knowledge
 from students.losses import student_loss
 from students.model import AUX, SERVING, Student
-from students.share import fm_tables, share_tables
-from students.train import build_student, load_student, save_student
+from students.share import ShareError, fm_tables, share_tables, shared_fm_version
+from students.train import StudentTrainConfig, build_student, load_student, save_student, train_student
 from students.variants import parse_variant
 
 # -- the join -----------------------------------------------------------------------------
@@ -190,6 +193,23 @@ def test_share_takes_the_fm_tables_by_name(schema, student_cfg, tiny_checkpoint,
     opt.step()
     changed = not torch.equal(before, model.tables["ad_category"].table.weight.detach())
     assert changed == (mode == "finetune")
+
+
+def test_a_shared_student_records_the_fm_version_its_tables_came_from(
+    tiny_checkpoint, published_repo, synth_dir, tmp_path
+):
+    source = checkpoint_sources(tiny_checkpoint)[FM_MODEL]
+    repo = ModelRepository(tmp_path / "repo")  # published as the side trainer does: with SOURCE
+    policy = PublishPolicy(data=synth_dir, sources=checkpoint_sources(tiny_checkpoint))
+    publish(load_checkpoint(tiny_checkpoint), repo, policy)
+    assert shared_fm_version(tiny_checkpoint, None) == (source, None)
+    with pytest.raises(ShareError, match=f"no {FM_MODEL} version published from"):
+        shared_fm_version(tiny_checkpoint, published_repo)  # published without saying from what
+    cfg = StudentTrainConfig(data=synth_dir, out=tmp_path / "student", variant=parse_variant("share"),
+                             share_checkpoint=tiny_checkpoint, repository=repo.root, epochs=1)  # fmt: skip
+    metrics = train_student(cfg).metrics
+    assert (metrics["share_fm_source"], metrics["share_fm_version"]) == (source, 1)
+    assert load_student(cfg.out)[2]["share_fm_version"] == 1
 
 
 def test_student_checkpoint_round_trip(schema, student_cfg, tmp_path):

@@ -16,9 +16,9 @@ from pathlib import Path
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.onnx_export import ExportError
 from export.publish import MODELS, PublishPolicy, PublishReport, publish
-from export.repository import ModelRepository, RepositoryError
+from export.repository import ModelRepository, RepositoryError, checkpoint_sources
 from export.rollout import Connect
-from model.checkpoint import ModelBundle, checkpoint_digests
+from model.checkpoint import ModelBundle
 from model.data.reader import DataError
 from trainer.config import TrainerConfig
 from trainer.ledger import Committed, Ledger, PublishLine
@@ -45,8 +45,8 @@ class Publisher:
             eval_path = None
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
         policy = PublishPolicy(
-            data=eval_path, keep_versions=self.cfg.keep, with_fm=with_fm, sources=_sources(checkpoint),
-            work_dir=self.cfg.work_dir,
+            data=eval_path, keep_versions=self.cfg.keep, with_fm=with_fm,
+            sources=checkpoint_sources(checkpoint) if checkpoint else {}, work_dir=self.cfg.work_dir,
         )  # fmt: skip
         error = None
         versions: dict[str, int | None] = dict.fromkeys(MODELS)
@@ -96,11 +96,3 @@ class Publisher:
                 log.error("Triton refused %s v%d: %s; the served version stays", r.model, r.version, r.reason)
                 served[r.model] = None
         return served
-
-
-def _sources(checkpoint: Path | None) -> dict[str, str]:
-    """What the checkpoint's versions say they came from: its weights' digests."""
-    if checkpoint is None:
-        return {}
-    digests = checkpoint_digests(checkpoint)
-    return {FM_MODEL: f"sha256:{digests['model.pt']}", ADAPTER_MODEL: f"sha256:{digests['adapter.pt']}"}

@@ -60,6 +60,10 @@ def train_cmd(
         Path | None, typer.Option(help="FM checkpoint whose embedding tables `share` takes (by feature name).")
     ] = None,
     share_mode: Annotated[str, typer.Option(help=f"Shared tables: {' or '.join(SHARE_MODES)}.")] = "finetune",
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Model repository the share checkpoint was published to (records its FM version)."),
+    ] = None,
     config: Annotated[Path, typer.Option(help="Student config YAML (features, surfaces, sizes).")] = REFERENCE_CONFIG,
     epochs: Annotated[int, typer.Option(help="Passes over the training shards.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 512,
@@ -75,7 +79,8 @@ def train_cmd(
     v = parse_variant(variant, weight=kd_weight, temperature=temperature, share_mode=share_mode)
     cfg = StudentTrainConfig(
         data=data, out=out, knowledge=knowledge, variant=v, config_path=config, schema_path=schema,
-        share_checkpoint=share_checkpoint, epochs=epochs, batch_size=batch_size, eval_shards=eval_shards, seed=seed,
+        share_checkpoint=share_checkpoint, repository=repository, epochs=epochs, batch_size=batch_size,
+        eval_shards=eval_shards, seed=seed,
     )  # fmt: skip
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
