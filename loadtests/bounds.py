@@ -93,29 +93,42 @@ def _ends(values: list[float]) -> tuple[float, float]:
     return mean(values[:ENDS]), mean(values[-ENDS:])
 
 
+def steady_from(warm_up_end: float, publishes: list[dict], started: float) -> float:
+    """When the resource bounds start counting (seconds after the load started): the
+    warm-up's end, or the first FM publish if later. Until then the stack is still
+    growing by design: Triton loads the second of the FM versions it keeps loaded (their
+    model instances, threads and shared memory), and the side trainer loads its exporter
+    with its first FM export (~290 MB, once)."""
+    fm_published = [p["ts"] - started for p in publishes if p.get("gem_fm") is not None and not p.get("error")]
+    return max(warm_up_end, min(fm_published, default=warm_up_end))
+
+
 # The side trainer's processes (`gem trainer run` and its torchrun workers): their RSS is
 # judged apart from the serving stack's, which callers depend on.
 TRAINER = "gem trainer"
 
 
 def rss_growth(samples: list[dict], warm_up_end: float) -> list[Verdict]:
-    """Each process that lived through most of the run after the warm-up: its RSS growth
-    from the warm-up's end to the run's end; the serving stack's worst and the side
+    """Each process that lived through the run after the warm-up: its RSS growth from the
+    warm-up's end to the run's end; the serving stack's worst and the side
     trainer's worst, each its own verdict."""
     after = [s for s in samples if s["t"] >= warm_up_end]
     groups = ("serving stack", "side trainer")
     bound = {g: f"RSS growth per process ({g}) < {RSS_GROWTH:.0%}" for g in groups}
     if len(after) < 2 * ENDS:
         return [Verdict(bound[g], f"{len(after)} samples after the warm-up: too few", False) for g in groups]
-    span = after[-1]["t"] - after[0]["t"]
+    # A process is judged when it lived through the window (in its first and last ENDS
+    # samples): one started in it (a restart) is still loading, one gone early was killed
+    # or was a one-shot child.
+    opens, closes = after[ENDS - 1]["t"], after[-ENDS]["t"]
     series: dict[tuple[int, str], list[tuple[float, int]]] = defaultdict(list)
     for s in after:
         for p in s["processes"]:
             series[(p["pid"], p["name"])].append((s["t"], p["rss_bytes"]))
     growths: dict[str, list[tuple[float, str]]] = {g: [] for g in groups}
     for (pid, name), points in series.items():
-        if len(points) < 2 * ENDS or points[-1][0] - points[0][0] < span / 2:
-            continue  # started late (a restart) or gone early (a one-shot child)
+        if len(points) < 2 * ENDS or points[0][0] > opens or points[-1][0] < closes:
+            continue
         first, last = _ends([rss for _, rss in points])
         growths[groups[TRAINER in name]].append((last / first - 1 if first > 0 else 0.0, f"{name} (pid {pid})"))
     verdicts = []

@@ -156,11 +156,12 @@ def verdicts(
         for f in run.faults
         if f.get("rolled_back")
     }
+    steady = bounds.steady_from(warm_up_end, publishes, run.started)
     return [
         *bounds.failed_calls(summary["failed_calls"], triton_down, rate, DEADLINE_S),
         *bounds.versions_served(summary["versions"], run.published, rolled_back),
-        *bounds.rss_growth(run.samples, warm_up_end),
-        *bounds.flat(run.samples, warm_up_end),
+        *bounds.rss_growth(run.samples, steady),
+        *bounds.flat(run.samples, steady),
         *bounds.triton_exits(run.samples, sum(f["kind"] == "kill_triton" for f in run.faults)),
         *bounds.trainer_published(publishes, sum(f.kind in SHARD_FAULTS for f in faults)),
         *bounds.faults_done(run.faults, len(faults)),

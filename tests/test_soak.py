@@ -103,8 +103,10 @@ def test_rss_growth_counts_after_the_warm_up_only():
 
 def test_rss_growth_judges_the_side_trainer_apart():
     def sample(t, trainer_rss):
-        procs = [{"pid": 1, "name": "ray::ServeReplica", "rss_bytes": 100, "fds": 1, "threads": 1},
-                 {"pid": 2, "name": "python3.11 gem trainer", "rss_bytes": trainer_rss, "fds": 1, "threads": 1}]  # fmt: skip
+        procs = [
+            {"pid": 1, "name": "ray::ServeReplica", "rss_bytes": 100, "fds": 1, "threads": 1},
+            {"pid": 2, "name": "python3.11 gem trainer", "rss_bytes": trainer_rss, "fds": 1, "threads": 1},
+        ]
         return {"t": t, "processes": procs, "shm_bytes": 0}
 
     stack, trainer = bounds.rss_growth([sample(t, 100 + t) for t in range(40)], 0)
@@ -116,6 +118,23 @@ def test_rss_growth_skips_a_process_started_late():
     early = [_sample(t, rss=(100,)) for t in range(0, 30)]
     restarted = [_sample(t, rss=(100, 10 + t), pids=[1, 2]) for t in range(30, 40)]  # warming up
     verdict = bounds.rss_growth(early + restarted, 0)[0]
+    assert verdict.ok and "of 1 processes" in verdict.measured
+
+
+def test_the_resource_bounds_count_from_the_first_fm_publish():
+    started = 1000.0
+    adapter_only = {"gem_fm": None, "student_adapter": 2, "error": None, "ts": started + 10}
+    failed_fm = {"gem_fm": 2, "student_adapter": 3, "error": "Triton refused it", "ts": started + 40}
+    fm = {"gem_fm": 2, "student_adapter": 3, "error": None, "ts": started + 60}
+    assert bounds.steady_from(18, [adapter_only, failed_fm, fm], started) == 60
+    assert bounds.steady_from(18, [adapter_only], started) == 18  # no FM publish: the warm-up's end
+    assert bounds.steady_from(90, [fm], started) == 90
+
+
+def test_rss_growth_skips_a_process_gone_before_the_end():
+    killed = [_sample(t, rss=(100, 100 + t), pids=[1, 2]) for t in range(0, 30)]
+    after = [_sample(t, rss=(100,)) for t in range(30, 40)]
+    verdict = bounds.rss_growth(killed + after, 0)[0]
     assert verdict.ok and "of 1 processes" in verdict.measured
 
 
