@@ -137,8 +137,11 @@ def _kill(target: Target, fault: Fault, prefix: str, what: str, ready: Callable[
 
 
 def kill_triton(target: Target, fault: Fault) -> dict:
-    """The stack's supervisor restarts it (serving/local/supervisor.py)."""
-    return _kill(target, fault, "tritonserver", "triton", lambda: _triton_ready(target.triton_url))
+    """The stack's supervisor restarts it (serving/local/supervisor.py). Down until the
+    front end serves again: Triton ready, and the front end's channel to it reconnected
+    (its health probe says so), which can be a moment later."""
+    return _kill(target, fault, "tritonserver", "triton",
+                 lambda: _triton_ready(target.triton_url) and check(target.address, 2.0)[0])  # fmt: skip
 
 
 def kill_replica(target: Target, fault: Fault) -> dict:
