@@ -36,7 +36,10 @@ LoadedOption = Annotated[
 ]
 LoadOption = Annotated[
     list[str] | None,
-    typer.Option(help="gRPC address of a running Triton to load the new versions into; repeat it for every Triton."),
+    typer.Option(
+        metavar="HOST:PORT",
+        help="gRPC address of a running Triton to load the new versions into; repeat it for every Triton.",
+    ),
 ]
 
 triton_app = typer.Typer(

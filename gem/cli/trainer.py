@@ -134,7 +134,10 @@ def trainer_rollback(
     model: Annotated[str, typer.Option(help="gem_fm or student_adapter.")] = "gem_fm",
     triton_url: Annotated[
         list[str] | None,
-        typer.Option(help="gRPC address of a running Triton to reload the model on; repeat it for every Triton."),
+        typer.Option(
+            metavar="HOST:PORT",
+            help="gRPC address of a running Triton to reload the model on; repeat it for every Triton.",
+        ),
     ] = None,
 ) -> None:
     """Serve an older version again: the newer versions are moved to <model>/.rejected/
