@@ -4,7 +4,7 @@ The one path from trained weights to served knowledge: `gem export`, the first s
 (`trainer/bootstrap.py`) and the side trainer each call `publish` once. Nothing is
 published unless both graphs pass the checker, the TensorRT op walk and the parity
 check against PyTorch (`export.parity`); the old versions are pruned to the policy's
-count, and, given a connection to a server, the new versions are rolled out
+count, and, given the servers, the new versions are rolled out on each of them
 (`export.rollout`: the FM first, a refused version moved aside).
 """
 
@@ -31,7 +31,7 @@ from export.parity import (
     logged_rows,
 )
 from export.repository import ModelRepository, Published, RepositoryError
-from export.rollout import Connect, Rollout, roll_out_published
+from export.rollout import Rollout, Servers, roll_out_published
 from model.checkpoint import ModelBundle
 from model.progress import SILENT, Progress
 
@@ -70,25 +70,34 @@ class PublishReport:
     adapter_parity: Parity | None
     seconds: float
     fp16_parity: Parity | None = None
-    # One per model the server was asked to load (none without a connection).
+    # One per model the servers were asked to load (none without servers).
     rollouts: tuple[Rollout, ...] = ()
-    # Why the server could not be asked (the versions are published, not loaded).
+    # Why the servers could not be asked (the versions are published, not loaded).
     rollout_error: str | None = None
 
     @property
     def versions(self) -> dict[str, int | None]:
         return {FM_MODEL: self.fm.version if self.fm else None, ADAPTER_MODEL: self.adapter.version}
 
+    @property
+    def missed(self) -> dict[str, str]:
+        """The servers a rollout could not reach: address -> why (the first reason)."""
+        missed: dict[str, str] = {}
+        for r in self.rollouts:
+            for address, why in r.missed:
+                missed.setdefault(address, why)
+        return missed
+
 
 def publish(
     bundle: ModelBundle,
     repo: ModelRepository,
     policy: PublishPolicy,
-    control: Connect | None = None,
+    servers: Servers | None = None,
     progress: Progress = SILENT,
 ) -> PublishReport:
     """Exports, checks and publishes the FM and the adapter (or the adapter alone),
-    prunes old versions, and rolls the new ones out on the server `control` connects to."""
+    prunes old versions, and rolls the new ones out on every server given."""
     start = time.perf_counter()
     kept = {model: _published_from(repo, model, policy.sources.get(model)) for model in MODELS}
     fm, fm_parity, fp16_parity, adapter_parity = kept[FM_MODEL], None, None, None
@@ -108,11 +117,11 @@ def publish(
         "published %s to %s in %.1fs",
         ", ".join(f"{m} v{v}" for m, v in report.versions.items() if v), repo.root, report.seconds,
     )  # fmt: skip
-    if control is None:
+    if not servers:
         return report
     progress.start("rolling the new versions out")
     try:
-        rollouts = asyncio.run(roll_out_published(control, repo, report.versions, policy.keep_versions))
+        rollouts = asyncio.run(roll_out_published(servers, repo, report.versions, policy.keep_versions))
     except (RuntimeError, OSError) as e:  # unreachable, timed out: the server's error types
         return replace(report, rollout_error=str(e))
     return replace(report, rollouts=tuple(rollouts))

@@ -449,9 +449,12 @@ def triton_urls(objects: Objects) -> dict[str, str]:
     for where, argv in commands:
         try:
             command = torchrun_command(argv) if argv[:1] == ["torchrun"] else argv
-            urls[where] = gem_params(command)["triton_url"]
+            url = gem_params(command)["triton_url"]
         except (CommandLineError, KeyError):
             continue  # check_trainer / check_embed report it
+        # The trainer's --triton-url repeats (one per Triton), the embed job's does not.
+        for i, each in enumerate([url] if isinstance(url, str) else url or []):
+            urls[f"{where} #{i + 1}" if i else where] = each
     return urls
 
 

@@ -30,7 +30,8 @@ class TrainerConfig:
     schema_path: Path = DEFAULT_SCHEMA_PATH
     procs: int = 1
     strategy: str = "ddp"
-    triton_url: str | None = None
+    # Every Triton the new versions are loaded on (gRPC addresses); none: published only.
+    triton_urls: tuple[str, ...] = ()
     keep: int = 3
     tolerance: float = 0.01
     metrics_port: int | None = None

@@ -7,7 +7,8 @@
   {"kind": "adapter", "shard": NAME, "size": BYTES, "sha256": HEX, "checkpoint": C, ...}
                                                                       an adapter-only commit
   {"kind": "quarantine", "shard": NAME, "size": BYTES, "sha256": HEX, "reason": TEXT}
-  {"kind": "publish", "cycle": N, "checkpoint": C, "gem_fm": V | null, "student_adapter": W | null, ...}
+  {"kind": "publish", "cycle": N, "checkpoint": C, "gem_fm": V | null, "student_adapter": W | null,
+   "missed": {TRITON: WHY}, ...}                  "missed": only when a Triton was not reached
 
 The commit order of a cycle (FM or adapter-only) is: train, gate, write checkpoint C
 (`model.checkpoint.CheckpointStore`: its `trainer` record lists every shard it has
@@ -147,10 +148,13 @@ class PublishLine:
     error: str | None
     # Model -> the version published and served (None: not).
     versions: dict[str, int | None]
+    # The Tritons that could not be reached (address -> why): they load the versions
+    # when they start again, or at the next publish.
+    missed: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> dict[str, Any]:
         return {"kind": "publish", "cycle": self.cycle, "checkpoint": self.checkpoint, "error": self.error,
-                **self.versions}  # fmt: skip
+                **self.versions, **({"missed": self.missed} if self.missed else {})}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ The committed checkpoint's FM and adapter (or the adapter alone, when the FM was
 refused or waits for its gate) go through `export.publish` (parity, publish, prune,
 Triton's load), then the `publish` ledger line. A version already published from the
 checkpoint (a publish interrupted after its rename) is kept, not published again. A
-failed export or load leaves the served versions as they were, logged and counted.
+failed export or load leaves the served versions as they were, logged and counted. The
+versions go to every Triton of --triton-url; one that cannot be reached is logged,
+counted and named in the ledger line, and loads them when it starts again (explicit
+model control loads the repository's current versions at start) or at the next publish.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.onnx_export import ExportError
 from export.publish import MODELS, PublishPolicy, PublishReport, publish
 from export.repository import ModelRepository, RepositoryError, checkpoint_sources
-from export.rollout import Connect
+from export.rollout import triton_servers
 from model.checkpoint import ModelBundle
 from model.data.reader import DataError
 from trainer.config import TrainerConfig
@@ -50,15 +53,16 @@ class Publisher:
         )  # fmt: skip
         error = None
         versions: dict[str, int | None] = dict.fromkeys(MODELS)
+        missed: dict[str, str] = {}
         try:
-            report = publish(bundle, self.repo, policy, self._connect())
+            report = publish(bundle, self.repo, policy, triton_servers(self.cfg.triton_urls))
         except (ExportError, RepositoryError, DataError, OSError, RuntimeError, ValueError) as e:
             error = f"export failed: {e}"
             self.metrics.failures.labels("export").inc()
             log.error("%s; the served versions stay", error)
         else:
-            versions = self._served(report)
-        self._record_publish(PublishLine(committed.cycle, committed.checkpoint, error, versions))
+            versions, missed = self._served(report), report.missed
+        self._record_publish(PublishLine(committed.cycle, committed.checkpoint, error, versions, missed))
         text = ", ".join(f"{k} v{v}" for k, v in versions.items() if v) or "nothing"
         log.info("published %s (%.1fs)", text, time.perf_counter() - start)
         return versions
@@ -72,27 +76,22 @@ class Publisher:
                 self.metrics.serving_version.labels(model).set(version)
                 self.metrics.last_publish.labels(model).set(now)
 
-    def _connect(self) -> Connect | None:
-        """The Triton to load new versions into, when there is one."""
-        url = self.cfg.triton_url
-        if url is None:
-            return None
-        from serving.backends.triton_client import TritonClient
-
-        return lambda: TritonClient(url, timeout_s=30.0)
-
     def _served(self, report: PublishReport) -> dict[str, int | None]:
-        """The published versions, a version Triton refused (moved aside, the old one
-        keeps serving) as None; all None when Triton could not be reached."""
+        """The published versions, a version a Triton refused (moved aside, the old one
+        keeps serving everywhere) as None, and one no Triton could be reached for."""
         if report.rollout_error is not None:
             self.metrics.failures.labels("load").inc()
-            log.error("could not reach Triton at %s: %s (published, not loaded)", self.cfg.triton_url,
-                      report.rollout_error)  # fmt: skip
+            log.error("could not reach Triton: %s (published, not loaded)", report.rollout_error)
             return dict.fromkeys(MODELS)
+        for address, why in report.missed.items():
+            self.metrics.failures.labels("load").inc()
+            log.error("could not reach Triton at %s: %s; it loads the new versions when it starts again, "
+                      "or at the next publish", address, why)  # fmt: skip
         served = report.versions
         for r in report.rollouts:
-            if not r.loaded:
+            if r.reason:
                 self.metrics.failures.labels("load").inc()
                 log.error("Triton refused %s v%d: %s; the served version stays", r.model, r.version, r.reason)
+            if not r.loaded:
                 served[r.model] = None
         return served

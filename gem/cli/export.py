@@ -34,7 +34,13 @@ LoadedOption = Annotated[
         help="FM versions Triton keeps loaded (callers may pin any of them); never pruned, whatever --keep says."
     ),
 ]
-LoadOption = Annotated[str | None, typer.Option(help="gRPC address of a running Triton to load the new versions into.")]
+LoadOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="HOST:PORT",
+        help="gRPC address of a running Triton to load the new versions into; repeat it for every Triton.",
+    ),
+]
 
 triton_app = typer.Typer(
     help="The local Triton server (the nvidia-pytriton wheel's tritonserver).", no_args_is_help=True
@@ -62,12 +68,13 @@ def run_export(
     data: Path | None,
     keep: int,
     tensorrt: bool = False,
-    triton_url: str | None = None,
+    triton_urls: list[str] | None = None,
     fp16: bool = False,
     loaded_versions: int = LOADED_VERSIONS,
 ):
     from export.publish import PublishPolicy, publish
     from export.repository import ModelRepository
+    from export.rollout import triton_servers
     from export.tensorrt import build_plan, serving_profile
     from export.triton_config import ServingConfig
     from model.checkpoint import load_checkpoint
@@ -76,30 +83,40 @@ def run_export(
         raise ValueError(f"--loaded-versions must be at least 1, got {loaded_versions}")
     ckpt = load_checkpoint(checkpoint)
     repository = ModelRepository(repo, ServingConfig(loaded_versions=loaded_versions))
-    connect = None
-    if triton_url:
-        from serving.backends.triton_client import TritonClient
-
-        def connect() -> TritonClient:
-            return TritonClient(triton_url, timeout_s=30.0)
-
+    servers = triton_servers(triton_urls or [])
     with progress("stages") as bar:
         report = publish(
-            ckpt, repository, PublishPolicy(data=data, keep_versions=keep, fp16=fp16), connect, BarProgress(bar)
+            ckpt, repository, PublishPolicy(data=data, keep_versions=keep, fp16=fp16), servers, BarProgress(bar)
         )
     if tensorrt:
         with console.status("building the TensorRT plan"):
             build_plan(report.fm.path, serving_profile(ckpt.schema, repository.serving.max_batch_size), fp16)
-    if triton_url:
-        from serving.backends.errors import BackendError
-
-        if report.rollout_error:
-            raise BackendError(f"could not reach Triton at {triton_url}: {report.rollout_error}")
-        for r in report.rollouts:
-            if not r.loaded:
-                raise BackendError(f"Triton refused {r.model} version {r.version}: {r.reason}")
-            log.info("Triton at %s serves %s version %d", triton_url, r.model, r.version)
+    if servers:
+        _report_rollouts(report, list(servers))
     return report
+
+
+def _report_rollouts(report, urls: list[str]) -> None:
+    """Logs what each Triton serves now; raises when a version was refused, or when no
+    Triton could be reached (one that was down loads the versions when it starts again)."""
+    from serving.backends.errors import BackendError
+
+    if report.rollout_error:
+        raise BackendError(f"could not reach Triton at {', '.join(urls)}: {report.rollout_error}")
+    for r in report.rollouts:
+        if r.reason:
+            raise BackendError(f"Triton refused {r.model} version {r.version}: {r.reason}")
+        missed = dict(r.missed)
+        if not r.loaded:
+            raise BackendError(f"could not reach Triton at {', '.join(urls)}: {'; '.join(missed.values())}")
+        for url in urls:
+            if url in missed:
+                log.warning("Triton at %s was not reached (%s); it loads %s version %d when it starts again",
+                            url, missed[url], r.model, r.version)  # fmt: skip
+            else:
+                log.info("Triton at %s serves %s version %d", url, r.model, r.version)
+        if len(urls) > 1:
+            log.info("%s version %d: the Tritons switched within %.2fs", r.model, r.version, r.window_s)
 
 
 @friendly_errors

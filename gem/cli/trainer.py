@@ -87,7 +87,7 @@ def trainer_run(
         use_stored_admin_key()  # of a `gem up` / `gem triton up` started from another shell
     cfg = TrainerConfig(
         stream=stream, repository=repo, state_dir=state, checkpoint=checkpoint, preset=preset, schema_path=schema,
-        procs=procs, strategy=strategy, triton_url=triton_url, keep=keep, tolerance=tolerance,
+        procs=procs, strategy=strategy, triton_urls=tuple(triton_url or ()), keep=keep, tolerance=tolerance,
         metrics_port=metrics_port, poll_s=poll_s, max_cycles=max_cycles, exit_when_idle=exit_when_idle,
         batch_size=batch_size, seed=seed, knowledge_out=knowledge_out,
     )  # fmt: skip
@@ -133,25 +133,28 @@ def trainer_rollback(
     repo: RepoOption = DEFAULT_REPO,
     model: Annotated[str, typer.Option(help="gem_fm or student_adapter.")] = "gem_fm",
     triton_url: Annotated[
-        str | None, typer.Option(help="gRPC address of a running Triton to reload the model on.")
+        list[str] | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="gRPC address of a running Triton to reload the model on; repeat it for every Triton.",
+        ),
     ] = None,
 ) -> None:
     """Serve an older version again: the newer versions are moved to <model>/.rejected/
-    (their numbers are not reused), and Triton reloads the model when --triton-url is given."""
+    (their numbers are not reused), and every Triton of --triton-url reloads the model."""
     import asyncio
 
     from export.repository import ModelRepository
-    from export.rollout import roll_back
-    from serving.backends.triton_client import TritonClient
+    from export.rollout import roll_back, triton_servers
     from serving.local.triton import use_stored_admin_key
 
     if triton_url:
         use_stored_admin_key()
-    connect = (lambda: TritonClient(triton_url, timeout_s=30)) if triton_url else None
-    moved = asyncio.run(roll_back(ModelRepository(repo), model, to, connect))
+    servers = triton_servers(triton_url or [])
+    moved = asyncio.run(roll_back(ModelRepository(repo), model, to, servers))
     log.info(
         "%s: version %d is the latest%s; moved aside: %s",
-        model, to, f" and serving on {triton_url}" if triton_url else "", ", ".join(map(str, moved)) or "nothing",
+        model, to, f" and serving on {', '.join(servers)}" if servers else "", ", ".join(map(str, moved)) or "nothing",
     )  # fmt: skip
 
 

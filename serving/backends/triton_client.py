@@ -234,6 +234,10 @@ class TritonClient:
         try:
             await self._client.load_model(model, headers=self._admin_headers, client_timeout=max(self.timeout_s, 300.0))
         except InferenceServerException as e:
+            # A server that is down or too slow did not refuse anything: the version
+            # stays in the repository for it to load later (export.rollout).
+            if str(e.status() or "") in _UNAVAILABLE | _TIMEOUT:
+                raise _translate(e, f"loading {model}") from None
             raise ModelLoadError(f"loading {model}: {e.message() or e}") from None
 
     async def unload(self, model: str) -> None:
