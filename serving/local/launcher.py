@@ -75,6 +75,9 @@ def start(
     ingress: Ingress = "direct",
     apps: int = 1,
     tracing: str | None = None,
+    address: str | None = None,
+    replicas_per_node: int | None = None,
+    proxy_location: str = "EveryNode",
 ) -> str:
     """Starts Ray (if needed), Serve and the application; returns the gRPC address.
 
@@ -84,6 +87,11 @@ def start(
     Prometheus metrics (`serving.prometheus`, and Ray Serve's own) are served on
     `metrics_port` at /metrics (None: a port Ray picks). `tracing`: an OTLP/HTTP traces
     endpoint to send Serve's spans and ours to (serving/tracing.py; None: off).
+
+    `address`: a running Ray cluster to deploy on (default: a Ray of this process's own);
+    `replicas_per_node` caps the replicas a node takes (1 spreads them over the nodes);
+    `proxy_location` is Serve's (HeadOnly: one proxy, e.g. for several nodes on one machine,
+    whose proxies would all want the same port).
 
     Everything listens on `host` (127.0.0.1 by default; `--host` opens it deliberately):
     Ray itself, Serve's proxies and the replica's gRPC server (serving/local/loopback.py).
@@ -121,14 +129,19 @@ def start(
         # Ray's workers (the proxies and replicas among them) inherit the environment of
         # the Ray started here, and run the setup hook that binds gRPC servers to `host`.
         os.environ.update(env)
-        # A Ray of our own: never attach to another process's cluster by accident.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=False,
-            _metrics_export_port=metrics_port,
-            runtime_env={"env_vars": env, "worker_process_setup_hook": "serving.local.loopback.setup_worker"},
-        )
+        runtime_env = {"env_vars": env, "worker_process_setup_hook": "serving.local.loopback.setup_worker"}
+        if address:
+            # A running cluster (`ray start`): its nodes already export their metrics.
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        else:
+            # A Ray of our own: never attach to another process's cluster by accident.
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                log_to_driver=False,
+                _metrics_export_port=metrics_port,
+                runtime_env=runtime_env,
+            )
     # Direct ingress: the replica takes the public port; Serve's (head-node) proxy, which
     # reads the same gRPC options, gets a private one.
     proxy_grpc_port = grpc_port if ingress == "proxy" else free_ports(1)[0]
@@ -136,6 +149,7 @@ def start(
     # replicas that of serve.run.
     logging_config = serve_logging_config()
     serve.start(
+        proxy_location=proxy_location,
         logging_config=logging_config,
         tracing_config=serve_tracing_config(tracing),
         http_options={"host": host, "port": http_port},
@@ -148,7 +162,7 @@ def start(
             enable_reflection=True,
         ),
     )
-    app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time
+    app = KnowledgeIngress.options(num_replicas=replicas, max_replicas_per_node=replicas_per_node).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False, logging_config=logging_config)
     return f"{connect_host(host)}:{grpc_port}"
 
