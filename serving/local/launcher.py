@@ -30,7 +30,14 @@ import logging
 import os
 import time
 
-from serving.config import MAX_MESSAGE_ENV, SERVICER_FUNCTIONS, FrontendConfig, Ingress, max_message_bytes
+from serving.config import (
+    MAX_MESSAGE_ENV,
+    SERVICER_FUNCTIONS,
+    FrontendConfig,
+    Ingress,
+    ProxyLocation,
+    max_message_bytes,
+)
 from serving.local.health import check
 from serving.local.logs import serve_logging_config
 from serving.local.loopback import HOST_ENV, LOCAL_ONLY_ENV
@@ -77,7 +84,7 @@ def start(
     tracing: str | None = None,
     address: str | None = None,
     replicas_per_node: int | None = None,
-    proxy_location: str = "EveryNode",
+    proxy_location: ProxyLocation = "EveryNode",
 ) -> str:
     """Starts Ray (if needed), Serve and the application; returns the gRPC address.
 
@@ -90,8 +97,7 @@ def start(
 
     `address`: a running Ray cluster to deploy on (default: a Ray of this process's own);
     `replicas_per_node` caps the replicas a node takes (1 spreads them over the nodes);
-    `proxy_location` is Serve's (HeadOnly: one proxy, e.g. for several nodes on one machine,
-    whose proxies would all want the same port).
+    `proxy_location`: where Serve runs its proxies (serving.config.ProxyLocation).
 
     Everything listens on `host` (127.0.0.1 by default; `--host` opens it deliberately):
     Ray itself, Serve's proxies and the replica's gRPC server (serving/local/loopback.py).
