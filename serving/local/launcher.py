@@ -117,7 +117,8 @@ def start(
     env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host, **ingress_env(ingress, grpc_port, apps)}
     if tracing:
         env |= {TRACES_ENDPOINT_ENV: tracing, SERVICE_NAME_ENV: SERVICE_NAME}
-    local_only = host in ("127.0.0.1", "localhost") and LOCAL_ONLY_ENV not in os.environ
+    # Never on a cluster's address: its workers on other machines must stay reachable.
+    local_only = address is None and host in ("127.0.0.1", "localhost") and LOCAL_ONLY_ENV not in os.environ
     if local_only and "ray._private.ray_constants" not in sys.modules:
         # Ray's single-machine mode (its default on macOS/Windows), decided when Ray is
         # first imported: the node address is the loopback one, so Ray's own servers and
