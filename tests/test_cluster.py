@@ -1,20 +1,28 @@
 """Past one machine, on one machine: a real Ray cluster of two nodes (two raylets, each
 with its own object store and workers: `ray.cluster_utils.Cluster`), both on the loopback.
 The front end is deployed over it with one replica per node behind Serve's proxy; a
-worker node is SIGKILLed mid-traffic and the surviving replica keeps answering."""
+worker node is SIGKILLed mid-traffic and the surviving replica keeps answering. `gem embed`
+runs as a Ray job (the Jobs SDK, through the head's dashboard) over both nodes, the worker
+node is SIGKILLed mid-job, and the output is every row once, equal to a single-node run."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import psutil
 import pytest
+import ray
 from gem.knowledge import KnowledgeClient
 
+from jobs.embed import EmbedConfig, run_embed
+from model.data.reader import resolve_paths
 from model.examples import random_batch
 from serving.config import FrontendConfig
 from serving.local import launcher
@@ -23,6 +31,7 @@ from serving.local.ports import free_ports
 pytestmark = pytest.mark.stack
 
 REPLICA = "ServeReplica:gem_knowledge:KnowledgeIngress"
+STAMPER = "MapWorker(MapBatches(KnowledgeStamper))"
 # After the kill: calls in this window may fail (the dead node's replica had them).
 KILL_WINDOW_S = 5.0
 
@@ -36,11 +45,18 @@ def _raylet_of(pid: int, raylets: dict[int, str]) -> str | None:
     return next((raylets[p.pid] for p in parents if p.pid in raylets), None)
 
 
-def _replicas(raylets: dict[int, str]) -> dict[int, str]:
-    """The front end's replicas on this cluster's nodes (pid: node; other agents' Rays on
-    this machine have replicas of the same name)."""
-    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if REPLICA in " ".join(p.info["cmdline"] or [])]
+def _actors(name: str, raylets: dict[int, str]) -> dict[int, str]:
+    """The Ray actors called `name` on this cluster's nodes (pid: node; other Rays on this
+    machine have actors of the same name)."""
+    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
     return {pid: node for pid in pids if (node := _raylet_of(pid, raylets))}
+
+
+def _raylets(cluster, worker) -> dict[int, str]:
+    return {
+        cluster.head_node.all_processes["raylet"][0].process.pid: "head",
+        worker.all_processes["raylet"][0].process.pid: "worker",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +64,13 @@ def cluster():
     """The head node; each test adds (and may kill) a worker node of its own."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False})  # fmt: skip
+    (dashboard,) = free_ports(1)
+    # The dashboard takes the Jobs API. 4 CPUs on the head: after the worker node dies it
+    # holds the embed job's whole actor pool and its read tasks.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                                      "dashboard_port": dashboard})  # fmt: skip
+    c.dashboard_url = f"http://127.0.0.1:{dashboard}"
     try:
         yield c
     finally:
@@ -79,14 +100,11 @@ def test_replicas_on_both_nodes_and_a_killed_node_leaves_the_other_answering(
                              address=cluster.address, replicas_per_node=1, proxy_location="HeadOnly")  # fmt: skip
     try:
         launcher.wait_healthy(address, timeout_s=300)
-        raylets = {
-            cluster.head_node.all_processes["raylet"][0].process.pid: "head",
-            worker.all_processes["raylet"][0].process.pid: "worker",
-        }
+        raylets = _raylets(cluster, worker)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(set(_replicas(raylets).values())) < 2:
+        while time.monotonic() < deadline and len(set(_actors(REPLICA, raylets).values())) < 2:
             time.sleep(0.5)
-        placed = _replicas(raylets)
+        placed = _actors(REPLICA, raylets)
         assert sorted(placed.values()) == ["head", "worker"], f"one replica per node: {placed}"
 
         batch = random_batch(schema, 4, 3, seed=5)
@@ -133,3 +151,46 @@ def test_replicas_on_both_nodes_and_a_killed_node_leaves_the_other_answering(
         assert set(failed) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, failed
     finally:
         launcher.stop()
+
+
+def test_embed_as_a_ray_job_over_both_nodes_survives_a_killed_node(
+    cluster, worker, published_repo, synth_dir, tmp_path
+):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.test_embed import assert_same_rows, read_out
+
+    out = tmp_path / "out"
+    gem = Path(sys.executable).parent / "gem"
+    # `--address auto`: the cluster the job runs on (Ray sets RAY_ADDRESS for the entrypoint).
+    entrypoint = shlex.join([str(gem), "embed", str(synth_dir), "--out", str(out), "--repo", str(published_repo),
+                             "--address", "auto", "--actors", "2", "--batch-size", "256"])  # fmt: skip
+    jobs = JobSubmissionClient(cluster.dashboard_url)
+    job = jobs.submit_job(entrypoint=entrypoint)
+    raylets = _raylets(cluster, worker)
+    finished = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    killed_with: set[str] = set()
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and jobs.get_job_status(job) not in finished:
+            # Mid-job: the worker node holds one of the pool's actors and parts are staged.
+            if not killed_with and any(out.glob(".staging/*/*/data/part-*")):
+                killed_with = set(_actors(STAMPER, raylets).values())
+                cluster.remove_node(worker, allow_graceful=False)
+            time.sleep(0.2)
+        status = jobs.get_job_status(job)
+        assert status == JobStatus.SUCCEEDED, f"{status}: {jobs.get_job_logs(job)[-2000:]}"
+    finally:
+        if jobs.get_job_status(job) not in finished:
+            jobs.stop_job(job)
+    assert killed_with == {"head", "worker"}, f"the pool's actors ran on {killed_with} at the kill"
+    reference = tmp_path / "single-node"
+    try:
+        run_embed(EmbedConfig(source=str(synth_dir), out=reference, repository=published_repo, batch_size=4096))
+    finally:
+        ray.shutdown()
+    for path in resolve_paths(synth_dir):
+        got = read_out(out / path.stem)
+        assert len(set(got["example_id"].to_pylist())) == got.num_rows, f"{path.name}: a row twice"
+        assert_same_rows(got, read_out(reference / path.stem), path.name)
+    assert not (out / ".staging").exists()
