@@ -30,6 +30,10 @@ MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 # replicas (serving/local/launcher.py says what each means for the ports).
 Ingress = Literal["direct", "proxy"]
 INGRESSES: tuple[Ingress, ...] = ("direct", "proxy")
+# Where Serve runs its proxies (ray.serve.config.ProxyLocation's values). HeadOnly: one
+# proxy, for several nodes on one machine, whose proxies would all want the same port.
+ProxyLocation = Literal["EveryNode", "HeadOnly", "Disabled"]
+PROXY_LOCATIONS: tuple[ProxyLocation, ...] = ("EveryNode", "HeadOnly", "Disabled")
 INGRESS_ENV = "GEM_INGRESS"
 
 

@@ -19,8 +19,15 @@ from model.config import preset
 from model.data.synth import SynthConfig, write_shards
 from model.gem import GEM
 from model.schema import FeatureSchema, load_schema
+from serving.local.loopback import LOCAL_ONLY_ENV
 from serving.local.ports import free_ports
 from serving.local.triton import TritonConfig
+
+# Ray's single-machine mode for every Ray of the suite, as `gem up` has it (read when Ray
+# is first imported, so here, before any test module imports it): node addresses are the
+# loopback one, and a driver reaches a cluster at 127.0.0.1 (tests/test_cluster.py) instead
+# of the address Ray would guess for this machine, where nothing listens.
+os.environ.setdefault(LOCAL_ONLY_ENV, "0")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ stack and its clients."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.table import Table
@@ -27,7 +27,9 @@ from gem.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from serving.config import Ingress
+    from serving.config import Ingress, ProxyLocation
+
+Choice = TypeVar("Choice", bound=str)
 
 
 # Admission control (serving/admission.py); defaults are serving.config.FrontendConfig's.
@@ -44,14 +46,24 @@ InFlightCallsOption = Annotated[
 ]
 
 
+def _one_of(value: str, choices: tuple[Choice, ...], option: str) -> Choice:
+    """An option's value, checked (a typo is a usage error, not a traceback)."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+
+
 def ingress_of(value: str) -> Ingress:
-    """The --ingress value, checked (a typo is a usage error, not a traceback)."""
     from serving.config import INGRESSES
 
-    for ingress in INGRESSES:
-        if value == ingress:
-            return ingress
-    raise typer.BadParameter(f"{value!r} is not one of {', '.join(INGRESSES)}", param_hint="--ingress")
+    return _one_of(value, INGRESSES, "--ingress")
+
+
+def proxy_location_of(value: str) -> ProxyLocation:
+    from serving.config import PROXY_LOCATIONS
+
+    return _one_of(value, PROXY_LOCATIONS, "--proxy-location")
 
 
 def _ready_message(address: str, metrics_port: int) -> None:
@@ -201,14 +213,25 @@ def serve_cmd(
     tracing: TracingOption = None,
     max_in_flight_examples: InFlightExamplesOption = 0,
     max_in_flight_calls: InFlightCallsOption = 512,
+    address: Annotated[
+        str | None,
+        typer.Option(help="A running Ray cluster to deploy on (`ray start`'s address; default: a Ray of its own)."),
+    ] = None,
+    max_replicas_per_node: Annotated[
+        int | None, typer.Option(min=1, help="At most this many replicas on one node (1 spreads them over the nodes).")
+    ] = None,
+    proxy_location: Annotated[
+        str,
+        typer.Option(help="Where Serve runs its proxies: EveryNode, or HeadOnly (several nodes on one machine)."),
+    ] = "EveryNode",
 ) -> None:
     """Only the Ray Serve front end, on a Triton already running (or embedded). For a
-    cluster, use `serve deploy serving/serve_config.yaml`. Several replicas need
+    cluster, `--address` (or `serve deploy serving/serve_config.yaml`). Several replicas need
     `--ingress proxy` (direct ingress serves one replica on the gRPC port)."""
     from serving.config import FrontendConfig
     from serving.local import launcher
 
-    address = launcher.start(
+    served = launcher.start(
         FrontendConfig(
             backend=backend,
             triton_url=triton_url,
@@ -222,10 +245,13 @@ def serve_cmd(
         host=host,
         ingress=ingress_of(ingress),
         tracing=tracing,
+        address=address,
+        replicas_per_node=max_replicas_per_node,
+        proxy_location=proxy_location_of(proxy_location),
     )
     try:
-        launcher.wait_healthy(address)
-        _ready_message(address, metrics_port)
+        launcher.wait_healthy(served)
+        _ready_message(served, metrics_port)
         wait_for_ctrl_c()
     finally:
         launcher.stop()

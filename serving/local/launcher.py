@@ -30,7 +30,14 @@ import logging
 import os
 import time
 
-from serving.config import MAX_MESSAGE_ENV, SERVICER_FUNCTIONS, FrontendConfig, Ingress, max_message_bytes
+from serving.config import (
+    MAX_MESSAGE_ENV,
+    SERVICER_FUNCTIONS,
+    FrontendConfig,
+    Ingress,
+    ProxyLocation,
+    max_message_bytes,
+)
 from serving.local.health import check
 from serving.local.logs import serve_logging_config
 from serving.local.loopback import HOST_ENV, LOCAL_ONLY_ENV
@@ -75,6 +82,9 @@ def start(
     ingress: Ingress = "direct",
     apps: int = 1,
     tracing: str | None = None,
+    address: str | None = None,
+    replicas_per_node: int | None = None,
+    proxy_location: ProxyLocation = "EveryNode",
 ) -> str:
     """Starts Ray (if needed), Serve and the application; returns the gRPC address.
 
@@ -84,6 +94,10 @@ def start(
     Prometheus metrics (`serving.prometheus`, and Ray Serve's own) are served on
     `metrics_port` at /metrics (None: a port Ray picks). `tracing`: an OTLP/HTTP traces
     endpoint to send Serve's spans and ours to (serving/tracing.py; None: off).
+
+    `address`: a running Ray cluster to deploy on (default: a Ray of this process's own);
+    `replicas_per_node` caps the replicas a node takes (1 spreads them over the nodes);
+    `proxy_location`: where Serve runs its proxies (serving.config.ProxyLocation).
 
     Everything listens on `host` (127.0.0.1 by default; `--host` opens it deliberately):
     Ray itself, Serve's proxies and the replica's gRPC server (serving/local/loopback.py).
@@ -103,7 +117,8 @@ def start(
     env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host, **ingress_env(ingress, grpc_port, apps)}
     if tracing:
         env |= {TRACES_ENDPOINT_ENV: tracing, SERVICE_NAME_ENV: SERVICE_NAME}
-    local_only = host in ("127.0.0.1", "localhost") and LOCAL_ONLY_ENV not in os.environ
+    # Never on a cluster's address: its workers on other machines must stay reachable.
+    local_only = address is None and host in ("127.0.0.1", "localhost") and LOCAL_ONLY_ENV not in os.environ
     if local_only and "ray._private.ray_constants" not in sys.modules:
         # Ray's single-machine mode (its default on macOS/Windows), decided when Ray is
         # first imported: the node address is the loopback one, so Ray's own servers and
@@ -121,14 +136,19 @@ def start(
         # Ray's workers (the proxies and replicas among them) inherit the environment of
         # the Ray started here, and run the setup hook that binds gRPC servers to `host`.
         os.environ.update(env)
-        # A Ray of our own: never attach to another process's cluster by accident.
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=False,
-            _metrics_export_port=metrics_port,
-            runtime_env={"env_vars": env, "worker_process_setup_hook": "serving.local.loopback.setup_worker"},
-        )
+        runtime_env = {"env_vars": env, "worker_process_setup_hook": "serving.local.loopback.setup_worker"}
+        if address:
+            # A running cluster (`ray start`): its nodes already export their metrics.
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        else:
+            # A Ray of our own: never attach to another process's cluster by accident.
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                log_to_driver=False,
+                _metrics_export_port=metrics_port,
+                runtime_env=runtime_env,
+            )
     # Direct ingress: the replica takes the public port; Serve's (head-node) proxy, which
     # reads the same gRPC options, gets a private one.
     proxy_grpc_port = grpc_port if ingress == "proxy" else free_ports(1)[0]
@@ -136,6 +156,7 @@ def start(
     # replicas that of serve.run.
     logging_config = serve_logging_config()
     serve.start(
+        proxy_location=proxy_location,
         logging_config=logging_config,
         tracing_config=serve_tracing_config(tracing),
         http_options={"host": host, "port": http_port},
@@ -148,7 +169,7 @@ def start(
             enable_reflection=True,
         ),
     )
-    app = KnowledgeIngress.options(num_replicas=replicas).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time
+    app = KnowledgeIngress.options(num_replicas=replicas, max_replicas_per_node=replicas_per_node).bind(cfg)  # type: ignore[attr-defined]  # a Deployment at run time
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False, logging_config=logging_config)
     return f"{connect_host(host)}:{grpc_port}"
 
