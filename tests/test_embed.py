@@ -3,11 +3,13 @@ and rerun give the same output, bad files and bad rows are reported, Triton agre
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +20,9 @@ import ray
 import torch
 
 from jobs.embed import EmbedConfig, run_embed
+from jobs.embed.commit import ERRORS, commit, write_part
+from jobs.embed.manifest import MANIFEST
+from jobs.embed.results import FileResult
 from model.checkpoint import load_checkpoint
 from model.data.reader import resolve_paths, table_to_batch
 from serving.local.ports import free_ports
@@ -320,3 +325,20 @@ def test_triton_gets_pre_indexed_batches_of_a_user_indexed_fm(
     got, want = read_out(tmp_path / "out" / path.stem), read_out(reference / path.stem)
     for column in ("knowledge_click", "adapted_conversion"):
         np.testing.assert_allclose(got[column], want[column], atol=1e-5)
+
+
+def test_the_commit_takes_only_the_parts_the_receipts_named(tmp_path):
+    # A part written by an actor whose node died before its receipt came back stands for
+    # rows the retried batch wrote again: it is left out.
+    run_staging, out, source = tmp_path / "staging" / "run", tmp_path / "out", "/logs/part-7.parquet"
+    rows = pa.table({"example_id": [1, 2, 3]})
+    named = [write_part(run_staging, source, "data", rows), write_part(run_staging, source, "errors", rows[:1])]
+    orphan = write_part(run_staging, source, "data", rows)
+    assert None not in named and orphan is not None and orphan not in named
+    result = FileResult(Path(source), rows_in=4, rows_out=3, error_rows=1, parts=[p for p in named if p])
+    commit(result, out, None, None, run_staging)
+    assert sorted(p.name for p in (out / "part-7").glob("*.parquet")) == [named[0].split("/")[1]]
+    assert pq.read_table(out / "part-7").num_rows == 3
+    assert pq.read_table(out / ERRORS / "part-7").num_rows == 1
+    assert json.loads((out / "part-7" / MANIFEST).read_text())["rows_out"] == 3
+    assert not (run_staging / "part-7").exists(), "the orphan goes with the staging folder"

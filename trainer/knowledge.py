@@ -76,11 +76,11 @@ class KnowledgeWriter:
         stamped = stamped_table(keys, pa.nulls(rows, pa.string()), served, self.task_names, widths)
         data, _ = split_stamped(stamped)
         staging = self.out / STAGING / RUN
-        write_part(staging, str(source), "data", data)
+        part = write_part(staging, str(source), "data", data)
         # One encoding per row: the gate's pass takes the shard as examples.
         result = FileResult(
             source, rows_in=rows, rows_out=rows, users=rows, fm_versions=[served.fm_version],
-            adapter_versions=[served.adapter_version],
+            adapter_versions=[served.adapter_version], parts=[part] if part else [],
         )  # fmt: skip
         self._commit(result, staging)
         log.info("knowledge of %s: %d rows (fm v%d, adapter v%d)", shard, rows, served.fm_version,

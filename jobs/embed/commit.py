@@ -19,26 +19,36 @@ ERRORS = "_errors"
 STAGING = ".staging"
 
 
-def write_part(run_staging: Path, source: str, kind: str, part: pa.Table) -> None:
-    """One Parquet part of a source file's `kind` ("data" or "errors"), if it has rows."""
-    if part.num_rows:
-        folder = run_staging / Path(source).stem / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(part, folder / f"part-{uuid.uuid4().hex}.parquet")
+def write_part(run_staging: Path, source: str, kind: str, part: pa.Table) -> str | None:
+    """One Parquet part of a source file's `kind` ("data" or "errors"), if it has rows;
+    returns its name as the commit takes it (`<kind>/<file>`), for the receipt."""
+    if not part.num_rows:
+        return None
+    folder = run_staging / Path(source).stem / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    pq.write_table(part, folder / name)
+    return f"{kind}/{name}"
 
 
 def commit(result: FileResult, out: Path, limit: int | None, fm_version: int | None, run_staging: Path) -> None:
     """Errors first, data (with its manifest) last: the data folder marks the file done.
-    `limit`: the rows per file asked (None: all), `fm_version`: the FM pin (None: the
-    latest); the manifest says both."""
+    Only the parts the receipts named (`result.parts`) are committed: an actor whose node
+    died after writing a part but before its receipt came back had its batch run again,
+    and the part it left stands for rows another part holds. `limit`: the rows per file
+    asked (None: all), `fm_version`: the FM pin (None: the latest); the manifest says both."""
     stem = result.path.stem
     staging = run_staging / stem
-    (staging / "data").mkdir(parents=True, exist_ok=True)
-    write_manifest(staging / "data", result, limit, fm_version)
-    for final, part in ((out / ERRORS / stem, staging / "errors"), (out / stem, staging / "data")):
+    kept = staging / "kept"  # the named parts, gathered apart, then renamed into place
+    for kind in ("data", "errors"):
+        (kept / kind).mkdir(parents=True, exist_ok=True)
+    for part in result.parts:
+        (staging / part).rename(kept / part)
+    write_manifest(kept / "data", result, limit, fm_version)
+    for final, part in ((out / ERRORS / stem, kept / "errors"), (out / stem, kept / "data")):
         if final.exists():
             shutil.rmtree(final)
-        if part.exists():
+        if part.exists() and (part == kept / "data" or any(part.iterdir())):
             final.parent.mkdir(parents=True, exist_ok=True)
             part.rename(final)
     shutil.rmtree(staging, ignore_errors=True)

@@ -15,7 +15,7 @@ MANIFEST = "_manifest.json"
 
 def write_manifest(folder: Path, result: FileResult, limit: int | None, fm_version: int | None) -> None:
     manifest = {"source": str(result.path), "limit": limit, "pinned_fm_version": fm_version, **asdict(result)}
-    del manifest["path"], manifest["skipped"], manifest["error"]
+    del manifest["path"], manifest["skipped"], manifest["error"], manifest["parts"]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 

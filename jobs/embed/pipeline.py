@@ -103,6 +103,7 @@ def _stamp(
                 result.rows_out += receipt["rows_out"]
                 result.error_rows += receipt["error_rows"]
                 result.users += receipt["users"]
+                result.parts += receipt["parts"]
                 for key in ("fm_version", "adapter_version"):
                     versions = getattr(result, f"{key}s")
                     if receipt[key] and receipt[key] not in versions:

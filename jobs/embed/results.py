@@ -18,6 +18,8 @@ class FileResult:
     users: int = 0
     fm_versions: list[int] = field(default_factory=list)
     adapter_versions: list[int] = field(default_factory=list)
+    # The staged parts the receipts named (`<kind>/<file>`): what the commit takes.
+    parts: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> bool:

@@ -26,6 +26,13 @@ from serving.backends.base import BackendConfig, Knowledge, make_backend
 
 # Ray Data's column with each row's source file (`include_paths`).
 PATH_COLUMN = "path"
+# One receipt per file and batch; typed, so that blocks whose receipts name no part
+# (all rows refused, say) concatenate with the others.
+RECEIPT = pa.schema([
+    (PATH_COLUMN, pa.string()), ("rows_out", pa.int64()), ("error_rows", pa.int64()),
+    ("parts", pa.list_(pa.string())), ("users", pa.int64()), ("fm_version", pa.int64()),
+    ("adapter_version", pa.int64()),
+])  # fmt: skip
 
 Infer = Callable[[dict[str, np.ndarray]], Knowledge]
 
@@ -92,12 +99,12 @@ class KnowledgeStamper:
             rows = stamped.filter(here)
             mine = user_of[here.to_numpy(zero_copy_only=False)]
             served, errors = split_stamped(rows)
-            write_part(self.staging, source, "data", served)
-            write_part(self.staging, source, "errors", errors)
+            parts = [write_part(self.staging, source, kind, t) for kind, t in (("data", served), ("errors", errors))]
             receipts.append({
                 PATH_COLUMN: source, "rows_out": served.num_rows, "error_rows": errors.num_rows,
+                "parts": [p for p in parts if p],
                 "users": int(np.unique(mine[mine >= 0]).size),
                 "fm_version": int(pc.max(served.column("fm_version")).as_py() or 0),
                 "adapter_version": int(pc.max(served.column("adapter_version")).as_py() or 0),
             })  # fmt: skip
-        return pa.Table.from_pylist(receipts)
+        return pa.Table.from_pylist(receipts, schema=RECEIPT)
