@@ -60,7 +60,6 @@ from export.triton_config import (
     model_config,
     to_pbtxt,
 )
-from model.checkpoint import checkpoint_digests
 from model.files import write_text_atomic
 from model.outputs import LOGITS
 
@@ -77,6 +76,10 @@ SOURCE_FILENAME = "SOURCE"
 def checkpoint_sources(checkpoint: Path) -> dict[str, str]:
     """What versions exported from `checkpoint` say they came from (SOURCE), per model:
     its weights' digests."""
+    # Here, not at the top: model.checkpoint imports torch, which the repository's other
+    # users (the CLI's start, serving) do not need.
+    from model.checkpoint import checkpoint_digests
+
     digests = checkpoint_digests(checkpoint)
     return {FM_MODEL: f"sha256:{digests['model.pt']}", ADAPTER_MODEL: f"sha256:{digests['adapter.pt']}"}
 

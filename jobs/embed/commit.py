@@ -40,15 +40,15 @@ def commit(result: FileResult, out: Path, limit: int | None, fm_version: int | N
     stem = result.path.stem
     staging = run_staging / stem
     kept = staging / "kept"  # the named parts, gathered apart, then renamed into place
-    for kind in ("data", "errors"):
-        (kept / kind).mkdir(parents=True, exist_ok=True)
+    (kept / "data").mkdir(parents=True, exist_ok=True)
     for part in result.parts:
+        (kept / part).parent.mkdir(exist_ok=True)
         (staging / part).rename(kept / part)
     write_manifest(kept / "data", result, limit, fm_version)
     for final, part in ((out / ERRORS / stem, kept / "errors"), (out / stem, kept / "data")):
         if final.exists():
             shutil.rmtree(final)
-        if part.exists() and (part == kept / "data" or any(part.iterdir())):
+        if part.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
             part.rename(final)
     shutil.rmtree(staging, ignore_errors=True)
