@@ -200,12 +200,14 @@ def train_student(
     fm_version = None
     if variant.repr and cfg.knowledge is not None:
         fm_version = knowledge_fm_version(cfg.knowledge, [p.stem for p in (*train_paths, *test_paths)])
-    share_source, share_fm_version = (None, None)
-    if variant.share:  # before training: a repository without it is the caller's error
-        share_source, share_fm_version = shared_fm_version(cfg.share_checkpoint, cfg.repository)
     widths = (train[EMBEDDING].shape[1], train[USER_EMBEDDING].shape[1]) if variant.repr else None
     model = build_student(student_cfg, schema, variant, widths)
     shared = share_tables(model, cfg.share_checkpoint, variant.share_mode) if variant.share else []
+    share_source, share_fm_version = (None, None)
+    # After share_tables, whose checkpoint load checks its manifest, and before training:
+    # a repository that never published the checkpoint is the caller's error.
+    if variant.share:
+        share_source, share_fm_version = shared_fm_version(cfg.share_checkpoint, cfg.repository)
     if shared:
         log.info("shared FM tables (%s): %s", variant.share_mode, ", ".join(shared))
     n = len(train[SURFACE_INPUT])
