@@ -31,6 +31,7 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from gem.knowledge import KnowledgeClient
+from gem.knowledge.client import pushback_wait
 from locust import User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -49,6 +50,8 @@ OUTPUT_SETS = (("labels",), ("labels", "adapted_labels"), ("embedding", "user_em
 # goes to sending calls, not to making random arrays.
 PAYLOADS = 16
 SEQ_LEN = 64
+# The suffix of the Locust entry of calls the admission gate refused.
+REFUSED = " (refused)"
 # The failed calls the summary lists one by one (a stack that is down fails every call).
 MAX_FAILED_LOGGED = 10_000
 
@@ -63,6 +66,8 @@ def _arguments(parser) -> None:
     group.add_argument("--slo-error-rate", type=float, default=-1.0,
                        help="Exit 1 if the failed share of calls is over this, e.g. 0.001 (-1: off).")  # fmt: skip
     group.add_argument("--token", default="", env_var="GEM_AUTH_TOKEN", help="Bearer token, if the server wants one.")
+    group.add_argument("--retries", type=int, default=3,
+                       help="The client's retries of an overload refusal (0: each one is seen).")  # fmt: skip
 
 
 class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
@@ -86,9 +91,14 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         except grpc.RpcError as e:
             exception = e
             context["code"] = e.code().name
+        name = client_call_details.method.rsplit("/", 1)[-1]
+        if exception is not None and pushback_wait(exception, 0, 1, float("inf")) is not None:
+            # Refused by the admission gate (UNAVAILABLE with a retry-after): timed apart,
+            # so that the call's own entry holds the calls that were admitted.
+            name += REFUSED
         self.environment.events.request.fire(
             request_type="grpc",
-            name=client_call_details.method.rsplit("/", 1)[-1],
+            name=name,
             response_time=(time.perf_counter() - start) * 1000,
             response_length=size,
             exception=exception,
@@ -119,7 +129,7 @@ class KnowledgeUser(User):
         gevent.sleep(random.uniform(0, self.period()))
         self.next_call = time.monotonic()
         options = self.environment.parsed_options
-        self.client = KnowledgeClient(self.host, token=options.token or None, timeout_s=30,
+        self.client = KnowledgeClient(self.host, token=options.token or None, timeout_s=30, retries=options.retries,
                                       interceptors=[LocustInterceptor(self.environment)])  # fmt: skip
         schema = schema_from_yaml(self.client.info().schema_yaml)
         low, high = (int(x) for x in options.candidates.split(","))
@@ -160,7 +170,7 @@ class ExampleCounter:
     def on_stop(self, **_) -> None:
         self.stopped = time.time()
 
-    def on_request(self, context, exception, **_) -> None:
+    def on_request(self, name, context, exception, **_) -> None:
         if exception is None:
             self.total += context["examples"]
             self.unreported += context["examples"]
@@ -169,7 +179,8 @@ class ExampleCounter:
                 for tally in (self.versions, self.unreported_versions):
                     merge_versions(tally, {context["versions"]: seen})
         elif "code" in context and len(self.failed) < MAX_FAILED_LOGGED:
-            failed = {"start": context["start"], "end": time.time(), "code": context["code"]}
+            failed = {"start": context["start"], "end": time.time(), "code": context["code"],
+                      "refused": name.endswith(REFUSED)}  # fmt: skip
             self.failed.append(failed)
             self.unreported_failed.append(failed)
 
@@ -213,7 +224,8 @@ def _wire(environment, **_) -> None:
 def summary(environment) -> dict:
     """The workload's figures: latency and rates of `Generate` (each user's one
     `GetModelInfo` at start is not the workload); failures of every call."""
-    total, calls = environment.stats.total, environment.stats.get("Generate", "grpc")
+    stats = environment.stats
+    total, calls, refused = stats.total, stats.get("Generate", "grpc"), stats.get("Generate" + REFUSED, "grpc")
     seconds = max((counter.stopped or time.time()) - counter.started, 1e-9)
     return {
         "calls": calls.num_requests,
@@ -226,6 +238,11 @@ def summary(environment) -> dict:
         "p50_ms": calls.get_response_time_percentile(0.5),
         "p95_ms": calls.get_response_time_percentile(0.95),
         "p99_ms": calls.get_response_time_percentile(0.99),
+        # Attempts the admission gate refused (each retry of a call is an attempt).
+        "refused": refused.num_requests,
+        "refused_p50_ms": refused.get_response_time_percentile(0.5) if refused.num_requests else None,
+        "refused_p99_ms": refused.get_response_time_percentile(0.99) if refused.num_requests else None,
+        "refused_max_ms": refused.max_response_time if refused.num_requests else None,
         "users": environment.parsed_options.num_users,
         "rate": environment.parsed_options.rate,
         "candidates": environment.parsed_options.candidates,

@@ -56,23 +56,29 @@ def locust_command(address: str, rate: float, users: int, seconds: float, candid
             "--summary-file", str(out / "summary.json")]  # fmt: skip
 
 
-def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path) -> dict:
+def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path, extra: tuple[str, ...] = ()) -> dict:
     users = users_for(rate, args.users)
-    command = locust_command(address, rate, users, args.duration, args.candidates, args.processes, out)
+    command = [*locust_command(address, rate, users, args.duration, args.candidates, args.processes, out), *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.duration + 120)
     if done.returncode != 0:
         raise RuntimeError(f"locust exited {done.returncode}: {done.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text())
 
 
-def sweep_backend(backend: str, args: argparse.Namespace, console: Console) -> list[dict]:
+def stack_config(backend: str, repo: Path, ingress: str) -> StackConfig:
+    """The local stack of a load run on free ports: Triton + the front end, or the front
+    end alone with the embedded backend."""
     grpc_port, http, metrics, triton_http, triton_grpc, triton_metrics = free_ports(6)
     triton = None
     if backend == "triton":
-        triton = TritonConfig(args.repo, Path("artifacts/triton-sweep"), triton_http, triton_grpc, triton_metrics)
-    frontend = FrontendConfig(backend=backend, repository=args.repo)
-    cfg = StackConfig(frontend, triton, grpc_port, http, metrics, ingress=args.ingress)
+        triton = TritonConfig(repo, Path("artifacts/triton-sweep"), triton_http, triton_grpc, triton_metrics)
+    frontend = FrontendConfig(backend=backend, repository=repo)
+    return StackConfig(frontend, triton, grpc_port, http, metrics, ingress=ingress)
+
+
+def sweep_backend(backend: str, args: argparse.Namespace, console: Console) -> list[dict]:
     rows = []
+    cfg = stack_config(backend, args.repo, args.ingress)
     with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-sweep-") as tmp:
         for rate in args.rates:
             with console.status(f"{backend}: {rate:g} calls/s for {args.duration}s"):

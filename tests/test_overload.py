@@ -25,7 +25,7 @@ from serving.errors import PUSHBACK_KEY
 from serving.local import launcher
 from serving.local.ports import free_ports
 from serving.prometheus import REFUSALS
-from tests.test_loadtest import poll, total
+from tests.test_loadtest import locust, poll, total
 
 pytestmark = pytest.mark.stack
 
@@ -123,3 +123,17 @@ def test_overload_is_refused_fast_and_retryable_and_admitted_calls_succeed(overl
     # ... and they got through by retrying: the server refused some of them.
     samples = poll(metrics_url, lambda s: total(s, counted) > len(refused))
     assert total(samples, counted) > len(refused)
+
+
+def test_locust_times_refusals_apart_from_admitted_calls(overloaded, tmp_path):
+    """loadtests.overload's view: with no client retries, each refusal is its own Locust
+    entry (the call's entry keeps the admitted calls) and a failed call says it was refused."""
+    address, _ = overloaded
+    done, summary = locust(address, tmp_path, "--run-time", "8s", "--users", str(4 * CALLS_ADMITTED), "--rate", "0",
+                           "--candidates", f"{ROWS},{ROWS}", "--retries", "0", "--exit-code-on-error", "0")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary["calls"] > 0 and summary["refused"] > 0, summary
+    assert summary["failures"] == summary["refused"]  # every failure a refusal, nothing else
+    assert 0 < summary["refused_p50_ms"] <= summary["refused_p99_ms"] <= summary["refused_max_ms"]
+    assert summary["failed_calls"] and all(f["refused"] and f["code"] == "UNAVAILABLE" for f in summary["failed_calls"])
+    assert summary["examples"] == ROWS * summary["calls"]  # examples count the admitted calls only

@@ -30,6 +30,7 @@ from trainer import distributed as D
 from trainer.config import TrainerConfig
 from trainer.coordinator import Coordinator, Start, Trained, TrainerStateError, prepare
 from trainer.gate import GateResult
+from trainer.memory import release_freed_memory
 from trainer.plan import Plan
 from trainer.stream import load_shard
 from trainer.train import make_optimizers, train_steps
@@ -91,8 +92,9 @@ class Trainer:
             if plan.kind == "adapter":
                 if coordinator is not None:
                     coordinator.adapter_cycle(plan, self.plain)
-                continue
-            self.fm_cycle(plan)
+            else:
+                self.fm_cycle(plan)
+            release_freed_memory()
         D.barrier(self.rt)
         if coordinator is not None:
             log.info("trainer stopped after %d cycle(s)", coordinator.fm_cycles)

@@ -1,0 +1,153 @@
+"""The stack past its capacity: does it shed load, and do the calls it admits stay fast?
+
+    .venv/bin/python -m loadtests.overload [--backend triton] [--duration 30]
+        [--candidates 16,512] [--capacity CALLS_PER_S] [--repo model_repo] [--ingress direct]
+
+Starts the local stack once and, with the headless Locust test (loadtests/locust.conf)
+and a client that does not retry (`--retries 0`, so every refusal is seen and timed):
+
+1. measures the capacity, unless `--capacity` gives it: rates doubling from
+   `--start-rate` until the stack serves less than 90 % of the rate asked; the capacity
+   is the calls/s it admitted at that rate (what it serves when saturated);
+2. runs at 80 % of it, the reference;
+3. runs at 2x it, and judges issue 26's targets: the admitted calls' p99 at most 2x the
+   reference's, every refusal a retryable UNAVAILABLE within 10 ms, no other failure.
+
+Prints a table and the verdicts, writes `loadtests/results/overload-<candidates>.json`.
+Exit status 1 when a target is missed (the figures are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from loadtests.sweep import KEEPS_UP, RESULTS, run_locust, stack_config
+from serving.config import INGRESSES, default_ingress
+from serving.local.stack import local_stack
+
+# Issue 26's targets, fixed before measuring.
+REFERENCE_LOAD, OVERLOAD = 0.8, 2.0
+P99_GROWTH = 2.0  # admitted p99 at OVERLOAD over its p99 at REFERENCE_LOAD
+REFUSED_WITHIN_MS = 10.0
+# The client sees each refusal (no retries: a refused call is timed as refused), and
+# Locust exits 0 although refusals are failures to it.
+NO_RETRIES = ("--retries", "0", "--exit-code-on-error", "0")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    ok: bool
+
+
+def saturated(step: dict) -> bool:
+    """The stack admitted less than it was asked: what it admitted is its capacity."""
+    return step["calls_per_s"] < KEEPS_UP * step["target_rate"]
+
+
+def verdicts(reference: dict, overload: dict) -> list[Verdict]:
+    """Issue 26's targets on the run at REFERENCE_LOAD and the run at OVERLOAD. `calls`
+    and the percentiles are the admitted calls'; `refused*` the refusals'."""
+    growth = overload["p99_ms"] / reference["p99_ms"] if reference["p99_ms"] else float("inf")
+    refused, slowest = overload["refused"], overload["refused_max_ms"]
+    codes = sorted({f["code"] for f in overload["failed_calls"] if not f["refused"]})
+    failed_admitted = overload["failures"] - refused
+    return [
+        Verdict(
+            f"admitted p99 at {OVERLOAD:g}x <= {P99_GROWTH:g}x p99 at {REFERENCE_LOAD:.0%}",
+            f"{overload['p99_ms']:.0f} ms vs {reference['p99_ms']:.0f} ms ({growth:.2f}x)",
+            growth <= P99_GROWTH,
+        ),
+        Verdict(
+            f"every refusal within {REFUSED_WITHIN_MS:g} ms",
+            f"{refused} refused, p50 {overload['refused_p50_ms']} ms, p99 {overload['refused_p99_ms']} ms, "
+            f"max {slowest} ms"
+            if refused
+            else "none refused",
+            refused > 0 and slowest is not None and slowest <= REFUSED_WITHIN_MS,
+        ),
+        Verdict(
+            "no failure but retryable refusals",
+            f"{failed_admitted} admitted calls failed" + (f", codes {codes}" if codes else ""),
+            failed_admitted == 0,
+        ),
+    ]
+
+
+def run(args: argparse.Namespace, console: Console) -> dict:
+    steps: list[dict] = []
+    cfg = stack_config(args.backend, args.repo, args.ingress)
+    with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-overload-") as tmp:
+
+        def at(rate: float, label: str) -> dict:
+            out = Path(tmp) / f"{label}-{rate:g}"
+            out.mkdir()
+            with console.status(f"{label}: {rate:.1f} calls/s for {args.duration}s"):
+                result = run_locust(address, rate, args, out, NO_RETRIES) | {"target_rate": rate, "step": label}
+            console.log(f"{label} @ {rate:.1f}/s: {result['calls_per_s']:.1f} admitted/s, {result['refused']} refused, "
+                        f"p99 {result['p99_ms']:.0f} ms")  # fmt: skip
+            steps.append(result)
+            return result
+
+        capacity, rate = args.capacity, args.start_rate
+        while capacity is None:
+            if rate > args.max_rate:
+                raise SystemExit(f"the stack kept up with {rate / 2:g} calls/s: raise --max-rate or give --capacity")
+            step = at(rate, "capacity")
+            if saturated(step):
+                capacity = step["calls_per_s"]
+            rate *= 2
+        reference = at(REFERENCE_LOAD * capacity, "reference")
+        overload = at(OVERLOAD * capacity, "overload")
+    judged = [asdict(v) for v in verdicts(reference, overload)]
+    return {"capacity_calls_per_s": capacity, "steps": steps, "verdicts": judged}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("triton", "onnxruntime"), default="triton")
+    parser.add_argument("--capacity", type=float, default=None, help="Calls/s the stack sustains (default: measured).")
+    parser.add_argument("--start-rate", type=float, default=8.0, help="First rate of the capacity search (calls/s).")
+    parser.add_argument("--max-rate", type=float, default=512.0, help="Last rate of the capacity search (calls/s).")
+    parser.add_argument("--duration", type=int, default=30, help="Seconds per rate.")
+    parser.add_argument("--users", type=int, default=128, help="Most Locust users (2 per call/s, each paced).")
+    parser.add_argument("--processes", type=int, default=1, help="Locust worker processes.")
+    parser.add_argument("--candidates", default="16,512", help="MIN,MAX candidates per call.")
+    parser.add_argument("--repo", type=Path, default=Path("model_repo"))
+    parser.add_argument("--ingress", choices=INGRESSES, default=default_ingress(),
+                        help="who answers the gRPC port: the replica (direct) or Serve's proxy")  # fmt: skip
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    console = Console(stderr=True)
+    result = run(args, console)
+
+    table = Table(title=f"overload: capacity {result['capacity_calls_per_s']:.1f} calls/s, "
+                        f"candidates {args.candidates}, {args.duration}s per rate, no client retries")  # fmt: skip
+    for col in ("step", "asked calls/s", "admitted/s", "examples/s", "p50 ms", "p99 ms", "refused",
+                "refused p50 ms", "refused max ms", "other failures"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for r in result["steps"]:
+        table.add_row(r["step"], f"{r['target_rate']:.1f}", f"{r['calls_per_s']:.1f}", f"{r['examples_per_s']:,.0f}",
+                      f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", str(r["refused"]), str(r["refused_p50_ms"] or "-"),
+                      str(r["refused_max_ms"] or "-"), str(r["failures"] - r["refused"]))  # fmt: skip
+    Console().print(table)
+    for v in result["verdicts"]:
+        Console().print(f"{'met   ' if v['ok'] else 'MISSED'} {v['target']}: {v['measured']}")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"overload-{args.candidates.replace(',', '-')}.json"
+    path.write_text(json.dumps({"config": {**vars(args), "repo": str(args.repo)}, **result}, indent=2))
+    sys.exit(0 if all(v["ok"] for v in result["verdicts"]) else 1)
+
+
+if __name__ == "__main__":
+    main()
