@@ -1,7 +1,8 @@
 """The stack past its capacity: does it shed load, and do the calls it admits stay fast?
 
     .venv/bin/python -m loadtests.overload [--backend triton] [--duration 30]
-        [--candidates 16,512] [--capacity CALLS_PER_S] [--repo model_repo] [--ingress direct]
+        [--candidates 16,512] [--capacity CALLS_PER_S] [--max-queue-wait-ms 0]
+        [--repo model_repo] [--ingress direct]
 
 Starts the local stack once and, with the headless Locust test (loadtests/locust.conf)
 and a client that does not retry (`--retries 0`, so every refusal is seen and timed):
@@ -86,7 +87,7 @@ def verdicts(reference: dict, overload: dict) -> list[Verdict]:
 
 def run(args: argparse.Namespace, console: Console) -> dict:
     steps: list[dict] = []
-    cfg = stack_config(args.backend, args.repo, args.ingress)
+    cfg = stack_config(args.backend, args.repo, args.ingress, max_queue_wait_s=args.max_queue_wait_ms / 1000)
     with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-overload-") as tmp:
 
         def at(rate: float, label: str) -> dict:
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=128, help="Most Locust users (2 per call/s, each paced).")
     parser.add_argument("--processes", type=int, default=1, help="Locust worker processes.")
     parser.add_argument("--candidates", default="16,512", help="MIN,MAX candidates per call.")
+    parser.add_argument("--max-queue-wait-ms", type=float, default=0.0,
+                        help="The front end's wait bound (`gem serve --max-queue-wait-ms`; 0: off).")  # fmt: skip
     parser.add_argument("--repo", type=Path, default=Path("model_repo"))
     parser.add_argument("--ingress", choices=INGRESSES, default=default_ingress(),
                         help="who answers the gRPC port: the replica (direct) or Serve's proxy")  # fmt: skip

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -65,15 +66,15 @@ def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path, e
     return json.loads((out / "summary.json").read_text())
 
 
-def stack_config(backend: str, repo: Path, ingress: str) -> StackConfig:
+def stack_config(backend: str, repo: Path, ingress: str, **frontend: Any) -> StackConfig:
     """The local stack of a load run on free ports: Triton + the front end, or the front
-    end alone with the embedded backend."""
+    end alone with the embedded backend; `frontend`: FrontendConfig settings."""
     grpc_port, http, metrics, triton_http, triton_grpc, triton_metrics = free_ports(6)
     triton = None
     if backend == "triton":
         triton = TritonConfig(repo, Path("artifacts/triton-sweep"), triton_http, triton_grpc, triton_metrics)
-    frontend = FrontendConfig(backend=backend, repository=repo)
-    return StackConfig(frontend, triton, grpc_port, http, metrics, ingress=ingress)
+    front_end = FrontendConfig(backend=backend, repository=repo, **frontend)
+    return StackConfig(front_end, triton, grpc_port, http, metrics, ingress=ingress)
 
 
 def sweep_backend(backend: str, args: argparse.Namespace, console: Console) -> list[dict]:

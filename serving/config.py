@@ -84,6 +84,9 @@ class FrontendConfig:
     # queue, which refuses without a retry-after, only fills when the gate is off.
     max_in_flight_examples: int = 0
     max_in_flight_calls: int = 512
+    # ... and past which a call would wait longer than this behind the work in flight
+    # (examples in flight over the replica's recent examples/s; 0: off).
+    max_queue_wait_s: float = 0.0
     # Bearer token every call must carry (metadata `authorization: Bearer <token>`);
     # empty: no check. Defaults to $GEM_AUTH_TOKEN. Never logged.
     auth_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""), repr=False)
@@ -97,7 +100,8 @@ class FrontendConfig:
     @property
     def admission(self) -> AdmissionConfig:
         examples = self.max_in_flight_examples or 2 * self.max_batch_examples
-        return AdmissionConfig(max_examples=examples, max_calls=self.max_in_flight_calls)
+        return AdmissionConfig(max_examples=examples, max_calls=self.max_in_flight_calls,
+                               max_wait_s=self.max_queue_wait_s)  # fmt: skip
 
     @property
     def backend_config(self) -> BackendConfig:

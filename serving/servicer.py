@@ -33,7 +33,7 @@ from export.contract import ADAPTER_OUTPUT
 from model.features import USER_INDEX, input_specs, user_input_names
 from model.outputs import EMBEDDING, LOGITS, USER_EMBEDDING
 from model.schema import load_schema
-from serving.admission import DEADLINE, FULL, AdmissionGate
+from serving.admission import DEADLINE, FULL, WAIT, AdmissionGate
 from serving.backends.base import Knowledge, make_backend
 from serving.backends.errors import BackendError, status_of
 from serving.config import FrontendConfig
@@ -61,6 +61,7 @@ NO_TOKEN = "missing or wrong bearer token"
 OVERLOADED = {
     FULL: "overloaded: the server is at its bound of calls in flight; retry after the pushback",
     DEADLINE: "overloaded: the call's deadline is shorter than calls take now; retry after the pushback",
+    WAIT: "overloaded: the work in flight ahead of the call passes the server's wait bound; retry after the pushback",
 }
 # Ray Serve must admit enough concurrent calls for batches to fill (its default of 5
 # starves them; see DESIGN.md).

@@ -8,7 +8,7 @@ import pytest
 from gem.knowledge.client import pushback_wait
 from google.rpc import error_details_pb2, status_pb2
 
-from serving.admission import DEADLINE, FULL, AdmissionConfig, AdmissionGate
+from serving.admission import DEADLINE, FULL, WAIT, AdmissionConfig, AdmissionGate
 from serving.config import FrontendConfig
 from serving.errors import DETAILS_KEY, PUSHBACK_KEY, refuse
 
@@ -74,6 +74,45 @@ def test_the_latency_estimate_is_a_moving_average():
     assert (g.calls, g.examples) == (0, 0)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_call_that_would_wait_past_the_bound_is_refused():
+    """The wait is the examples in flight over the examples/s completed while busy."""
+    clock = Clock()
+    g = AdmissionGate(AdmissionConfig(max_examples=10_000, max_calls=100, max_wait_s=0.05), clock)
+    g.enter(100)
+    assert g.decide(100, 1.0).admitted  # no rate measured yet: nothing to refuse on
+    clock.now = 0.1  # 100 examples in 0.1 s busy: 1,000 examples/s
+    g.leave(100, 0.1)
+    assert g.examples_per_s == pytest.approx(1000)
+    g.enter(40)  # 40 ms of work ahead
+    assert g.decide(10, 1.0).admitted
+    g.enter(20)  # 60 ms ahead: past the 50 ms bound
+    refused = g.decide(10, 1.0)
+    assert (refused.admitted, refused.reason) == (False, WAIT)
+    assert refused.retry_after_s == pytest.approx(0.06)  # once what is ahead has drained
+
+
+def test_the_rate_counts_busy_time_only_and_forgets_the_past():
+    clock = Clock()
+    g = AdmissionGate(AdmissionConfig(max_examples=10_000, max_calls=100, max_wait_s=0.05, rate_half_life_s=1.0), clock)
+    g.enter(100)
+    clock.now = 0.1
+    g.leave(100, 0.1)
+    clock.now = 10.0  # idle: no busy time added, both sums decay alike
+    g.enter(1000)
+    assert g.examples_per_s == pytest.approx(1000)
+    clock.now = 10.01  # a faster model now: 1,000 examples in 10 ms busy
+    g.leave(1000, 0.01)
+    assert g.examples_per_s > 50_000 and (g.calls, g.examples) == (0, 0)
+
+
 def test_the_limits_come_from_the_front_end_config():
     assert FrontendConfig(max_batch_examples=512, max_examples_per_call=512).admission.max_examples == 1024
     cfg = FrontendConfig(max_in_flight_examples=64, max_in_flight_calls=4)
@@ -81,6 +120,9 @@ def test_the_limits_come_from_the_front_end_config():
     with pytest.raises(ValueError, match="at least 1"):
         FrontendConfig(max_in_flight_calls=0)
     assert FrontendConfig.from_args({"max_in_flight_calls": "8"}).admission.max_calls == 8
+    assert FrontendConfig.from_args({"max_queue_wait_s": "0.05"}).admission.max_wait_s == 0.05
+    with pytest.raises(ValueError, match="cannot be negative"):
+        FrontendConfig(max_queue_wait_s=-1)
 
 
 class Context:

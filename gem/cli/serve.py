@@ -44,6 +44,14 @@ InFlightExamplesOption = Annotated[
 InFlightCallsOption = Annotated[
     int, typer.Option(min=1, help="Calls in flight on a replica past which calls are refused at once.")
 ]
+QueueWaitOption = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        help="Refuse a call at once when it would wait longer than this many ms behind the work in flight "
+        "(examples in flight over the replica's recent examples/s); 0: off.",
+    ),
+]
 
 
 def _one_of(value: str, choices: tuple[Choice, ...], option: str) -> Choice:
@@ -170,6 +178,7 @@ def up(
     tracing: TracingOption = None,
     max_in_flight_examples: InFlightExamplesOption = 0,
     max_in_flight_calls: InFlightCallsOption = 512,
+    max_queue_wait_ms: QueueWaitOption = 0.0,
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
@@ -186,6 +195,7 @@ def up(
         repository=repo,
         max_in_flight_examples=max_in_flight_examples,
         max_in_flight_calls=max_in_flight_calls,
+        max_queue_wait_s=max_queue_wait_ms / 1000,
     )
     cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host, ingress_of(ingress), tracing)
     check_ports(cfg)  # before minutes of training
@@ -213,6 +223,7 @@ def serve_cmd(
     tracing: TracingOption = None,
     max_in_flight_examples: InFlightExamplesOption = 0,
     max_in_flight_calls: InFlightCallsOption = 512,
+    max_queue_wait_ms: QueueWaitOption = 0.0,
     address: Annotated[
         str | None,
         typer.Option(help="A running Ray cluster to deploy on (`ray start`'s address; default: a Ray of its own)."),
@@ -238,6 +249,7 @@ def serve_cmd(
             repository=repo,
             max_in_flight_examples=max_in_flight_examples,
             max_in_flight_calls=max_in_flight_calls,
+            max_queue_wait_s=max_queue_wait_ms / 1000,
         ),
         grpc_port=grpc_port,
         replicas=replicas,
