@@ -30,7 +30,6 @@ from dataclasses import dataclass
 FULL = "full"
 DEADLINE = "deadline"
 WAIT = "wait"
-REASONS = (FULL, DEADLINE, WAIT)
 
 
 @dataclass(frozen=True)
