@@ -124,7 +124,7 @@ def test_storage_on_both_kinds_of_place(kind, s3, tmp_path):
     storage.write_bytes(root / "in" / "notes.txt", b"not a shard")
     assert storage.parquet_files(root / "in") == [a, b]
     assert storage.parquet_files(root / "in" / "b*.parquet") == [b]
-    assert storage.parquet_files(a) == [a] and storage.is_dir(root / "in") and not storage.exists(root / "nope")
+    assert storage.parquet_files(a) == [a] and storage.exists(root / "in") and not storage.exists(root / "nope")
     assert storage.sha256(a) == hashlib.sha256(storage.read_bytes(a)).hexdigest()
     assert a.is_relative_to(root) and not root.is_relative_to(a) and (a.name, a.stem) == ("a.parquet", "a")
 
