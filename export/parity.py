@@ -19,12 +19,13 @@ from torch import Tensor
 from export.contract import ADAPTER_INPUTS, ADAPTER_OUTPUT
 from export.onnx_export import ExportError
 from model.adapter import StudentAdapter
-from model.data.reader import read_batch, resolve_paths
+from model.data.reader import read_batch, resolve_places
 from model.examples import random_batch, random_user_batch
 from model.features import USER_INDEX, user_input_names
 from model.gem import GEM
 from model.outputs import LOGITS
 from model.schema import FeatureSchema
+from model.storage import Place
 from model.user_index import share_users
 
 PARITY_TOLERANCE = 1e-4
@@ -47,7 +48,9 @@ class Parity:
         return max(self.max_abs_diff.values())
 
 
-def fm_parity_batches(schema: FeatureSchema, model: GEM, data: Path | None, rows: int) -> list[dict[str, np.ndarray]]:
+def fm_parity_batches(
+    schema: FeatureSchema, model: GEM, data: Path | Place | None, rows: int
+) -> list[dict[str, np.ndarray]]:
     """The FM's parity batches: random ones of every shape, and `rows` rows of the last
     file of `data` when given."""
     seq_len = model.cfg.seq_len
@@ -60,9 +63,9 @@ def fm_parity_batches(schema: FeatureSchema, model: GEM, data: Path | None, rows
     return batches
 
 
-def logged_rows(schema: FeatureSchema, seq_len: int, data: Path, rows: int) -> dict[str, np.ndarray]:
+def logged_rows(schema: FeatureSchema, seq_len: int, data: str | Path | Place, rows: int) -> dict[str, np.ndarray]:
     """The first `rows` rows of the last file of `data` (file, folder or glob), unlabelled."""
-    real = read_batch(resolve_paths(data)[-1], schema, max_seq_len=seq_len, labels=False)
+    real = read_batch(resolve_places(data)[-1], schema, max_seq_len=seq_len, labels=False)
     return {k: v[:rows] for k, v in real.items()}
 
 

@@ -34,6 +34,7 @@ from export.repository import ModelRepository, Published, RepositoryError
 from export.rollout import Rollout, Servers, roll_out_published
 from model.checkpoint import ModelBundle
 from model.progress import SILENT, Progress
+from model.storage import Place
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ MODELS = (FM_MODEL, ADAPTER_MODEL)
 @dataclass(frozen=True)
 class PublishPolicy:
     # Logged rows (file, folder or glob; the last file is used) for the parity check.
-    data: Path | None = None
+    data: Path | Place | None = None
     parity_rows: int = 512
     # Versions kept on disk per model after publishing.
     keep_versions: int = 3

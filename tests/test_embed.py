@@ -59,9 +59,10 @@ def logged(synth_dir, tmp_path_factory):
     return folder
 
 
-def read_out(folder) -> pa.Table:
-    """Sorted by id, surfaces decoded (parts written apart have their own dictionaries)."""
-    table = pq.read_table(folder).sort_by("example_id")
+def read_out(folder, filesystem=None) -> pa.Table:
+    """Sorted by id, surfaces decoded (parts written apart have their own dictionaries);
+    `filesystem`: pyarrow's, for a folder elsewhere (S3: tests/test_s3.py)."""
+    table = pq.read_table(folder, filesystem=filesystem).sort_by("example_id")
     return table.set_column(table.schema.get_field_index("surface"), "surface", table["surface"].cast(pa.string()))
 
 

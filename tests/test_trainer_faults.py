@@ -89,6 +89,7 @@ def _knowledge(root: Path) -> dict:
     for folder in sorted(p for p in out.iterdir() if not p.name.startswith(".")) if out.exists() else []:
         manifest = json.loads((folder / MANIFEST).read_text())
         manifest["source"] = Path(manifest["source"]).name  # under this run's root
+        manifest["parts"] = len(manifest["parts"])  # part names are random per run
         found[folder.name] = {"manifest": manifest, "rows": pq.read_table(folder).sort_by("example_id").to_pydict()}
     return found
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def test_bad_shards_are_refused_with_a_reason_and_quarantined(tmp_path, synth_di
         with pytest.raises(Exception) as e:
             load_shard(path, schema, 32)
         reasons[path.name] = str(e.value)
-        moved = quarantine(path, str(e.value))
+        moved = Path(quarantine(path, str(e.value)).path)  # a Place: local or S3
         assert moved.exists() and not path.exists()
         assert moved.with_name(moved.name + ".reason").read_text().strip() == str(e.value)
     assert "not a readable Parquet file" in reasons["part-00000.parquet"]

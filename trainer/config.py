@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.schema import DEFAULT_SCHEMA_PATH
+from model.storage import Place, place
 from trainer import distributed as D
 
 LEDGER = "ledger.jsonl"
@@ -20,7 +21,8 @@ LEDGER = "ledger.jsonl"
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    stream: Path
+    # A local folder or an s3:// URL (model/storage.py): `source` is its Place.
+    stream: str | Path
     repository: Path
     # The trainer's own checkpoints and ledger.
     state_dir: Path = Path("artifacts/trainer")
@@ -45,7 +47,7 @@ class TrainerConfig:
     seed: int = 0
     # Where the served versions' knowledge of every shard the gate scores goes, as
     # `gem embed` writes it (trainer/knowledge.py); None: not written.
-    knowledge_out: Path | None = None
+    knowledge_out: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.procs < 1:
@@ -55,6 +57,11 @@ class TrainerConfig:
         if self.tolerance < 0:
             raise ValueError(f"--tolerance must be >= 0, got {self.tolerance}")
         D.check_strategy(self.strategy)
+
+    @property
+    def source(self) -> Place:
+        """The stream's place (local or S3)."""
+        return place(self.stream)
 
     @property
     def ledger_path(self) -> Path:

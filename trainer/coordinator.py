@@ -47,6 +47,7 @@ from model.config import GEMConfig
 from model.gem import GEM
 from model.outputs import LOGITS
 from model.schema import SURFACE_INPUT, FeatureSchema
+from model.storage import check_bucket, place
 from trainer.commit import Committer
 from trainer.config import TrainerConfig
 from trainer.gate import GateConfig, GateResult, gate, serving_pass
@@ -111,7 +112,9 @@ def prepare(cfg: TrainerConfig) -> Start:
     if left:
         log.warning("removed %d leftover(s) of an interrupted checkpoint save in %s", len(left), cfg.state_dir)
     ModelRepository(cfg.repository).clean()
+    check_bucket(cfg.source)
     if cfg.knowledge_out is not None:
+        check_bucket(place(cfg.knowledge_out))
         tidy_staging(cfg.knowledge_out)
     ledger = Ledger(cfg.ledger_path)
     newest = store.newest()
@@ -170,7 +173,7 @@ class Coordinator:
         """Once, at start: the ledger made to agree with the checkpoint (whose weights
         `model` holds), and a commit that was not published, published (see trainer/ledger.py)."""
         c = self.committer
-        for change in self.ledger.reconcile(c.record, c.line, self.cfg.stream):
+        for change in self.ledger.reconcile(c.record, c.line, self.cfg.source):
             log.warning("ledger repaired: %s", change)
         pending = self.ledger.pending_publish()
         if pending is not None:
@@ -230,7 +233,7 @@ class Coordinator:
             plan.cycle, {**previous.processed, plan.train: state}, plan.adapter or previous.adapter_shard
         )
         entry = ShardCommit(
-            ShardId.of(self.cfg.stream / plan.train), plan.cycle, state, plan.eval, result.reason, trained.loss,
+            ShardId.of(self.cfg.source / plan.train), plan.cycle, state, plan.eval, result.reason, trained.loss,
             trained.examples, trained.examples_per_s, result.candidate, result.serving, result.serving_version,
             written,
         )  # fmt: skip
@@ -244,7 +247,7 @@ class Coordinator:
         self.fm_cycles += 1
 
         versions = self.publisher.publish(
-            Committed.of(line), self.committer.checkpoint, bundle, result.passed, self.cfg.stream / plan.eval
+            Committed.of(line), self.committer.checkpoint, bundle, result.passed, self.cfg.source / plan.eval
         )
         outcome = ("published" if versions.get(FM_MODEL) else "publish failed") if result.passed else "refused"
         seconds = time.perf_counter() - trained.start
@@ -297,7 +300,7 @@ class Coordinator:
         start = time.perf_counter()
         self._refresh_adapter(plan.adapter, model, use_candidate=False)
         record = replace(self.committer.record, adapter_shard=plan.adapter)
-        entry = AdapterCommit(ShardId.of(self.cfg.stream / plan.adapter), record.cycle)
+        entry = AdapterCommit(ShardId.of(self.cfg.source / plan.adapter), record.cycle)
         bundle = self._bundle(model)
         line = self.committer.commit(record, entry, {}, bundle, self.committer.optimizer_state)
         versions = self.publisher.publish(Committed.of(line), self.committer.checkpoint, bundle, False, None)

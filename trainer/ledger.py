@@ -43,7 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.files import sha256_file, write_text_atomic
+from pyarrow.fs import FileType
+
+from model.files import write_text_atomic
+from model.storage import Place, info, place, sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,10 @@ class ShardId:
     sha256: str
 
     @classmethod
-    def of(cls, path: Path) -> ShardId:
-        return cls(path.name, path.stat().st_size, sha256_file(path))
+    def of(cls, path: str | Path | Place) -> ShardId:
+        """A shard's identity: its name, size and content (local or s3://)."""
+        where = place(path)
+        return cls(where.name, info(where).size or 0, sha256(where))
 
     def fields(self) -> dict[str, Any]:
         return {"shard": self.name, "size": self.size, "sha256": self.sha256}
@@ -117,7 +122,7 @@ class QuarantineLine:
     reason: str
 
     @classmethod
-    def of(cls, path: Path, reason: str) -> QuarantineLine:
+    def of(cls, path: str | Path | Place, reason: str) -> QuarantineLine:
         """Read before the shard is moved: its identity is its content where it was."""
         return cls(ShardId.of(path), reason)
 
@@ -254,7 +259,7 @@ class Ledger:
     # -- crash repair ---------------------------------------------------------------
 
     def reconcile(
-        self, record: TrainerRecord, commit: dict[str, Any] | None = None, stream: Path | None = None
+        self, record: TrainerRecord, commit: dict[str, Any] | None = None, stream: Place | None = None
     ) -> list[str]:
         """Makes the ledger agree with the checkpoint: its `record` and its `commit` line.
         Returns what it changed."""
@@ -271,7 +276,11 @@ class Ledger:
             if name not in in_ledger and name != own:
                 # Not this checkpoint's own cycle: a ledger lost or edited by hand.
                 path = stream / name if stream is not None else None
-                sid = ShardId.of(path).fields() if path is not None and path.is_file() else {"shard": name}
+                sid = (
+                    ShardId.of(path).fields()
+                    if path is not None and info(path).type == FileType.File
+                    else {"shard": name}
+                )
                 self.append({"kind": "shard", **sid, "state": state, "cycle": cycle, "repaired": True})
                 changes.append(f"{name}: in the checkpoint, not in the ledger: line written")
         if commit is not None and commit.get("checkpoint") not in committed:

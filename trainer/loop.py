@@ -106,7 +106,7 @@ class Trainer:
         if coordinator is not None:
             batch = coordinator.batch(plan.train)
         else:
-            batch = load_shard(cfg.stream / plan.train, self.schema, self.config.seq_len)
+            batch = load_shard(cfg.source / plan.train, self.schema, self.config.seq_len)
         before = D.full_state_dict(self.model, rt)
         before_optimizers = D.full_optimizer_state(self.model, self.optimizers, rt, snapshot=True)
 

@@ -79,7 +79,7 @@ class Planner:
         cycles into this run."""
         if self.cfg.max_cycles is not None and fm_cycles >= self.cfg.max_cycles:
             return Plan("stop")
-        pending = discover(self.cfg.stream, self.ledger.done())
+        pending = discover(self.cfg.source, self.ledger.done())
         self.metrics.pending_shards.set(len(pending))
         good: list[Path] = []
         for path in pending:

@@ -23,6 +23,7 @@ from export.repository import ModelRepository, RepositoryError, checkpoint_sourc
 from export.rollout import triton_servers
 from model.checkpoint import ModelBundle
 from model.data.reader import DataError
+from model.storage import Place, exists, place
 from trainer.config import TrainerConfig
 from trainer.ledger import Committed, Ledger, PublishLine
 from trainer.prometheus import TrainerMetrics
@@ -35,7 +36,12 @@ class Publisher:
         self.cfg, self.repo, self.ledger, self.metrics = cfg, repo, ledger, metrics
 
     def publish(
-        self, committed: Committed, checkpoint: Path | None, bundle: ModelBundle, with_fm: bool, eval_path: Path | None
+        self,
+        committed: Committed,
+        checkpoint: Path | None,
+        bundle: ModelBundle,
+        with_fm: bool,
+        eval_path: Path | Place | None,
     ) -> dict[str, int | None]:
         """Publishes `bundle`, committed as `checkpoint`; returns the versions now served
         (None: not published or not loaded)."""
@@ -44,7 +50,7 @@ class Publisher:
             "publishing %s from checkpoint %s", f"{FM_MODEL} and {ADAPTER_MODEL}" if with_fm else ADAPTER_MODEL,
             committed.checkpoint if committed.checkpoint is not None else "?",
         )  # fmt: skip
-        if eval_path is not None and not eval_path.exists():
+        if eval_path is not None and not exists(place(eval_path)):
             eval_path = None
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
         policy = PublishPolicy(

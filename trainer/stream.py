@@ -7,6 +7,10 @@ visible shard is complete; it never writes into a visible name, never rewrites a
 and never reuses the name of a shard the trainer has processed. Shards are taken in name
 order (producers name them by time slice: part-00000.parquet, part-00001.parquet, ...).
 
+The stream is a local folder or an `s3://` URL (model/storage.py): on S3 a producer
+writes each shard in one PUT (an object is never visible half written) under its final
+name, or under a hidden name and copies it.
+
 A shard that cannot be read as the schema is moved to `<stream>/.quarantine/<name>`
 with `<name>.reason` beside it, and the trainer goes on, but only once the file has
 stayed the same (size and mtime) across two looks a poll apart: a file still being
@@ -17,43 +21,43 @@ under a quarantined name is new: it is read like any other.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pyarrow.fs import FileType
 
 from model.batch import Batch
 from model.data.reader import DataError, check_footer, read_batch
 from model.data.synth import SynthConfig, World, check_schema_supported, write_shard
 from model.schema import SURFACE_INPUT, FeatureSchema
+from model.storage import Place, child, exists, info, listing, make_dirs, move, place, write_bytes
 
 log = logging.getLogger(__name__)
 
 QUARANTINE = ".quarantine"
 
 
-def discover(stream: Path, done: set[str]) -> list[Path]:
+def discover(stream: str | Path | Place, done: set[str]) -> list[Place]:
     """Complete shards not yet processed, oldest first. Hidden names (a producer's
     temporary files: a leading `.` or `_`; the quarantine) are not shards."""
-    if not stream.is_dir():
-        return []
-    return sorted(p for p in stream.glob("*.parquet") if p.is_file() and p.name[0] not in "._" and p.name not in done)
+    stream = place(stream)
+    shards = (child(stream, e.path) for e in listing(stream) if e.is_file and e.path.endswith(".parquet"))
+    return sorted((p for p in shards if p.name[0] not in "._" and p.name not in done), key=lambda p: p.name)
 
 
-def fingerprint(path: Path) -> tuple[int, int] | None:
+def fingerprint(path: str | Path | Place) -> tuple[int, int] | None:
     """(size, mtime) of a file, or None when it is gone: what must stay the same across
     two looks before an unreadable file counts as bad rather than unfinished."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    found = info(place(path))
+    if found.type != FileType.File:
         return None
-    return st.st_size, st.st_mtime_ns
+    return found.size or 0, found.mtime_ns or 0
 
 
-def load_shard(path: Path, schema: FeatureSchema, max_seq_len: int) -> Batch:
+def load_shard(path: str | Path | Place, schema: FeatureSchema, max_seq_len: int) -> Batch:
     """The shard's rows with labels; DataError (the reason) if it does not fit the schema."""
     check_footer(path, schema, labels=True)
     batch = read_batch(path, schema, max_seq_len=max_seq_len, labels=True)
@@ -65,15 +69,16 @@ def load_shard(path: Path, schema: FeatureSchema, max_seq_len: int) -> Batch:
     return batch
 
 
-def quarantine(path: Path, reason: str) -> Path:
+def quarantine(path: str | Path | Place, reason: str) -> Place:
     """Moves a bad shard aside with its reason; a later shard of the same name is new."""
+    path = place(path)
     folder = path.parent / QUARANTINE
-    folder.mkdir(exist_ok=True)
+    make_dirs(folder)
     target = folder / path.name
-    if target.exists():
-        target = folder / f"{path.stem}.{time.time_ns()}{path.suffix}"
-    os.replace(path, target)
-    target.with_name(target.name + ".reason").write_text(reason.strip() + "\n")
+    if exists(target):
+        target = folder / f"{path.stem}.{time.time_ns()}.parquet"
+    move(path, target)
+    write_bytes(folder / f"{target.name}.reason", (reason.strip() + "\n").encode())
     log.error("quarantined %s: %s", path.name, reason)
     return target
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,12 +32,13 @@ from model.baselines import build_models
 from model.batch import Batch, concat, iter_minibatches
 from model.checkpoint import ModelBundle, save_checkpoint
 from model.config import preset
-from model.data.reader import DataError, read_batch, resolve_paths
+from model.data.reader import DataError, read_batch, resolve_places
 from model.embedding import dense_stats, set_dense_stats
 from model.features import input_names
 from model.outputs import LOGITS
 from model.progress import SILENT, Progress
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
+from model.storage import Place
 from trainer.evaluation import evaluate
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ TRAINING_DEFAULTS: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: Path
+    # A file, folder or glob; local or s3:// (model/storage.py).
+    data: str | Path
     out: Path
     preset: str = "small"
     schema_path: Path = DEFAULT_SCHEMA_PATH
@@ -152,9 +155,11 @@ def labels_of(batch: Batch, schema: FeatureSchema) -> np.ndarray:
     return np.stack([batch[t.label_column] for t in schema.tasks], axis=1)
 
 
-def split_shards(
-    paths: list[Path], val_shards: int = 1, test_shards: int = 1
-) -> tuple[list[Path], list[Path], list[Path]]:
+# A shard's name: a local Path or a Place (local or S3).
+P = TypeVar("P", Path, Place)
+
+
+def split_shards(paths: list[P], val_shards: int = 1, test_shards: int = 1) -> tuple[list[P], list[P], list[P]]:
     """Time-ordered shards -> (train, validation, test): the last `test_shards` are the
     test slice, the `val_shards` before them the validation slice."""
     held = val_shards + test_shards
@@ -342,7 +347,7 @@ def train(cfg: TrainConfig, progress: Progress = SILENT) -> TrainResult:
     overrides = {"esmm": cfg.esmm, "sequence_arch": cfg.sequence_arch}
     model_cfg = model_cfg.with_(**{k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(cfg.seed)
-    train_paths, val_paths, test_paths = split_shards(resolve_paths(cfg.data), cfg.val_shards, cfg.test_shards)
+    train_paths, val_paths, test_paths = split_shards(resolve_places(cfg.data), cfg.val_shards, cfg.test_shards)
     log.info(
         "training on %d shard(s), validating on %s, testing on %s",
         len(train_paths),
@@ -350,7 +355,7 @@ def train(cfg: TrainConfig, progress: Progress = SILENT) -> TrainResult:
         ", ".join(p.name for p in test_paths),
     )
 
-    def read(paths: list[Path]) -> list[Batch]:
+    def read(paths: list[Place]) -> list[Batch]:
         return [read_batch(p, schema, max_seq_len=model_cfg.seq_len) for p in paths]
 
     train_data = read(train_paths)

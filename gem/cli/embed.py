@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,9 +24,13 @@ from model.schema import DEFAULT_SCHEMA_PATH
 @friendly_errors
 def embed_cmd(
     source: Annotated[
-        str, typer.Argument(help="Parquet file, folder or glob of logged examples (the schema's format).")
+        str,
+        typer.Argument(help="Parquet file, folder or glob of logged examples (the schema's format); local or s3://."),
     ],
-    out: Annotated[Path, typer.Option(help="Output folder: one subfolder per input file, errors in _errors/.")],
+    out: Annotated[
+        str,
+        typer.Option(help="Output folder or s3:// URL: one subfolder per input file, errors in _errors/."),
+    ],
     repo: RepoOption = DEFAULT_REPO,
     backend: Annotated[str, typer.Option(help="onnxruntime (in the Ray actors) or triton.")] = "onnxruntime",
     triton_url: TritonUrlOption = TRITON_GRPC_URL,
@@ -99,4 +102,4 @@ def embed_cmd(
     if summary.failed_files:
         raise DataError("; ".join(f"{f.path.name}: {f.error}" for f in summary.failed_files))
     if summary.error_rows and fail_on_error:
-        raise DataError(f"{summary.error_rows:,} rows refused (--fail-on-error); reasons in {out / '_errors'}")
+        raise DataError(f"{summary.error_rows:,} rows refused (--fail-on-error); reasons in {out.rstrip('/')}/_errors")

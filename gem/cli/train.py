@@ -77,7 +77,9 @@ def run_training(cfg: TrainConfig, progress_every: float = 10.0) -> dict:
 
 @friendly_errors
 def train_cmd(
-    data: Annotated[Path, typer.Option(help="Parquet file, folder or glob; shards in time order.")] = DEFAULT_DATA,
+    data: Annotated[
+        str, typer.Option(help="Parquet file, folder or glob, local or s3://; shards in time order.")
+    ] = str(DEFAULT_DATA),
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write (replaced atomically).")] = DEFAULT_CHECKPOINT,
     preset: PresetOption = "small",
     epochs: Annotated[

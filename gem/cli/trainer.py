@@ -33,9 +33,9 @@ StateOption = Annotated[
 @trainer_app.command("run")
 @friendly_errors
 def trainer_run(
-    stream: Annotated[Path, typer.Option(help="Folder where Parquet shards arrive (taken in name order).")] = (
-        DEFAULT_STREAM
-    ),
+    stream: Annotated[
+        str, typer.Option(help="Folder or s3:// URL where Parquet shards arrive (taken in name order).")
+    ] = str(DEFAULT_STREAM),
     repo: RepoOption = DEFAULT_REPO,
     checkpoint: Annotated[
         Path | None,
@@ -65,11 +65,10 @@ def trainer_run(
     batch_size: Annotated[int, typer.Option(help="Examples per step on each process.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the shuffling (and of a fresh model).")] = 0,
     knowledge_out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Write the served versions' knowledge of every shard the gate scores here, as `gem embed` does "
-            "(from the gate's own pass; a folder of its own).",
-            file_okay=False,
+            help="Write the served versions' knowledge of every shard the gate scores here (a folder or s3:// URL), "
+            "as `gem embed` does (from the gate's own pass; a folder of its own).",
         ),
     ] = None,
     schema: SchemaOption = DEFAULT_SCHEMA_PATH,

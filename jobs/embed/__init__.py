@@ -10,8 +10,13 @@ the driver's alone, so the same job runs on a laptop, here, or on a Ray cluster
 (`address`; the output folder must then be shared storage).
 
 Each input file becomes `<out>/<file stem>/` (parts plus `_manifest.json`, the commit
-marker: a rerun after a crash skips committed files and redoes the others, so there are
-no duplicates or gaps). Rows that do not match the schema (nulls, unknown surfaces,
+marker naming the parts: a rerun after a crash skips committed files and redoes the
+others, so there are no duplicates or gaps). Input and output may be local or `s3://`
+(model/storage.py): locally a file commits by one rename of a folder holding its parts
+and manifest; S3 has no rename, so there the commit is manifest-last (the old manifest
+removed first, the parts copied from staging under their final names, the manifest
+written after them), and an output counts only when its manifest is there and every part
+it names exists. Rows that do not match the schema (nulls, unknown surfaces,
 ragged sequence fields) go to `<out>/_errors/<file stem>/` with the reason; a file that
 cannot be read as the schema at all (a column of the wrong type) is refused from its
 Parquet footer before any work. Nothing is dropped silently: per file, rows out + error

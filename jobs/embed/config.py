@@ -13,7 +13,8 @@ from serving.backends.base import BackendConfig, BackendKind
 @dataclass(frozen=True)
 class EmbedConfig:
     source: str
-    out: Path
+    # A local folder or an s3:// URL (model/storage.py).
+    out: str | Path
     repository: Path = Path("model_repo")
     schema_path: Path = DEFAULT_SCHEMA_PATH
     # "onnxruntime" (in the actors) or "triton".

@@ -5,10 +5,8 @@ and commits each file when all of its rows are written."""
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import uuid
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +22,7 @@ from model.data.reader import DataError
 from model.features import input_specs
 from model.progress import SILENT, Progress
 from model.schema import FeatureSchema, load_schema
+from model.storage import Place, place, remove
 from serving.backends.errors import VersionNotLoaded
 from serving.backends.onnx import published_graphs
 
@@ -34,19 +33,22 @@ def _dataset(pending: list[FileResult], cfg: EmbedConfig, columns: list[str]):
     import ray
 
     if cfg.limit is None:
-        files = [str(r.path) for r in pending]
-        return ray.data.read_parquet(files, include_paths=True).select_columns([*columns, PATH_COLUMN])
+        # The filesystem's own paths (S3: `bucket/key`), which Ray Data puts in PATH_COLUMN.
+        files = [r.path.path for r in pending]
+        read = ray.data.read_parquet(files, filesystem=pending[0].path.fs, include_paths=True)
+        return read.select_columns([*columns, PATH_COLUMN])
     # A dry run reads the head of each file here: a few rows, not worth a read task.
     heads = []
     for r in pending:
         batches, rows = [], 0
-        for batch in pq.ParquetFile(r.path).iter_batches(batch_size=cfg.limit, columns=columns):
-            batches.append(batch)
-            rows += batch.num_rows
-            if rows >= cfg.limit:
-                break
+        with r.path.fs.open_input_file(r.path.path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.limit, columns=columns):
+                batches.append(batch)
+                rows += batch.num_rows
+                if rows >= cfg.limit:
+                    break
         head = pa.Table.from_batches(batches).slice(0, cfg.limit)
-        heads.append(head.append_column(PATH_COLUMN, pa.array([str(r.path)] * head.num_rows)))
+        heads.append(head.append_column(PATH_COLUMN, pa.array([r.path.path] * head.num_rows)))
     return ray.data.from_arrow(heads)
 
 
@@ -73,7 +75,8 @@ def _stamp(
     cfg: EmbedConfig,
     schema: FeatureSchema,
     progress: Progress,
-    run_staging: Path,
+    out: Place,
+    run_staging: Place,
 ) -> None:
     """One pipeline over files that share a Parquet schema (with columns `names`): read ->
     actor pool -> the driver counts receipts and commits each file when all its rows are
@@ -90,7 +93,7 @@ def _stamp(
     receipts = _dataset(list(live.values()), cfg, columns).map_batches(
         KnowledgeStamper,
         num_cpus=min(1.0, max(0.25, (cpus - 1) / cfg.actors)),
-        fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml(), "staging": str(run_staging)},
+        fn_constructor_kwargs={"cfg": cfg, "schema_yaml": schema.to_yaml(), "staging": run_staging.uri},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -110,7 +113,7 @@ def _stamp(
                         versions.append(receipt[key])
                 progress.advance(receipt["rows_out"] + receipt["error_rows"])
                 if result.done:
-                    commit(result, cfg.out, cfg.limit, cfg.fm_version, run_staging)
+                    commit(result, out, cfg.limit, cfg.fm_version, run_staging)
                     progress.note(result.describe())
     except (DataError, ray.exceptions.RayError, pa.ArrowException, OSError) as e:
         reason = _root_cause(e)
@@ -152,9 +155,10 @@ def run_embed(cfg: EmbedConfig, progress: Progress = SILENT) -> Summary:
     # Each run stages under a folder of its own: the actors of a killed run can outlive
     # their driver for a while, and must never add parts to this run's files. What
     # earlier runs staged is never committed, so it goes.
-    run_staging = cfg.out / STAGING / uuid.uuid4().hex[:12]
+    out = place(cfg.out)
+    run_staging = out / STAGING / uuid.uuid4().hex[:12]
     if pending:
-        shutil.rmtree(cfg.out / STAGING, ignore_errors=True)
+        remove(out / STAGING)
     if cfg.group_by:
         lacking = [r for r in pending if cfg.group_by not in footers[r.path].names]
         if lacking:
@@ -162,18 +166,18 @@ def run_embed(cfg: EmbedConfig, progress: Progress = SILENT) -> Summary:
                      len(lacking), len(pending), cfg.group_by)  # fmt: skip
     for result in pending:
         if result.done:  # an empty file
-            commit(result, cfg.out, cfg.limit, cfg.fm_version, run_staging)
+            commit(result, out, cfg.limit, cfg.fm_version, run_staging)
             progress.note(result.describe())
         else:
-            groups.setdefault(footers[result.path].remove_metadata(), {})[str(result.path)] = result
+            groups.setdefault(footers[result.path].remove_metadata(), {})[result.path.path] = result
     if groups and not ray.is_initialized():
         ray.init(address=cfg.address or "local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for columns, live in groups.items():
-        _stamp(live, columns.names, cfg, schema, progress, run_staging)
+        _stamp(live, columns.names, cfg, schema, progress, out, run_staging)
     if pending:
         # Also what a killed run's actors wrote while this one ran: nothing commits it.
-        shutil.rmtree(cfg.out / STAGING, ignore_errors=True)
+        remove(out / STAGING)
     summary.seconds = time.perf_counter() - start
     if summary.rows_stamped:
         log.info("gem embed: users encoded: %s for %s rows", f"{summary.users_encoded:,}", f"{summary.rows_stamped:,}")

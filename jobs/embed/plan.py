@@ -3,19 +3,18 @@ Parquet footer (with the reason) or pending (with the rows it will stamp)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 
 from jobs.embed.config import EmbedConfig
 from jobs.embed.manifest import committed, skipped_result
 from jobs.embed.outputs import KEY_COLUMNS
 from jobs.embed.results import FileResult
-from model.data.reader import DataError, check_footer, resolve_paths
+from model.data.reader import DataError, check_footer, resolve_places
 from model.schema import FeatureSchema
+from model.storage import Place, check_bucket, place
 
 
-def check_file(path: Path, schema: FeatureSchema) -> tuple[int, pa.Schema]:
+def check_file(path: Place, schema: FeatureSchema) -> tuple[int, pa.Schema]:
     """A file whose columns do not fit the schema is refused from its footer, before any
     work; returns its row count and Arrow schema."""
     meta = check_footer(path, schema)
@@ -25,23 +24,25 @@ def check_file(path: Path, schema: FeatureSchema) -> tuple[int, pa.Schema]:
     return meta.num_rows, columns
 
 
-def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dict[Path, pa.Schema]]:
-    """Every input file: skipped, refused or pending; and the Arrow schema of each pending
-    file, read once from its footer here."""
-    paths = [p for p in resolve_paths(cfg.source) if not p.resolve().is_relative_to(cfg.out.resolve())]
+def plan(cfg: EmbedConfig, schema: FeatureSchema) -> tuple[list[FileResult], dict[Place, pa.Schema]]:
+    """Every input file (local or s3://): skipped, refused or pending; and the Arrow schema
+    of each pending file, read once from its footer here."""
+    out = place(cfg.out)
+    check_bucket(out)
+    paths = [p for p in resolve_places(cfg.source) if not p.is_relative_to(out)]
     if not paths:
         raise DataError(f"no Parquet files at {cfg.source} (outside the output folder)")
-    stems: dict[str, Path] = {}
+    stems: dict[str, Place] = {}
     for path in paths:
         if (other := stems.setdefault(path.stem, path)) != path:
-            raise DataError(f"{other} and {path} would both write {cfg.out / path.stem}: rename one")
+            raise DataError(f"{other} and {path} would both write {out / path.stem}: rename one")
     results, footers = [], {}
     for path in paths:
-        done = None if cfg.overwrite else committed(cfg.out / path.stem, cfg.limit, cfg.fm_version)
+        done = None if cfg.overwrite else committed(out / path.stem, cfg.limit, cfg.fm_version)
         if done is not None:
-            results.append(skipped_result(path.resolve(), done))
+            results.append(skipped_result(path, done))
             continue
-        result = FileResult(path.resolve())
+        result = FileResult(path)
         try:
             rows, footers[result.path] = check_file(path, schema)
             result.rows_in = rows if cfg.limit is None else min(rows, cfg.limit)

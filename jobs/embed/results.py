@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from model.storage import Place
 
 
 @dataclass
 class FileResult:
-    path: Path
+    # The input file (local or s3://); its stem names the output folder.
+    path: Place
     rows_in: int = 0
     rows_out: int = 0
     error_rows: int = 0

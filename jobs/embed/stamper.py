@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +20,7 @@ from model.data.reader import table_to_batch
 from model.examples import zero_batch
 from model.features import USER_INDEX, user_input_names
 from model.schema import schema_from_yaml
+from model.storage import place
 from model.user_index import share_users
 from serving.backends.base import BackendConfig, Knowledge, make_backend
 
@@ -57,7 +57,8 @@ class KnowledgeStamper:
     """Called by Ray Data with each batch of logged rows (and their `PATH_COLUMN`)."""
 
     def __init__(self, cfg: EmbedConfig, schema_yaml: str, staging: str):
-        self.schema, self.staging = schema_from_yaml(schema_yaml), Path(staging)
+        # `staging`: a URL or path, made a Place here (from this node's AWS settings).
+        self.schema, self.staging = schema_from_yaml(schema_yaml), place(staging)
         self.group_by = cfg.group_by
         self.infer, self.fm_users = open_backend(cfg, user_input_names(self.schema))
         # Output widths from one all-zero row, for batches in which no row can be served.

@@ -25,6 +25,7 @@ from gem.knowledge.columns import INT64_LIST, pad_lists, surface_codes
 from model.batch import Batch
 from model.features import input_specs
 from model.schema import FeatureSchema
+from model.storage import Place, is_remote, parquet_files, place, unavailable
 
 
 class DataError(ValueError):
@@ -43,6 +44,18 @@ def resolve_paths(source: str | Path) -> list[Path]:
     if not paths:
         raise DataError(f"no Parquet files at {source}")
     return paths
+
+
+def resolve_places(source: str | Path | Place) -> list[Place]:
+    """`resolve_paths` for a local source or an `s3://` one (a file, a folder's *.parquet
+    or a glob in the last part of the URL): sorted files (model/storage.py)."""
+    source = str(source)
+    if not is_remote(source):
+        return [place(p) for p in resolve_paths(source)]
+    places = parquet_files(source)
+    if not places:
+        raise DataError(f"no Parquet files at {source}")
+    return places
 
 
 def _is_list(t: pa.DataType) -> bool:
@@ -117,14 +130,15 @@ def check_columns(columns: pa.Schema, schema: FeatureSchema, labels: bool = Fals
             raise DataError(f"column {spec.name!r}: expected {expected}, got {found}")
 
 
-def check_footer(path: str | Path, schema: FeatureSchema, labels: bool = False) -> pq.FileMetaData:
-    """`check_columns` on a Parquet file's footer (no row is read); returns the footer
-    (row count, `.schema.to_arrow_schema()`) for the caller's own checks."""
+def check_footer(path: str | Path | Place, schema: FeatureSchema, labels: bool = False) -> pq.FileMetaData:
+    """`check_columns` on a Parquet file's footer (no row is read; local or s3://);
+    returns the footer (row count, `.schema.to_arrow_schema()`) for the caller's own checks."""
+    where = place(path)
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(where.path, filesystem=where.fs)
         columns = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"not a readable Parquet file: {e}") from None
+        raise unavailable(e, where) or DataError(f"not a readable Parquet file: {e}") from None
     check_columns(columns, schema, labels)
     return meta
 
@@ -175,19 +189,20 @@ def check_finite(batch: Batch, schema: FeatureSchema) -> None:
 
 
 def read_batch(
-    path: str | Path,
+    path: str | Path | Place,
     schema: FeatureSchema,
     *,
     max_seq_len: int | None = None,
     labels: bool = True,
     finite: bool = True,
 ) -> Batch:
-    """One Parquet file -> a batch; with `finite` (training data) non-finite dense
-    values are refused."""
+    """One Parquet file (local or s3://) -> a batch; with `finite` (training data)
+    non-finite dense values are refused."""
+    where = place(path)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(where.path, filesystem=where.fs)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        raise unavailable(e, where) or DataError(f"{path}: not a readable Parquet file: {e}") from None
     try:
         batch = table_to_batch(table, schema, max_seq_len=max_seq_len, labels=labels)
         if finite:
