@@ -5,6 +5,7 @@ teachers on the same rows."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -20,6 +21,7 @@ from bench.students_stream.report import report
 from bench.students_stream.student import Settings, make_run, scored, stream_student, surfaces_labels, tune_hard
 from bench.students_stream.teacher import teach
 from bench.students_stream.world import ADAPTED, PLANTED, RAW, World, student_rows, write_world
+from jobs.embed.manifest import MANIFEST
 from model.batch import Batch
 from model.schema import FeatureSchema, load_schema
 from students.config import StudentConfig, load_student_config
@@ -64,6 +66,16 @@ def tune(cfg: StreamConfig, schema: FeatureSchema, sc: StudentConfig, base: Sett
     return tune_hard(shards, sc, schema, base, cfg.passes_grid, cfg.batch_grid, cfg.validation_seed, score)
 
 
+def knowledge_versions(knowledge: Path, world: World, cfg: StreamConfig) -> dict[str, dict[str, list[int]]]:
+    """Shard -> the FM and adapter versions its knowledge was stamped with (the manifests):
+    what shows the lag (a new FM version per shard in the fresh arm, one in the frozen)."""
+    out = {}
+    for path in world.shards[cfg.launch :]:
+        manifest = json.loads((knowledge / path.stem / MANIFEST).read_text())
+        out[path.stem] = {k: manifest[k] for k in ("rows_out", "fm_versions", "adapter_versions")}
+    return out
+
+
 def run_seed(
     cfg: StreamConfig, schema: FeatureSchema, sc: StudentConfig, settings: Settings, seed: int, work: Path
 ) -> dict:
@@ -83,6 +95,7 @@ def run_seed(
         "rows": len(labels),
         "teachers": {"planted": scores(_logit(scored(plain, PLANTED)), labels, schema)},
         "students": {},
+        "knowledge_versions": {name: knowledge_versions(arm.knowledge, world, cfg) for name, arm in arms.items()},
     }
     for arm_name in ARMS:
         arm = arms[arm_name]
@@ -128,7 +141,10 @@ def run(cfg: StreamConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.students --protocol stream", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.students --protocol stream", description=__doc__,
+        epilog="--protocol frozen: the stale-teacher ablation (bench/students.py), with its own options",
+    )  # fmt: skip
     d = StreamConfig()
     p.add_argument("--seeds", type=int, default=d.seeds, help="worlds (3: the quick mode, labelled so)")
     p.add_argument("--rows", type=int, default=d.rows)
