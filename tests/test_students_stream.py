@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from bench.students_stream.config import StreamConfig
 from bench.students_stream.report import report
@@ -19,7 +20,8 @@ from bench.students_stream.world import PLANTED, student_rows, write_world
 from model.data.synth import SynthConfig, planted_path, write_shards
 from model.schema import load_schema
 from students.config import load_student_config
-from students.variants import Variant
+from students.train import build_student, load_student, save_student
+from students.variants import Variant, parse_variant
 
 SCHEMA = load_schema()
 STUDENT = replace(load_student_config(), surfaces=("reels",))
@@ -87,3 +89,25 @@ def test_quick_mode_runs_every_stage(tmp_path):
         assert frozen[0]["fm_versions"] == frozen[1]["fm_versions"]
         assert frozen[0]["adapter_versions"][0] < frozen[1]["adapter_versions"][0]
         assert [k["rows_out"] for k in fresh] == [SMALL.rows // SMALL.shards] * 2
+
+
+def test_the_aux_tower_is_its_own_mlp_on_the_shared_bottom_and_round_trips(tmp_path):
+    tower, linear = (parse_variant("aux", aux_head=h) for h in ("tower", "linear"))
+    model = build_student(STUDENT, SCHEMA, tower)
+    assert hasattr(model, "aux_top") and not hasattr(build_student(STUDENT, SCHEMA, linear), "aux_top")
+    world = write_world(tmp_path / "world", SCHEMA, 2_000, 1, seed=0, users=200, ads=100, drift=1.0)
+    batch = student_rows(world, 0, STUDENT, SCHEMA, None)
+    inputs = {n: torch.from_numpy(batch[n]) for n in model.input_names()}
+    model.eval()
+    with torch.no_grad():
+        before = model(inputs)
+    # The serving tower gets no gradient from the auxiliary logits.
+    model.train()
+    model(inputs)["aux_logits"].sum().backward()
+    assert all(p.grad is None for p in model.top.parameters()) and model.aux_top[0][0].weight.grad is not None
+    loaded, variant, _ = load_student(save_student(tmp_path / "s", model, tower, {}))
+    assert variant.aux_head == "tower"
+    with torch.no_grad():
+        after = loaded(inputs)
+    for name in ("logits", "aux_logits"):
+        torch.testing.assert_close(before[name], after[name])
