@@ -1,8 +1,13 @@
 """What each kind of GEM knowledge buys a vertical model, on synthetic data with drift.
 
-    .venv/bin/python -m bench.students [--rows 200000] [--shards 8] [--early 5] [--preset tiny]
+    .venv/bin/python -m bench.students [--protocol stream] [--seeds 5]       # the default
+    .venv/bin/python -m bench.students --protocol frozen [--rows 200000] [--shards 8] [--early 5]
 
-One run, in the order a platform runs it:
+`--protocol stream` (bench/students_stream): a teacher the side trainer keeps fresh,
+students streaming as production runs them, 5 seeds; see that package.
+
+`--protocol frozen`: the stale-teacher ablation, kept as it was. One run, in the order a
+platform runs it:
 
 1. synthetic logged data with drift (`gem data synth --drift`): the planted preferences
    move from the first shard to the last;
@@ -329,7 +334,18 @@ def plot(result: BenchResult, tasks: list[str], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    protocol = argparse.ArgumentParser(add_help=False)
+    protocol.add_argument("--protocol", choices=("stream", "frozen"), default="stream")
+    known, rest = protocol.parse_known_args()
+    if known.protocol == "stream":
+        from bench.students_stream.run import main as stream_main
+
+        stream_main(rest)
+        return
+    p = argparse.ArgumentParser(
+        prog="python -m bench.students --protocol frozen", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     d = BenchConfig()
     p.add_argument("--rows", type=int, default=d.rows)
     p.add_argument("--shards", type=int, default=d.shards)
@@ -345,7 +361,7 @@ def main() -> None:
     p.add_argument("--name", default="students", help="results file name")
     p.add_argument("--lock", type=Path, default=None, help="flock this file while Ray runs (gem embed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared 2-core machine)")
-    args = p.parse_args()
+    args = p.parse_args(rest)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     cfg = BenchConfig(

@@ -7,6 +7,9 @@
     all tokens: pairwise dot products (DLRM) || the dense token || [repr vectors]
       -> top MLP -> h -> serving head  [B, T]   (what the vertical ranks with)
                      -> auxiliary head [B, T]   (ExFM: where the teacher is distilled)
+      or, with `aux_tower`, the auxiliary head on its own MLP from the same
+      interaction features (ExFM's auxiliary tower on the shared bottom: the teacher
+      reaches the tables and the bottom MLP, never the serving tower)
 
 The tables are named `tables.<feature>` (hashed as the FM's `HashedEmbedding`), so that
 `students.share` can load the FM's table of the same feature by name.
@@ -47,11 +50,13 @@ class Student(nn.Module):
         schema: FeatureSchema,
         cfg: StudentConfig,
         repr_widths: tuple[int, int] | None = None,
+        aux_tower: bool = False,
     ):
         """`schema`: the student's sub-schema (StudentConfig.sub_schema); `repr_widths`:
-        (embedding, user_embedding) widths when GEM's embeddings are inputs."""
+        (embedding, user_embedding) widths when GEM's embeddings are inputs; `aux_tower`:
+        the auxiliary head on its own tower (the serving tower's widths)."""
         super().__init__()
-        self.schema, self.cfg, self.repr_widths = schema, cfg, repr_widths
+        self.schema, self.cfg, self.repr_widths, self.aux_tower = schema, cfg, repr_widths, aux_tower
         d = cfg.dim
         self.sparse_names = [f.name for f in schema.sparse]
         self.dense_names = [f.name for f in schema.dense]
@@ -77,6 +82,8 @@ class Student(nn.Module):
         self.top = nn.Sequential(MLP([self.pairs.shape[1] + extra, *cfg.top]), nn.GELU())
         self.serving_head = nn.Linear(cfg.top[-1], n_tasks)
         self.aux_head = nn.Linear(cfg.top[-1], n_tasks)
+        if aux_tower:
+            self.aux_top = nn.Sequential(MLP([self.pairs.shape[1] + extra, *cfg.top]), nn.GELU())
 
     def _embed(self, name: str, ids: Tensor) -> Tensor:
         x = self.tables[name](ids)
@@ -105,8 +112,10 @@ class Student(nn.Module):
                 flat.append(batch[name])
         x = torch.stack(tokens, dim=1)  # [B, N, d]
         dots = torch.bmm(x, x.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
-        h = self.top(torch.cat([dots, *flat], dim=1))
-        return {SERVING: self.serving_head(h), AUX: self.aux_head(h)}
+        bottom = torch.cat([dots, *flat], dim=1)
+        h = self.top(bottom)
+        aux = self.aux_head(self.aux_top(bottom) if self.aux_tower else h)
+        return {SERVING: self.serving_head(h), AUX: aux}
 
     def input_names(self) -> list[str]:
         names = [*self.sparse_names, SURFACE_INPUT, *self.dense_names]

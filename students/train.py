@@ -135,6 +135,39 @@ def predict(model: Student, batch: Batch, batch_size: int = 8192) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, len(model.schema.tasks)), np.float32)
 
 
+def fit_pass(
+    model: Student,
+    optimizers: list[torch.optim.Optimizer],
+    data: Batch,
+    schema: FeatureSchema,
+    variant: Variant,
+    batch_size: int,
+    rng: np.random.Generator,
+    on_step: StepCallback | None = None,
+) -> float:
+    """One pass over `data` in shuffled minibatches with the caller's optimizers (a
+    streaming student keeps them across shards); returns the mean loss."""
+    names = model.input_names()
+    labels = labels_of(data, schema)
+    # The tables' sparse gradients are made by torch itself: its invariant checks can stay off.
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    model.train()
+    losses = []
+    for rows in minibatch_rows(len(labels), batch_size, rng):
+        mb = take(data, rows)
+        teacher = torch.from_numpy(mb[TEACHER]) if TEACHER in mb else None
+        parts = student_loss(model(_tensors(mb, names)), torch.from_numpy(labels[rows]), teacher, variant)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        parts.total.backward()
+        for opt in optimizers:
+            opt.step()
+        losses.append(parts.total.item())
+        if on_step:
+            on_step(len(rows), losses[-1])
+    return float(np.mean(losses)) if losses else float("nan")
+
+
 def fit(
     model: Student,
     data: Batch,
@@ -146,34 +179,18 @@ def fit(
     """Trains in place; returns the last epoch's mean loss."""
     rng = np.random.default_rng(cfg.seed)
     optimizers = make_optimizers(model, cfg.lr, cfg.embedding_lr)
-    names = model.input_names()
-    labels = labels_of(data, schema)
     loss_mean = float("nan")
-    # The tables' sparse gradients are made by torch itself: its invariant checks can stay off.
-    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     for _ in range(cfg.epochs):
-        model.train()
-        losses = []
-        for rows in minibatch_rows(len(labels), cfg.batch_size, rng):
-            mb = take(data, rows)
-            teacher = torch.from_numpy(mb[TEACHER]) if TEACHER in mb else None
-            parts = student_loss(model(_tensors(mb, names)), torch.from_numpy(labels[rows]), teacher, variant)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            for opt in optimizers:
-                opt.step()
-            losses.append(parts.total.item())
-            if on_step:
-                on_step(len(rows), losses[-1])
-        loss_mean = float(np.mean(losses))
+        loss_mean = fit_pass(model, optimizers, data, schema, variant, cfg.batch_size, rng, on_step)
     return loss_mean
 
 
 def build_student(
     cfg: StudentConfig, schema: FeatureSchema, variant: Variant, repr_widths: tuple[int, int] | None = None
 ) -> Student:
-    return Student(cfg.sub_schema(schema), cfg, repr_widths if variant.repr else None)
+    return Student(
+        cfg.sub_schema(schema), cfg, repr_widths if variant.repr else None, variant.aux and variant.aux_head == "tower"
+    )
 
 
 def train_student(
@@ -267,7 +284,8 @@ def load_student(path: str | Path) -> tuple[Student, Variant, dict]:
     cfg = StudentConfig.from_dict(meta["config"])
     schema = schema_from_yaml(meta["schema_yaml"], source=str(path / "student.json"))
     widths = tuple(meta["repr_widths"]) if meta["repr_widths"] else None
-    model = Student(schema, cfg, widths)
+    variant = Variant(**meta["variant"])
+    model = Student(schema, cfg, widths, variant.aux and variant.aux_head == "tower")
     model.load_state_dict(torch.load(path / "student.pt", map_location="cpu", weights_only=True))
     model.eval()
-    return model, Variant(**meta["variant"]), meta["metrics"]
+    return model, variant, meta["metrics"]

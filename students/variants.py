@@ -4,7 +4,9 @@
     hard      labels only
     kd        + distillation on GEM's labels, mixed into the serving head
     aux       + distillation through an auxiliary head (ExFM); the serving head sees
-              the true labels only
+              the true labels only. The head is one linear layer on the serving
+              tower's last layer (`aux_head="linear"`), or ExFM's auxiliary tower: its
+              own MLP on the shared bottom (`aux_head="tower"`)
     adapted   the Student Adapter's labels are the teacher (through the serving head
               unless `aux` is also given)
     repr      GEM's `embedding` and `user_embedding` as input features
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 NAMES = ("hard", "kd", "aux", "adapted", "repr", "share", "all")
 ALL = ("aux", "adapted", "repr", "share")
 SHARE_MODES = ("finetune", "frozen")
+AUX_HEADS = ("linear", "tower")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Variant:
     weight: float = 0.5
     temperature: float = 1.0
     share_mode: str = "finetune"
+    aux_head: str = "linear"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.weight <= 1.0 and self.distills:
@@ -41,6 +45,8 @@ class Variant:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.share_mode not in SHARE_MODES:
             raise ValueError(f"share mode must be one of {', '.join(SHARE_MODES)}, got {self.share_mode!r}")
+        if self.aux_head not in AUX_HEADS:
+            raise ValueError(f"aux head must be one of {', '.join(AUX_HEADS)}, got {self.aux_head!r}")
 
     @property
     def distills(self) -> bool:
@@ -64,7 +70,8 @@ class Variant:
 
 
 def parse_variant(text: str, **options) -> Variant:
-    """`"aux,repr"` -> Variant(aux=True, repr=True); `options`: weight, temperature, share_mode."""
+    """`"aux,repr"` -> Variant(aux=True, repr=True); `options`: weight, temperature,
+    share_mode, aux_head."""
     flags: set[str] = set()
     for part in (p.strip() for p in text.split(",")):
         if part not in NAMES:

@@ -15,6 +15,10 @@ and a click/conversion process built so that each part of GEM has something to f
 - `drift`: the crosses, interests and base rates move over the time range, so a
   model trained on old shards goes stale.
 
+Optionally (`planted_dir`) each shard gets a sidecar file with the planted
+probabilities of its rows (`planted_<task>`, by `example_id`), in its own folder so that
+no model reads it as data: the NE floor and an oracle teacher (bench/students_stream).
+
 Everything is vectorized numpy over chunks of rows; lists are written as Arrow
 list<int64> from flat values and offsets.
 """
@@ -146,6 +150,14 @@ def generate_chunk(
     world: World, cfg: SynthConfig, schema: FeatureSchema, rng: np.random.Generator, t: np.ndarray
 ) -> pa.Table:
     """`len(t)` examples at normalized times t in [0, 1] (sorted)."""
+    return generate_planted_chunk(world, cfg, schema, rng, t)[0]
+
+
+def generate_planted_chunk(
+    world: World, cfg: SynthConfig, schema: FeatureSchema, rng: np.random.Generator, t: np.ndarray
+) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """generate_chunk's rows and the planted probability of each task for them (the
+    same draws: a sidecar changes no row)."""
     n = len(t)
     w = cfg.drift * t  # how far the planted tables have drifted, per row
     seq = schema.sequences[0]
@@ -214,7 +226,10 @@ def generate_chunk(
         + 0.6 * (cat == intent)
         + 0.3 * np.log(world.ad_bid[ad])
     )
-    conversion = click & (rng.random(n) < 1.0 / (1.0 + np.exp(-conv_logit)))
+    p_conv_given_click = 1.0 / (1.0 + np.exp(-conv_logit))
+    conversion = click & (rng.random(n) < p_conv_given_click)
+    # The label `conversion` is unconditional (a click and then a conversion).
+    planted = {"click": p_click, "conversion": p_click * p_conv_given_click}
 
     # Dense features: noisy observations of the planted quantities.
     user_ctr = 1.0 / (1.0 + np.exp(-(world.user_bias[user] - 2.3 + rng.normal(0, 0.3, n))))
@@ -266,7 +281,7 @@ def generate_chunk(
     labels = {"click": click, "conversion": conversion}
     for task in schema.tasks:
         table[task.label_column] = pa.array(labels[task.name].astype(np.int8))
-    return pa.table(table)
+    return pa.table(table), {task.name: planted[task.name] for task in schema.tasks}
 
 
 def check_schema_supported(schema: FeatureSchema) -> None:
@@ -286,12 +301,17 @@ def shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"part-{index:05d}.parquet"
 
 
+def planted_path(planted_dir: Path, index: int) -> Path:
+    return planted_dir / f"planted-{index:05d}.parquet"
+
+
 def write_shards(
     cfg: SynthConfig,
     schema: FeatureSchema,
     out_dir: Path,
     *,
     progress: Progress = SILENT,
+    planted_dir: Path | None = None,
 ) -> list[Path]:
     """Writes `cfg.shards` Parquet files covering consecutive time slices.
 
@@ -299,11 +319,15 @@ def write_shards(
     by time, so file order is time order and the last file is the freshest. Each file
     is written to a temporary name and renamed: a reader never sees half a shard.
     `progress` hears one unit, its total `cfg.rows`, advanced as rows are written.
+    `planted_dir`: also write each shard's planted probabilities there (planted_path).
     """
     check_schema_supported(schema)
     world = World(cfg, len(schema.surfaces))
     progress.start("synthesizing rows", total=cfg.rows)
-    return [write_shard(cfg, schema, world, out_dir, shard, progress=progress) for shard in range(cfg.shards)]
+    return [
+        write_shard(cfg, schema, world, out_dir, shard, progress=progress, planted_dir=planted_dir)
+        for shard in range(cfg.shards)
+    ]
 
 
 def write_shard(
@@ -314,6 +338,7 @@ def write_shard(
     shard: int,
     *,
     progress: Progress = SILENT,
+    planted_dir: Path | None = None,
 ) -> Path:
     """Writes shard `shard` of `cfg.shards` (see write_shards); the stream player
     (trainer/stream.py) calls it one shard at a time."""
@@ -324,15 +349,21 @@ def write_shard(
     t = (shard + np.sort(rng.random(rows))) / cfg.shards
     path = shard_path(out_dir, shard)
     writer = None
+    sidecar: list[pa.Table] = []
     with atomic_path(path) as tmp:
         for lo in range(0, rows, cfg.chunk_rows):
-            chunk = generate_chunk(world, cfg, schema, rng, t[lo : lo + cfg.chunk_rows])
+            chunk, planted = generate_planted_chunk(world, cfg, schema, rng, t[lo : lo + cfg.chunk_rows])
             ids = np.arange(bounds[shard] + lo, bounds[shard] + lo + chunk.num_rows, dtype=np.int64)
             chunk = chunk.add_column(0, "example_id", pa.array(ids))
             if writer is None:
                 writer = pq.ParquetWriter(tmp, chunk.schema, compression="zstd")
             writer.write_table(chunk)
+            sidecar.append(pa.table({"example_id": ids, **{f"planted_{k}": v for k, v in planted.items()}}))
             progress.advance(chunk.num_rows)
         if writer is not None:
             writer.close()
+    if planted_dir is not None and sidecar:
+        planted_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(planted_path(planted_dir, shard)) as tmp:
+            pq.write_table(pa.concat_tables(sidecar), tmp)
     return path
