@@ -31,7 +31,7 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from gem.knowledge import KnowledgeClient
-from gem.knowledge.client import pushback_wait
+from gem.knowledge.client import pushback_s
 from locust import User, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -92,7 +92,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
             exception = e
             context["code"] = e.code().name
         name = client_call_details.method.rsplit("/", 1)[-1]
-        if exception is not None and pushback_wait(exception, 0, 1, float("inf")) is not None:
+        if exception is not None and pushback_s(exception) is not None:
             # Refused by the admission gate (UNAVAILABLE with a retry-after): timed apart,
             # so that the call's own entry holds the calls that were admitted.
             name += REFUSED

@@ -87,13 +87,16 @@ class AdmissionGate:
         """What the replica completes per second of being busy, lately (None: no estimate yet)."""
         return self.done / self.busy_s if self.done > 0 and self.busy_s > 0 else None
 
+    def _retry_after(self, seconds: float) -> float:
+        return min(max(seconds, self.cfg.min_retry_s), self.cfg.max_retry_s)
+
     def decide(self, rows: int, budget_s: float) -> Verdict:
         """Admit a call of `rows` examples with `budget_s` seconds left before its deadline?
         A call on an idle replica is always admitted (nothing to wait for, and it keeps the
         latency estimate fresh); an oversized call alone is the data plane's to split."""
         if self.calls == 0:
             return Verdict(True)
-        retry = min(max(self.latency_s or 0.0, self.cfg.min_retry_s), self.cfg.max_retry_s)
+        retry = self._retry_after(self.latency_s or 0.0)
         if self.calls + 1 > self.cfg.max_calls or self.examples + rows > self.cfg.max_examples:
             return Verdict(False, FULL, retry)
         if self.latency_s is not None and budget_s < self.latency_s:
@@ -103,7 +106,7 @@ class AdmissionGate:
             rate = self.examples_per_s
             if rate is not None and (wait := self.examples / rate) > self.cfg.max_wait_s:
                 # Retry once what is ahead has drained.
-                return Verdict(False, WAIT, min(max(wait, self.cfg.min_retry_s), self.cfg.max_retry_s))
+                return Verdict(False, WAIT, self._retry_after(wait))
         return Verdict(True)
 
     def enter(self, rows: int) -> None:

@@ -108,10 +108,10 @@ def channel_options(retries: int, extra: ChannelOptions = ()) -> list[tuple[str,
     return list(options.items())
 
 
-def pushback_wait(error: grpc.RpcError, attempt: int, retries: int, remaining_s: float) -> float | None:
-    """Seconds to wait before retrying a call refused by an overloaded server, or None when
-    it is not such a refusal, the retries are spent or the wait would pass the deadline."""
-    if attempt >= retries or error.code() != grpc.StatusCode.UNAVAILABLE:
+def pushback_s(error: grpc.RpcError) -> float | None:
+    """The retry-after of an overloaded server's refusal (UNAVAILABLE with a pushback
+    trailer), in seconds; None when the error is not such a refusal."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
         return None
     for key, value in error.trailing_metadata() or ():
         if key == PUSHBACK_METADATA:
@@ -119,8 +119,17 @@ def pushback_wait(error: grpc.RpcError, attempt: int, retries: int, remaining_s:
                 wait = int(value) / 1000
             except ValueError:
                 return None
-            return wait if 0 <= wait < remaining_s else None
+            return wait if wait >= 0 else None
     return None
+
+
+def pushback_wait(error: grpc.RpcError, attempt: int, retries: int, remaining_s: float) -> float | None:
+    """Seconds to wait before retrying a call refused by an overloaded server, or None when
+    it is not such a refusal, the retries are spent or the wait would pass the deadline."""
+    if attempt >= retries:
+        return None
+    wait = pushback_s(error)
+    return wait if wait is not None and wait < remaining_s else None
 
 
 def _table(data: Columns) -> Any:
