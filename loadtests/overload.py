@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def verdicts(reference: dict, overload: dict) -> list[Verdict]:
         ),
         Verdict(
             f"every refusal within {REFUSED_WITHIN_MS:g} ms",
-            f"{refused} refused, p50 {overload['refused_p50_ms']} ms, p99 {overload['refused_p99_ms']} ms, "
-            f"max {slowest} ms"
+            f"{refused} refused, p50 {_ms(overload['refused_p50_ms'])} ms, p99 {_ms(overload['refused_p99_ms'])} ms, "
+            f"max {_ms(slowest)} ms"
             if refused
             else "none refused",
             refused > 0 and slowest is not None and slowest <= REFUSED_WITHIN_MS,
@@ -83,6 +84,18 @@ def verdicts(reference: dict, overload: dict) -> list[Verdict]:
             failed_admitted == 0,
         ),
     ]
+
+
+def tallied(step: dict) -> dict:
+    """A step as the results file keeps it: its failed calls counted by status (refusals
+    apart), not listed one by one (thousands at 2x), and no per-version tally."""
+    failed = Counter(f"{f['code']} (refused)" if f["refused"] else f["code"] for f in step["failed_calls"])
+    kept = {k: v for k, v in step.items() if k not in ("failed_calls", "versions")}
+    return kept | {"failed_by_code": dict(failed)}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def run(args: argparse.Namespace, console: Console) -> dict:
@@ -111,7 +124,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         reference = at(REFERENCE_LOAD * capacity, "reference")
         overload = at(OVERLOAD * capacity, "overload")
     judged = [asdict(v) for v in verdicts(reference, overload)]
-    return {"capacity_calls_per_s": capacity, "steps": steps, "verdicts": judged}
+    return {"capacity_calls_per_s": capacity, "steps": [tallied(s) for s in steps], "verdicts": judged}
 
 
 def main() -> None:
@@ -141,8 +154,8 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "step" else "right")
     for r in result["steps"]:
         table.add_row(r["step"], f"{r['target_rate']:.1f}", f"{r['calls_per_s']:.1f}", f"{r['examples_per_s']:,.0f}",
-                      f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", str(r["refused"]), str(r["refused_p50_ms"] or "-"),
-                      str(r["refused_max_ms"] or "-"), str(r["failures"] - r["refused"]))  # fmt: skip
+                      f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", str(r["refused"]), _ms(r["refused_p50_ms"]),
+                      _ms(r["refused_max_ms"]), str(r["failures"] - r["refused"]))  # fmt: skip
     Console().print(table)
     for v in result["verdicts"]:
         Console().print(f"{'met   ' if v['ok'] else 'MISSED'} {v['target']}: {v['measured']}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtests.overload import saturated, verdicts
+from loadtests.overload import saturated, tallied, verdicts
 
 
 def _run(p99_ms: float, refused: int = 0, slowest: float | None = None, failures: int = 0, **extra) -> dict:
@@ -31,3 +31,11 @@ def test_each_target_can_miss():
 def test_saturated_when_less_than_nine_tenths_of_the_rate_is_admitted():
     assert saturated({"calls_per_s": 80.0, "target_rate": 100.0})
     assert not saturated({"calls_per_s": 95.0, "target_rate": 100.0})
+
+
+def test_a_step_keeps_its_failed_calls_as_counts_by_status():
+    step = _run(60, refused=3, slowest=6, failures=5, versions={"1:1": {"calls": 9}})
+    kept = tallied(step)
+    assert kept["failed_by_code"] == {"UNAVAILABLE (refused)": 3, "DEADLINE_EXCEEDED": 2}
+    assert "failed_calls" not in kept and "versions" not in kept
+    assert kept["p99_ms"] == 60 and kept["refused"] == 3
