@@ -55,7 +55,8 @@ class _ArmStream:
     def __init__(self, root: Path, world: World, schema: FeatureSchema, adapter: StudentAdapter):
         self.root, self.world, self.schema, self.adapter = root, world, schema, adapter
         self.repo = ModelRepository(root / "model_repo")
-        self.writer = KnowledgeWriter(root / "knowledge", world.shards[0].parent, schema.task_names)
+        self.knowledge = root / "knowledge"  # a local folder (the writer takes s3:// too)
+        self.writer = KnowledgeWriter(self.knowledge, world.shards[0].parent, schema.task_names)
         self.fm: ModelBundle | None = None
 
     def serve(self, bundle: ModelBundle, k: int) -> None:
@@ -118,4 +119,4 @@ def teach(world: World, cfg: StreamConfig, schema: FeatureSchema, work: Path, se
                 if k == cfg.launch:
                     launch_checkpoints[name] = arm.keep_checkpoint()
         batches.pop(n - 1, None)  # neither trained on again nor an adapter's shard
-    return {name: Arm(arm.writer.out, launch_checkpoints[name]) for name, arm in arms.items()}
+    return {name: Arm(arm.knowledge, launch_checkpoints[name]) for name, arm in arms.items()}
