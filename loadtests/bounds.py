@@ -97,8 +97,8 @@ def steady_from(warm_up_end: float, publishes: list[dict], started: float) -> fl
     """When the resource bounds start counting (seconds after the load started): the
     warm-up's end, or the first FM publish if later. Until then the stack is still
     growing by design: Triton loads the second of the FM versions it keeps loaded (their
-    model instances, threads and shared memory), and the side trainer loads its exporter
-    with its first FM export (~290 MB, once)."""
+    model instances, threads and shared memory), and the side trainer's first FM cycle
+    allocates its optimizer state and rollback copies (its exports run in child processes)."""
     fm_published = [p["ts"] - started for p in publishes if p.get("gem_fm") is not None and not p.get("error")]
     return max(warm_up_end, min(fm_published, default=warm_up_end))
 

@@ -18,6 +18,7 @@ from gem.knowledge.client import AsyncKnowledgeClient
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from loadtests.probe import Probe, ProbeConfig
 from model.examples import random_batch
 from serving.admission import FULL
 from serving.config import FrontendConfig
@@ -127,10 +128,17 @@ def test_overload_is_refused_fast_and_retryable_and_admitted_calls_succeed(overl
 
 def test_locust_times_refusals_apart_from_admitted_calls(overloaded, tmp_path):
     """loadtests.overload's view: with no client retries, each refusal is its own Locust
-    entry (the call's entry keeps the admitted calls) and a failed call says it was refused."""
+    entry (the call's entry keeps the admitted calls) and a failed call says it was refused;
+    the probe beside Locust sees admitted calls and refusals, and nothing else."""
     address, _ = overloaded
-    done, summary = locust(address, tmp_path, "--run-time", "8s", "--users", str(4 * CALLS_ADMITTED), "--rate", "0",
-                           "--candidates", f"{ROWS},{ROWS}", "--retries", "0", "--exit-code-on-error", "0")  # fmt: skip
+    with Probe(address, ProbeConfig(candidates=ROWS)) as probe:
+        done, summary = locust(
+            address, tmp_path, "--run-time", "8s", "--users", str(4 * CALLS_ADMITTED), "--rate", "0",
+            "--candidates", f"{ROWS},{ROWS}", "--retries", "0", "--exit-code-on-error", "0",
+        )  # fmt: skip
+    seen = probe.summary()
+    assert seen["admitted"] > 0 and seen["refused"] > 0 and seen["failed_by_code"] == {}, seen
+    assert seen["calls"] == seen["admitted"] + seen["refused"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert summary["calls"] > 0 and summary["refused"] > 0, summary
     assert summary["failures"] == summary["refused"]  # every failure a refusal, nothing else

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from loadtests.sampling import parse_status
-from trainer.memory import _malloc_trim, release_freed_memory
+from trainer.memory import _malloc_trim, pin_mmap_threshold, release_freed_memory
 
 
 def _rss() -> int:
@@ -25,3 +25,8 @@ def test_freed_heap_pages_are_returned():
     assert release_freed_memory()
     assert held - _rss() > 100 * mib
     assert keep.sum() == 1000
+
+
+@pytest.mark.skipif(_malloc_trim() is None, reason="the C library has no mallopt (not glibc)")
+def test_glibc_takes_the_pinned_threshold():
+    assert pin_mmap_threshold()  # 32 MiB: the top of glibc's dynamic range on 64-bit

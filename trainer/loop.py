@@ -30,7 +30,7 @@ from trainer import distributed as D
 from trainer.config import TrainerConfig
 from trainer.coordinator import Coordinator, Start, Trained, TrainerStateError, prepare
 from trainer.gate import GateResult
-from trainer.memory import release_freed_memory
+from trainer.memory import pin_mmap_threshold, release_freed_memory
 from trainer.plan import Plan
 from trainer.stream import load_shard
 from trainer.train import make_optimizers, train_steps
@@ -57,6 +57,7 @@ def start_checkpoint(cfg: TrainerConfig, start: Start, schema: FeatureSchema) ->
 class Trainer:
     def __init__(self, cfg: TrainerConfig, rt: D.Runtime, start: Start | None = None):
         self.cfg, self.rt = cfg, rt
+        pin_mmap_threshold()  # before the first cycle's allocations (trainer/memory.py)
         self.schema = load_schema(cfg.schema_path)
         start = start or prepare(cfg)  # in one process (tests, benchmarks)
         ckpt = start_checkpoint(cfg, start, self.schema)

@@ -2,7 +2,8 @@
 
 The committed checkpoint's FM and adapter (or the adapter alone, when the FM was
 refused or waits for its gate) go through `export.publish` (parity, publish, prune,
-Triton's load), then the `publish` ledger line. A version already published from the
+Triton's load) in a child process of their own (trainer/export_child.py: the exporter
+leaks), then the `publish` ledger line. A version already published from the
 checkpoint (a publish interrupted after its rename) is kept, not published again. A
 failed export or load leaves the served versions as they were, logged and counted. The
 versions go to every Triton of --triton-url; one that cannot be reached is logged,
@@ -18,13 +19,13 @@ from pathlib import Path
 
 from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.onnx_export import ExportError
-from export.publish import MODELS, PublishPolicy, PublishReport, publish
+from export.publish import MODELS, PublishPolicy, PublishReport
 from export.repository import ModelRepository, RepositoryError, checkpoint_sources
-from export.rollout import triton_servers
 from model.checkpoint import ModelBundle
 from model.data.reader import DataError
 from model.storage import Place, exists, place
 from trainer.config import TrainerConfig
+from trainer.export_child import publish_in_child
 from trainer.ledger import Committed, Ledger, PublishLine
 from trainer.prometheus import TrainerMetrics
 
@@ -61,7 +62,7 @@ class Publisher:
         versions: dict[str, int | None] = dict.fromkeys(MODELS)
         missed: dict[str, str] = {}
         try:
-            report = publish(bundle, self.repo, policy, triton_servers(self.cfg.triton_urls))
+            report = publish_in_child(bundle, self.repo, policy, self.cfg.triton_urls)
         except (ExportError, RepositoryError, DataError, OSError, RuntimeError, ValueError) as e:
             error = f"export failed: {e}"
             self.metrics.failures.labels("export").inc()
