@@ -14,10 +14,11 @@ and a client that does not retry (`--retries 0`, so every refusal is seen and ti
 3. runs at 2x it, and judges issue 26's targets: the admitted calls' p99 at most 2x the
    reference's, every refusal a retryable UNAVAILABLE within 10 ms, no other failure.
 
-Beside every step a probe (loadtests/probe.py) calls once per 50 ms from this process,
-which Locust's load leaves idle: the refusal target is judged on the probe's refusals,
-what a ranker with CPU of its own sees. Locust's own refusal times are shown beside
-them; on the stack's cores they include the load generator's own loop delay.
+Beside every step a probe (loadtests/probe.py) calls once per 50 ms from a thread of
+this process, apart from Locust's busy loop: the refusal target is judged on the probe's
+refusals. Locust's own refusal times are shown beside them; they include its loop's
+delay. On one machine the probe still shares the stack's cores, so its times are an
+upper bound on what a ranker with CPU of its own would see.
 
 Prints a table and the verdicts, writes `loadtests/results/overload-<candidates>.json`.
 Exit status 1 when a target is missed (the figures are still written).

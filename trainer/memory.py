@@ -10,7 +10,8 @@ big tensors move from their own mappings (returned on free) to the heap, where t
 fragment it: measured, the side trainer's idle RSS stepped up 54 MiB at its second FM
 cycle. `pin_mmap_threshold` fixes the threshold at the top of glibc's dynamic range from
 the start, so every cycle allocates alike (flat from the first FM cycle, training speed
-unchanged; the default 128 KiB, also fixed, cost 35 % of it in page faults).
+within this machine's noise; the default 128 KiB, also fixed, cost ~35 % of it in page
+faults).
 """
 
 from __future__ import annotations
