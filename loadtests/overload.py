@@ -2,7 +2,7 @@
 
     .venv/bin/python -m loadtests.overload [--backend triton] [--duration 30]
         [--candidates 16,512] [--capacity CALLS_PER_S] [--max-queue-wait-ms 0]
-        [--repo model_repo] [--ingress direct]
+        [--repo model_repo] [--ingress direct] [--probe-candidates 16]
 
 Starts the local stack once and, with the headless Locust test (loadtests/locust.conf)
 and a client that does not retry (`--retries 0`, so every refusal is seen and timed):
@@ -38,7 +38,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from loadtests.probe import Probe
+from loadtests.probe import Probe, ProbeConfig
 from loadtests.sweep import KEEPS_UP, RESULTS, run_locust, stack_config
 from serving.config import INGRESSES, default_ingress
 from serving.local.stack import local_stack
@@ -111,12 +111,14 @@ def _ms(value: float | None, digits: int = 0) -> str:
 def run(args: argparse.Namespace, console: Console) -> dict:
     steps: list[dict] = []
     cfg = stack_config(args.backend, args.repo, args.ingress, max_queue_wait_s=args.max_queue_wait_ms / 1000)
+    probe_cfg = ProbeConfig(candidates=args.probe_candidates)
     with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-overload-") as tmp:
 
         def at(rate: float, label: str) -> dict:
             out = Path(tmp) / f"{label}-{rate:g}"
             out.mkdir()
-            with console.status(f"{label}: {rate:.1f} calls/s for {args.duration}s"), Probe(address) as probe:
+            status = console.status(f"{label}: {rate:.1f} calls/s for {args.duration}s")
+            with status, Probe(address, probe_cfg) as probe:
                 result = run_locust(address, rate, args, out, NO_RETRIES)
             result |= {"target_rate": rate, "step": label, "probe": probe.summary()}
             console.log(f"{label} @ {rate:.1f}/s: {result['calls_per_s']:.1f} admitted/s, {result['refused']} refused, "
@@ -148,6 +150,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=128, help="Most Locust users (2 per call/s, each paced).")
     parser.add_argument("--processes", type=int, default=1, help="Locust worker processes.")
     parser.add_argument("--candidates", default="16,512", help="MIN,MAX candidates per call.")
+    parser.add_argument("--probe-candidates", type=int, default=ProbeConfig.candidates,
+                        help="Candidates per probe call (bigger ones are refused more often).")  # fmt: skip
     parser.add_argument("--max-queue-wait-ms", type=float, default=0.0,
                         help="The front end's wait bound (`gem serve --max-queue-wait-ms`; 0: off).")  # fmt: skip
     parser.add_argument("--repo", type=Path, default=Path("model_repo"))

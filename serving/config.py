@@ -12,6 +12,7 @@ from export.contract import MAX_BATCH_EXAMPLES, TRITON_GRPC_URL
 from model.schema import DEFAULT_SCHEMA_PATH
 from serving.admission import AdmissionConfig
 from serving.backends.base import BackendConfig, BackendKind
+from serving.backends.priority import MAX_NICE
 
 SERVICER_FUNCTIONS = (
     # Raw-bytes requests: malformed protobuf is refused by the ingress (serving/grpc_api.py).
@@ -87,6 +88,11 @@ class FrontendConfig:
     # ... and past which a call would wait longer than this behind the work in flight
     # (examples in flight over the replica's recent examples/s; 0: off).
     max_queue_wait_s: float = 0.0
+    # The embedded backend's inference threads run this many nice steps below the
+    # replica's event loop (at nice 0), so that on saturated cores the loop, where calls
+    # are admitted and refused, runs first (serving/backends/priority.py; 0: level with
+    # it). Triton runs in a process of its own.
+    inference_nice: int = 10
     # Bearer token every call must carry (metadata `authorization: Bearer <token>`);
     # empty: no check. Defaults to $GEM_AUTH_TOKEN. Never logged.
     auth_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""), repr=False)
@@ -96,6 +102,8 @@ class FrontendConfig:
         if self.max_examples_per_call > self.max_batch_examples:
             raise ValueError("max_examples_per_call cannot exceed max_batch_examples (a call must fit in a batch)")
         _ = self.admission  # refuses a bound below 1
+        if not 0 <= self.inference_nice <= MAX_NICE:
+            raise ValueError(f"inference_nice must be 0 (off) to {MAX_NICE}, got {self.inference_nice}")
 
     @property
     def admission(self) -> AdmissionConfig:
@@ -105,7 +113,9 @@ class FrontendConfig:
 
     @property
     def backend_config(self) -> BackendConfig:
-        return BackendConfig(self.backend, self.triton_url, self.repository, self.backend_timeout_s)
+        return BackendConfig(
+            self.backend, self.triton_url, self.repository, self.backend_timeout_s, nice=self.inference_nice
+        )
 
     @classmethod
     def from_args(cls, args: dict) -> FrontendConfig:

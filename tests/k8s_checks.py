@@ -18,7 +18,7 @@ from export.contract import TRITON_GRPC_URL
 from model.schema import load_schema
 from serving.backends.triton_client import ADMIN_HEADER, ADMIN_KEY_ENV
 from serving.config import INGRESS_ENV, MAX_MESSAGE_ENV, TOKEN_ENV, FrontendConfig, max_message_bytes
-from serving.local.launcher import ingress_env
+from serving.local.launcher import WORKER_NICENESS_ENV, ingress_env
 from serving.local.triton import RESTRICTED
 from tests.compose_checks import (
     ROOT,
@@ -308,6 +308,7 @@ def check_frontend(objects: Objects, compose: Compose) -> list[str]:
     limit = FrontendConfig.from_args(expected["applications"][0]["args"])
     wanted_env = {
         MAX_MESSAGE_ENV: str(max_message_bytes(load_schema(limit.schema_path), limit.max_examples_per_call)),
+        WORKER_NICENESS_ENV: "0",
         **ingress_env(K8S_INGRESS, grpc_port, 1),
     }
     # $GEM_INGRESS is read by `gem serve`; the RayService says the same in Ray's variables.

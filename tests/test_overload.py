@@ -8,6 +8,7 @@ overload cheaply."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 
@@ -19,6 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from loadtests.probe import Probe, ProbeConfig
+from loadtests.sampling import display_name, stack_pids
 from model.examples import random_batch
 from serving.admission import FULL
 from serving.config import FrontendConfig
@@ -27,6 +29,7 @@ from serving.local import launcher
 from serving.local.ports import free_ports
 from serving.prometheus import REFUSALS
 from tests.test_loadtest import locust, poll, total
+from tests.test_priority import nice_of_threads
 
 pytestmark = pytest.mark.stack
 
@@ -124,6 +127,18 @@ def test_overload_is_refused_fast_and_retryable_and_admitted_calls_succeed(overl
     # ... and they got through by retrying: the server refused some of them.
     samples = poll(metrics_url, lambda s: total(s, counted) > len(refused))
     assert total(samples, counted) > len(refused)
+
+
+def test_the_replica_runs_level_with_its_callers_and_its_inference_below(overloaded):
+    """Ray starts workers at nice 15; the launcher starts the replica at 0 and its
+    inference threads (the pool's and ONNX Runtime's) run inference_nice below it."""
+    replicas = [p for p in stack_pids((os.getpid(),)) if display_name(p).startswith("ray::ServeReplica")]
+    assert len(replicas) == 1, [display_name(p) for p in stack_pids((os.getpid(),))]
+    threads = nice_of_threads(replicas[0])
+    assert threads[replicas[0]] == 0, threads  # its main thread: Ray's worker loop
+    lowered = [tid for tid, nice in threads.items() if nice == FrontendConfig().inference_nice]
+    assert len(lowered) >= 2, threads
+    assert set(threads.values()) == {0, FrontendConfig().inference_nice}, threads
 
 
 def test_locust_times_refusals_apart_from_admitted_calls(overloaded, tmp_path):

@@ -44,6 +44,15 @@ InFlightExamplesOption = Annotated[
 InFlightCallsOption = Annotated[
     int, typer.Option(min=1, help="Calls in flight on a replica past which calls are refused at once.")
 ]
+InferenceNiceOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        max=19,
+        help="Embedded backend: run inference this many nice steps below the replica's event loop, so that "
+        "on saturated cores the loop (admission, refusals) runs first; 0: level with it.",
+    ),
+]
 QueueWaitOption = Annotated[
     float,
     typer.Option(
@@ -179,6 +188,7 @@ def up(
     max_in_flight_examples: InFlightExamplesOption = 0,
     max_in_flight_calls: InFlightCallsOption = 512,
     max_queue_wait_ms: QueueWaitOption = 0.0,
+    inference_nice: InferenceNiceOption = 10,
 ) -> None:
     """The local stack: train the `small` model if there is no checkpoint, export it if
     the model repository is empty, start Triton (supervised: restarted if it exits) and
@@ -196,6 +206,7 @@ def up(
         max_in_flight_examples=max_in_flight_examples,
         max_in_flight_calls=max_in_flight_calls,
         max_queue_wait_s=max_queue_wait_ms / 1000,
+        inference_nice=inference_nice,
     )
     cfg = StackConfig(frontend, triton, grpc_port, http_port, metrics_port, host, ingress_of(ingress), tracing)
     check_ports(cfg)  # before minutes of training
@@ -224,6 +235,7 @@ def serve_cmd(
     max_in_flight_examples: InFlightExamplesOption = 0,
     max_in_flight_calls: InFlightCallsOption = 512,
     max_queue_wait_ms: QueueWaitOption = 0.0,
+    inference_nice: InferenceNiceOption = 10,
     address: Annotated[
         str | None,
         typer.Option(help="A running Ray cluster to deploy on (`ray start`'s address; default: a Ray of its own)."),
@@ -250,6 +262,7 @@ def serve_cmd(
             max_in_flight_examples=max_in_flight_examples,
             max_in_flight_calls=max_in_flight_calls,
             max_queue_wait_s=max_queue_wait_ms / 1000,
+            inference_nice=inference_nice,
         ),
         grpc_port=grpc_port,
         replicas=replicas,

@@ -44,6 +44,9 @@ class BackendConfig:
     threads: int = 0
     # FM versions the embedded backend keeps loaded for pinned calls.
     loaded_versions: int = LOADED_VERSIONS
+    # How far below the event loop the embedded backend's inference threads run
+    # (serving/backends/priority.py; 0: level with it).
+    nice: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in BACKENDS:
@@ -108,4 +111,6 @@ def make_backend(cfg: BackendConfig, user_names: Sequence[str] | None = None) ->
         return TritonBackend(cfg.triton_url, cfg.timeout_s, user_names=user_names)
     from serving.backends.onnx import OnnxBackend
 
-    return OnnxBackend(cfg.repository, cfg.threads, user_names=user_names, loaded_versions=cfg.loaded_versions)
+    return OnnxBackend(
+        cfg.repository, cfg.threads, user_names=user_names, loaded_versions=cfg.loaded_versions, nice=cfg.nice
+    )

@@ -27,6 +27,7 @@ from model.outputs import LOGITS
 from model.user_index import graph_feeds, indexed_user_names
 from serving.backends.base import Backend, Knowledge, row_chunks, rows_of
 from serving.backends.errors import BackendTimeout, BackendUnavailable, VersionNotLoaded
+from serving.backends.priority import inference_pool
 
 
 def published_graphs(repository: Path, count: int = 1) -> list[tuple[int, int]]:
@@ -49,7 +50,9 @@ class _Pair:
 
 
 class OnnxBackend(Backend):
-    """Inference runs in a worker thread so the event loop keeps taking calls."""
+    """Inference runs in worker threads so the event loop keeps taking calls; with
+    `nice`, those threads and ONNX Runtime's own run that many steps below the loop
+    (serving/backends/priority.py), so that on saturated cores the loop runs first."""
 
     name = "onnxruntime"
 
@@ -59,16 +62,22 @@ class OnnxBackend(Backend):
         threads: int = 0,
         user_names: Sequence[str] | None = None,
         loaded_versions: int = LOADED_VERSIONS,
+        nice: int = 0,
     ):
         """`user_names`: the schema's user inputs (`user_input_names`), to expand a
         user-indexed batch for a per-example FM (default: told by their row counts).
-        `loaded_versions`: how many of the newest FM versions a call may pin."""
+        `loaded_versions`: how many of the newest FM versions a call may pin.
+        `nice`: how far below the creating thread inference runs (0: level with it)."""
         self.user_names = None if user_names is None else tuple(user_names)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         pairs = published_graphs(repository, loaded_versions)
-        self.pairs = {fm: _Pair(repository, fm, adapter, options) for fm, adapter in pairs}
+        self._pool = inference_pool(nice)
+        # Made on the pool, so that the sessions' intra-op threads inherit its priority.
+        self.pairs = self._pool.submit(
+            lambda: {fm: _Pair(repository, fm, adapter, options) for fm, adapter in pairs}
+        ).result()
         self.latest = max(self.pairs)
 
     def _pair(self, fm_version: int | None) -> _Pair:
@@ -121,6 +130,11 @@ class OnnxBackend(Backend):
 
     async def _infer(self, batch, outputs, timeout_s, chunk, fm_version) -> dict[str, np.ndarray]:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._run_chunked, batch, chunk, fm_version), timeout_s)
+            work = asyncio.get_running_loop().run_in_executor(self._pool, self._run_chunked, batch, chunk, fm_version)
+            return await asyncio.wait_for(work, timeout_s)
         except TimeoutError:
             raise BackendTimeout(f"onnxruntime inference: not done after {timeout_s:.3f}s") from None
+
+    async def close(self) -> None:
+        # A call still running finishes in its thread; nothing new is taken.
+        self._pool.shutdown(wait=False)

@@ -49,6 +49,14 @@ log = logging.getLogger(__name__)
 APP_NAME = "gem_knowledge"
 # ray/serve/_private/constants.py (ray 2.60).
 DIRECT_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# Ray starts its workers at nice 15 (ray_config_def.h, worker_niceness) so that a node's
+# batch tasks yield to everything else. A replica that answers rankers must not yield to
+# whatever else shares its cores (a load generator, a side trainer): past capacity a
+# refusal waits for its event loop's turn (2x capacity on 2 cores, probe refusals p50
+# 52-61 ms at 15, 13-42 at 0; loadtests/README.md). Its inference runs below it instead
+# (FrontendConfig.inference_nice). Read by the raylet this process starts; a cluster's
+# nodes set it in their own environment (deploy/k8s/frontend.yaml).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
 def ingress_env(ingress: Ingress, grpc_port: int, apps: int) -> dict[str, str]:
@@ -114,7 +122,12 @@ def start(
             "use --ingress proxy (or, on a cluster, a load balancer over the replicas' ports)"
         )
     limit = max_message_bytes(load_schema(cfg.schema_path), cfg.max_examples_per_call)
-    env = {MAX_MESSAGE_ENV: str(limit), HOST_ENV: host, **ingress_env(ingress, grpc_port, apps)}
+    env = {
+        MAX_MESSAGE_ENV: str(limit),
+        HOST_ENV: host,
+        WORKER_NICENESS_ENV: "0",
+        **ingress_env(ingress, grpc_port, apps),
+    }
     if tracing:
         env |= {TRACES_ENDPOINT_ENV: tracing, SERVICE_NAME_ENV: SERVICE_NAME}
     # Never on a cluster's address: its workers on other machines must stay reachable.
