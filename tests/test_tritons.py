@@ -129,6 +129,23 @@ def test_no_triton_reached_publishes_without_rejecting(published_repo, tiny_chec
     assert repo.latest(FM_MODEL) == report.fm.version, "nothing moved aside"
 
 
+def test_the_trainer_records_a_publish_no_triton_loaded_as_published(published_repo, tiny_checkpoint, tmp_path):
+    """The only Triton down (killed mid-publish): the ledger line names the versions it
+    will load at its start, and the Triton it missed; not "published nothing"."""
+    shutil.copytree(published_repo, tmp_path / "repo")
+    repo = ModelRepository(tmp_path / "repo")
+    cfg = TrainerConfig(
+        stream=tmp_path / "stream", repository=repo.root, state_dir=tmp_path / "state", triton_urls=("127.0.0.1:1",)
+    )
+    publisher = Publisher(cfg, repo, Ledger(cfg.ledger_path), TrainerMetrics.create())
+    versions = publisher.publish(Committed("shard", "s0", 1, 1), None, load_checkpoint(tiny_checkpoint), True, None)
+    assert versions == {FM_MODEL: repo.latest(FM_MODEL), ADAPTER_MODEL: repo.latest(ADAPTER_MODEL)}
+    line = Ledger(cfg.ledger_path).entries[-1]
+    assert line["kind"] == "publish" and line["error"] is None, json.dumps(line)
+    assert (line[FM_MODEL], line[ADAPTER_MODEL]) == (versions[FM_MODEL], versions[ADAPTER_MODEL])
+    assert list(line["missed"]) == ["127.0.0.1:1"], json.dumps(line)
+
+
 @dataclass
 class Control:
     """A server's model control that answers as told, recording its calls: for the

@@ -9,6 +9,8 @@
   {"kind": "quarantine", "shard": NAME, "size": BYTES, "sha256": HEX, "reason": TEXT}
   {"kind": "publish", "cycle": N, "checkpoint": C, "gem_fm": V | null, "student_adapter": W | null,
    "missed": {TRITON: WHY}, ...}                  "missed": only when a Triton was not reached
+                                                  (the versions are published: it loads them
+                                                  at its start); null: not published or refused
 
 The commit order of a cycle (FM or adapter-only) is: train, gate, write checkpoint C
 (`model.checkpoint.CheckpointStore`: its `trainer` record lists every shard it has

@@ -5,10 +5,12 @@ refused or waits for its gate) go through `export.publish` (parity, publish, pru
 Triton's load) in a child process of their own (trainer/export_child.py: the exporter
 leaks), then the `publish` ledger line. A version already published from the
 checkpoint (a publish interrupted after its rename) is kept, not published again. A
-failed export or load leaves the served versions as they were, logged and counted. The
-versions go to every Triton of --triton-url; one that cannot be reached is logged,
-counted and named in the ledger line, and loads them when it starts again (explicit
-model control loads the repository's current versions at start) or at the next publish.
+failed export or a refused load leaves the served versions as they were, logged and
+counted. The versions go to every Triton of --triton-url; one that cannot be reached is
+logged, counted and named in the ledger line, and loads them when it starts again
+(explicit model control loads the repository's current versions at start) or at the
+next publish. Unreachable is not refused: the versions are published (in the
+repository, and in the ledger line) even when no Triton could be reached.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Publisher:
         with_fm: bool,
         eval_path: Path | Place | None,
     ) -> dict[str, int | None]:
-        """Publishes `bundle`, committed as `checkpoint`; returns the versions now served
-        (None: not published or not loaded)."""
+        """Publishes `bundle`, committed as `checkpoint`; returns the versions published
+        (None: not published, or refused by a Triton)."""
         start = time.perf_counter()
         log.info(
             "publishing %s from checkpoint %s", f"{FM_MODEL} and {ADAPTER_MODEL}" if with_fm else ADAPTER_MODEL,
@@ -68,10 +70,11 @@ class Publisher:
             self.metrics.failures.labels("export").inc()
             log.error("%s; the served versions stay", error)
         else:
-            versions, missed = self._served(report), report.missed
+            versions, missed = self._published(report), report.missed
         self._record_publish(PublishLine(committed.cycle, committed.checkpoint, error, versions, missed))
         text = ", ".join(f"{k} v{v}" for k, v in versions.items() if v) or "nothing"
-        log.info("published %s (%.1fs)", text, time.perf_counter() - start)
+        pending = f", not loaded yet on {', '.join(missed)}" if missed and any(versions.values()) else ""
+        log.info("published %s%s (%.1fs)", text, pending, time.perf_counter() - start)
         return versions
 
     # Its own step: the fault-injection tests kill the trainer just before it.
@@ -83,22 +86,22 @@ class Publisher:
                 self.metrics.serving_version.labels(model).set(version)
                 self.metrics.last_publish.labels(model).set(now)
 
-    def _served(self, report: PublishReport) -> dict[str, int | None]:
+    def _published(self, report: PublishReport) -> dict[str, int | None]:
         """The published versions, a version a Triton refused (moved aside, the old one
-        keeps serving everywhere) as None, and one no Triton could be reached for."""
+        keeps serving everywhere) as None. A version no Triton could be reached for is
+        published: each Triton loads it when it starts again or at the next publish."""
         if report.rollout_error is not None:
             self.metrics.failures.labels("load").inc()
             log.error("could not reach Triton: %s (published, not loaded)", report.rollout_error)
-            return dict.fromkeys(MODELS)
+            return report.versions
         for address, why in report.missed.items():
             self.metrics.failures.labels("load").inc()
             log.error("could not reach Triton at %s: %s; it loads the new versions when it starts again, "
                       "or at the next publish", address, why)  # fmt: skip
-        served = report.versions
+        published = report.versions
         for r in report.rollouts:
             if r.reason:
                 self.metrics.failures.labels("load").inc()
                 log.error("Triton refused %s v%d: %s; the served version stays", r.model, r.version, r.reason)
-            if not r.loaded:
-                served[r.model] = None
-        return served
+                published[r.model] = None
+        return published
