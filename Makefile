@@ -33,6 +33,7 @@ protos: setup
 bench: setup
 	$(VENV)/bin/python -m bench.inference
 	$(VENV)/bin/python -m bench.frontend
+	$(VENV)/bin/python -m bench.breakdown
 	$(VENV)/bin/python -m bench.big_calls
 	$(VENV)/bin/python -m bench.embed
 	$(VENV)/bin/python -m bench.trainer

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import tempfile
@@ -50,7 +51,7 @@ from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository
 from model.adapter import StudentAdapter
 from model.checkpoint import ModelBundle, load_checkpoint, save_checkpoint
-from model.config import PRESETS, preset
+from model.config import PRESETS, GEMConfig, preset
 from model.examples import random_batch, random_call
 from model.features import USER_INDEX, user_input_names
 from model.gem import GEM
@@ -65,6 +66,8 @@ from serving.local.triton import TritonConfig, TritonServer
 
 APPS = ("triton", "embedded")
 PATHS = ("direct", "proxy")
+# What a front-end call without `outputs` answers, asked of the in-process backend.
+IN_PROCESS_OUTPUTS = ("logits", "adapted_logits", "embedding", "user_embedding")
 
 
 async def closed_loop(
@@ -92,11 +95,20 @@ def rate(name: str, rows: int, measured: tuple[list[float], float], concurrency:
     return Timing(t.name, t.batch, t.calls, t.p50_ms, t.p99_ms, rows * len(latencies) / wall_s)
 
 
+def ranker_call(schema, candidates: int, seq_len: int) -> tuple[dict, dict, dict]:
+    """A ranker's call: one user with a full history (the user side at its most costly)
+    and `candidates` ads, as (ads, the user's shared columns, the user-indexed batch the
+    same call is in process)."""
+    ads, shared = random_call(schema, candidates, seq_len, seed=7)
+    for seq in schema.sequences:
+        shared[seq.length_name] = np.full(1, seq_len, np.int64)
+    return ads, shared, {**ads, **shared, USER_INDEX: np.zeros(candidates, np.int64)}
+
+
 async def run(args, schema, repo: Path, triton_url: str, addresses: dict, arch: str) -> list[Timing]:
     """`addresses`: (application, path) -> gRPC address."""
     out: list[Timing] = []
     ort_backend = OnnxBackend(repo)
-    outputs = ("logits", "adapted_logits", "embedding", "user_embedding")
     label = f"[{arch}] " if len(args.archs) > 1 else ""
     async with TritonClient(triton_url, timeout_s=60) as triton:
         clients = {
@@ -105,7 +117,7 @@ async def run(args, schema, repo: Path, triton_url: str, addresses: dict, arch: 
         }
         for rows in args.sizes:
             batch = random_batch(schema, rows, args.seq_len, seed=rows)
-            measured = await closed_loop(lambda b=batch: ort_backend.infer(b, outputs), 1, args.seconds)
+            measured = await closed_loop(lambda b=batch: ort_backend.infer(b, IN_PROCESS_OUTPUTS), 1, args.seconds)
             out.append(rate(f"{label}onnxruntime in-process", rows, measured, 1))
             for c in args.concurrency:
                 measured = await closed_loop(lambda b=batch: triton.infer(b), c, args.seconds)
@@ -115,13 +127,11 @@ async def run(args, schema, repo: Path, triton_url: str, addresses: dict, arch: 
                     out.append(rate(f"{label}front end ({path}) -> {name}", rows, measured, c))
         # One user, many candidates: the user's columns once vs repeated per candidate.
         for n in args.candidates:
-            ads, shared = random_call(schema, n, args.seq_len, seed=7)
-            for seq in schema.sequences:  # a full history: the user side at its most costly
-                shared[seq.length_name] = np.full(1, args.seq_len, np.int64)
-            indexed = {**ads, **shared, USER_INDEX: np.zeros(n, np.int64)}
+            ads, shared, indexed = ranker_call(schema, n, args.seq_len)
             repeated = expand_users(indexed, user_input_names(schema))
+            in_process = functools.partial(ort_backend.infer, indexed, IN_PROCESS_OUTPUTS)
             for c in args.concurrency:
-                measured = await closed_loop(lambda b=indexed: ort_backend.infer(b, outputs), c, args.seconds)
+                measured = await closed_loop(in_process, c, args.seconds)
                 out.append(rate(f"{label}onnxruntime in-process, shared form", n, measured, c))
             for (name, path), client in clients.items():
                 for form, call in (
@@ -161,11 +171,22 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def export_preset(schema, cfg: GEMConfig, work: Path) -> Path:
+    """A randomly initialized GEM of `cfg` and its adapter (speed does not depend on the
+    weights), published to a repository under `work`; returns the repository."""
+    torch.manual_seed(0)
+    model = GEM(schema, cfg).eval()
+    adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
+    ckpt = load_checkpoint(save_checkpoint(work / "ckpt", ModelBundle(schema, model.cfg, model, adapter), {}))
+    publish(ckpt, ModelRepository(work / "repo"), PublishPolicy())
+    return work / "repo"
+
+
 @contextlib.contextmanager
-def served(repo: Path, work: Path) -> Iterator[tuple[dict, str]]:
+def served(repo: Path, work: Path) -> Iterator[tuple[dict, TritonServer]]:
     """Triton on `repo` and the front end's two applications (`triton` before it, and
     `embedded` ONNX Runtime in its replica) under direct ingress; yields ({(application,
-    path): gRPC address}, Triton URL)."""
+    path): gRPC address}, Triton)."""
     http, grpc_port, metrics, fe_http = free_ports(4)
     fe_grpc = free_port_run(len(APPS))
     triton = TritonServer(TritonConfig(repo, work, http, grpc_port, metrics)).start()
@@ -184,7 +205,7 @@ def served(repo: Path, work: Path) -> Iterator[tuple[dict, str]]:
             addresses[app, "direct"] = launcher.address_of(app)
             addresses[app, "proxy"] = proxy
             launcher.wait_healthy(addresses[app, "direct"], application=app)
-        yield addresses, triton.cfg.grpc_url
+        yield addresses, triton
     finally:
         launcher.stop()
         triton.stop()
@@ -210,14 +231,10 @@ def main() -> None:
     for arch in args.archs:
         with tempfile.TemporaryDirectory(prefix="gem-bench-") as tmp:
             tmp = Path(tmp)
-            torch.manual_seed(0)
-            model = GEM(schema, cfg.with_(sequence_arch=arch)).eval()
-            adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-            ckpt = load_checkpoint(save_checkpoint(tmp / "ckpt", ModelBundle(schema, model.cfg, model, adapter), {}))
             with console.status(f"exporting {args.preset} ({arch})"):
-                publish(ckpt, ModelRepository(tmp / "repo"), PublishPolicy())
-            with served(tmp / "repo", tmp / "triton") as (addresses, triton_url), console.status(f"measuring {arch}"):
-                timings += asyncio.run(run(args, schema, tmp / "repo", triton_url, addresses, arch))
+                repo = export_preset(schema, cfg.with_(sequence_arch=arch), tmp)
+            with served(repo, tmp / "triton") as (addresses, triton), console.status(f"measuring {arch}"):
+                timings += asyncio.run(run(args, schema, repo, triton.cfg.grpc_url, addresses, arch))
     _report(args, timings)
 
 

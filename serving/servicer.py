@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 from gem.knowledge.client import TIMEOUT_METADATA
 from gem.knowledge.outputs import OUTPUT_NAMES
+from gem.knowledge.timing import SERVER_TIMING_METADATA, format_server_timing
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.wire import WireError, decode_map, encode
 from google.protobuf.message import DecodeError
@@ -175,6 +176,7 @@ class KnowledgeIngress:
 
     @_observed
     async def Generate(self, request, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        start = time.perf_counter()
         self._authorize(grpc_context)
         self.health.ensure_probing()
         timeout_s = self._timeout_s(grpc_context)
@@ -197,7 +199,9 @@ class KnowledgeIngress:
                 (Violation("user_embedding_once", "set on a call with user inputs per example"),),
             )
         call = Call(batch, tuple(dict.fromkeys(model for _, model in wanted)), pinned_version(request))
+        decoded = time.perf_counter()
         result = await self._admitted(call, timeout_s)
+        answered = time.perf_counter()
         if isinstance(result, Exception):
             code, public = status_of(result, timeout_s)
             internal(grpc_context, code, public, result)
@@ -209,7 +213,12 @@ class KnowledgeIngress:
             replied["user_embedding"] = replied["user_embedding"][:1]
         outputs = {api: encode(value) for api, value in replied.items()}
         versions = pb.ModelVersions(fm=result.fm_version, adapter=result.adapter_version)
-        return pb.GenerateResponse(outputs=outputs, versions=versions)
+        response = pb.GenerateResponse(outputs=outputs, versions=versions)
+        if any(key == SERVER_TIMING_METADATA for key, _ in grpc_context.invocation_metadata()):
+            stages = {"decode": decoded - start, "model": answered - decoded, "encode": time.perf_counter() - answered}
+            timing = format_server_timing({name: s * 1000 for name, s in stages.items()})
+            grpc_context.set_trailing_metadata([(SERVER_TIMING_METADATA, timing)])
+        return response
 
     def _admit(self, rows: int, timeout_s: float) -> None:
         verdict = self.admission.decide(rows, timeout_s)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,7 @@ from model.examples import random_batch
 from model.features import input_specs
 from model.outputs import sigmoid
 from model.user_index import graph_feeds
+from serving.backends.triton_client import TritonClient
 from serving.config import INGRESSES, SERVICER_FUNCTIONS, FrontendConfig
 from serving.local import launcher
 from serving.local.ports import free_port_run, free_ports
@@ -415,3 +417,37 @@ def test_unknown_output_is_invalid_argument(stack, schema):
     with pytest.raises(grpc.RpcError) as e:
         generate(addresses, "triton", random_batch(schema, 2, 2), outputs=[99])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown output 99" in e.value.details()
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_server_timing_on_request(stack, app, schema):
+    """Asked for, the reply's trailer says where the call's time went on the server (both
+    ingresses, both clients), within the time the caller saw; not asked, nothing."""
+    addresses, triton, _ = stack
+    batch = random_batch(schema, 8, 6, seed=3)
+
+    async def triton_requests() -> tuple[int, int]:
+        async with TritonClient(triton.cfg.grpc_url, admin_key=triton.cfg.admin_key) as control:
+            return await control.served_requests()
+
+    before = asyncio.run(triton_requests()) if app == "triton" else None
+    with KnowledgeClient(addresses[app], application=app, timeout_s=30) as client:
+        assert client.generate(batch).server_timing == {}
+        start = time.perf_counter()
+        timed = client.generate(batch, server_timing=True)
+        seen_ms = (time.perf_counter() - start) * 1000
+    assert set(timed.server_timing) == {"decode", "model", "encode"}, timed.server_timing
+    assert all(ms >= 0 for ms in timed.server_timing.values())
+    assert sum(timed.server_timing.values()) <= seen_ms
+    assert timed.server_timing["model"] > 0
+    if app == "triton":
+        # Triton's statistics (bench.breakdown's Triton-side time) count both calls (and
+        # the health probes of the `triton` application, every few seconds).
+        after = asyncio.run(triton_requests())
+        assert after[0] - before[0] >= 2 and after[1] > before[1], (before, after)
+
+    async def async_call():
+        async with AsyncKnowledgeClient(addresses[app], application=app, timeout_s=30) as client:
+            return await client.generate(batch, server_timing=True)
+
+    assert set(asyncio.run(async_call()).server_timing) == {"decode", "model", "encode"}

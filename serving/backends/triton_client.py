@@ -87,7 +87,7 @@ class TritonClient:
         user_names: Sequence[str] | None = None,
     ):
         """`admin_key`: the key of Triton's restricted model-repository API, sent only with
-        load, unload and the repository index (default: $GEM_TRITON_ADMIN_KEY).
+        load, unload, the repository index and statistics (default: $GEM_TRITON_ADMIN_KEY).
         `user_names`: the schema's user inputs (`user_input_names`), to expand a
         user-indexed batch for a per-example model (default: told by their row counts)."""
         self.url = url
@@ -245,6 +245,17 @@ class TritonClient:
             await self._client.unload_model(model, headers=self._admin_headers)
         except InferenceServerException as e:
             raise _translate(e, f"unloading {model}") from None
+
+    async def served_requests(self, model: str | None = None) -> tuple[int, int]:
+        """(requests answered, their total ns inside Triton) of `model` (default: the
+        client's), all versions, since Triton started: its statistics API (restricted)."""
+        model = model or self.model
+        try:
+            stats = await self._client.get_inference_statistics(model, headers=self._admin_headers, as_json=True)
+        except InferenceServerException as e:
+            raise _translate(e, f"{model} statistics") from None
+        success = [m["inference_stats"]["success"] for m in stats.get("model_stats", [])]
+        return sum(int(s.get("count", 0)) for s in success), sum(int(s.get("ns", 0)) for s in success)
 
     async def versions(self, model: str | None = None) -> list[VersionState]:
         """Every version of the repository index (all models, or one), with its state."""

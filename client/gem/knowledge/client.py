@@ -22,7 +22,9 @@ pushback, up to `retries` times, within the call's deadline.
 The channel is plaintext unless `credentials` are given (TLS, say
 `grpc.ssl_channel_credentials(root_certificates=...)`); `options` are gRPC channel
 arguments laid over the client's own (e.g. `("grpc.ssl_target_name_override", host)`).
-Every call carries the user agent `gem-knowledge-client/<version>`.
+Every call carries the user agent `gem-knowledge-client/<version>`. With
+`server_timing=True` a call asks for the server's stages (gem/knowledge/timing.py),
+returned in `Reply.server_timing`.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import asyncio
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import grpc
 import numpy as np
 from gem.knowledge.outputs import OUTPUT_NAMES
+from gem.knowledge.timing import SERVER_TIMING_METADATA, parse_server_timing
 from gem.knowledge.v1 import knowledge_pb2 as pb
 from gem.knowledge.v1 import knowledge_pb2_grpc as pb_grpc
 from gem.knowledge.wire import DTYPES, decode, encode
@@ -75,6 +78,8 @@ class Reply:
     outputs: dict[str, np.ndarray]
     fm_version: int
     adapter_version: int
+    # The server's stages in ms (asked with server_timing=True; empty otherwise).
+    server_timing: dict[str, float] = field(default_factory=dict)
 
 
 def channel_options(retries: int, extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
@@ -202,9 +207,10 @@ def _request(
     )
 
 
-def _reply(response: pb.GenerateResponse) -> Reply:
+def _reply(response: pb.GenerateResponse, trailer: Iterable[tuple[str, Any]] = ()) -> Reply:
     outputs = {k: decode(k, v) for k, v in response.outputs.items()}
-    return Reply(outputs, response.versions.fm, response.versions.adapter)
+    timing = next((v for k, v in trailer if k == SERVER_TIMING_METADATA and isinstance(v, str)), "")
+    return Reply(outputs, response.versions.fm, response.versions.adapter, parse_server_timing(timing))
 
 
 def _sync_channel(
@@ -255,8 +261,9 @@ class _Base:
         self._channel = type(self)._make_channel(address, channel_options(retries, options), interceptors, credentials)
         self._stub = pb_grpc.KnowledgeServiceStub(self._channel)
 
-    def _call_metadata(self, timeout_s: float) -> list[tuple[str, str]]:
-        return [*self.metadata, (TIMEOUT_METADATA, str(max(int(timeout_s * 1000), 1)))]
+    def _call_metadata(self, timeout_s: float, server_timing: bool) -> list[tuple[str, str]]:
+        timing = [(SERVER_TIMING_METADATA, "1")] if server_timing else []
+        return [*self.metadata, (TIMEOUT_METADATA, str(max(int(timeout_s * 1000), 1))), *timing]
 
     def _remember(self, info: pb.GetModelInfoResponse) -> pb.GetModelInfoResponse:
         self._info = info
@@ -283,6 +290,7 @@ class KnowledgeClient(_Base):
         timeout_s: float | None = None,
         user_embedding_once: bool = False,
         fm_version: int | None = None,
+        server_timing: bool = False,
     ) -> Reply:
         if self._info is None:
             self.info()
@@ -292,7 +300,11 @@ class KnowledgeClient(_Base):
         while True:  # pushback_wait ends it after `retries` retries
             remaining = deadline - time.monotonic()
             try:
-                return _reply(self._stub.Generate(request, timeout=remaining, metadata=self._call_metadata(remaining)))
+                metadata = self._call_metadata(remaining, server_timing)
+                if not server_timing:
+                    return _reply(self._stub.Generate(request, timeout=remaining, metadata=metadata))
+                response, call = self._stub.Generate.with_call(request, timeout=remaining, metadata=metadata)
+                return _reply(response, call.trailing_metadata() or ())
             except grpc.RpcError as e:
                 wait = pushback_wait(e, attempt, self.retries, deadline - time.monotonic())
                 if wait is None:
@@ -325,6 +337,7 @@ class AsyncKnowledgeClient(_Base):
         timeout_s: float | None = None,
         user_embedding_once: bool = False,
         fm_version: int | None = None,
+        server_timing: bool = False,
     ) -> Reply:
         if self._info is None:
             await self.info()
@@ -334,8 +347,10 @@ class AsyncKnowledgeClient(_Base):
         while True:  # pushback_wait ends it after `retries` retries
             remaining = deadline - time.monotonic()
             try:
-                call = self._stub.Generate(request, timeout=remaining, metadata=self._call_metadata(remaining))
-                return _reply(await call)
+                metadata = self._call_metadata(remaining, server_timing)
+                call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+                response = await call
+                return _reply(response, await call.trailing_metadata() if server_timing else ())
             except grpc.aio.AioRpcError as e:
                 wait = pushback_wait(e, attempt, self.retries, deadline - time.monotonic())
                 if wait is None:
