@@ -169,8 +169,12 @@ def faults_done(records: list[dict], scheduled: int) -> list[Verdict]:
 
 def triton_exits(samples: list[dict], killed: int) -> list[Verdict]:
     """Triton exits nobody asked for: each tritonserver process past the first is a
-    restart, and the schedule killed `killed` of them."""
-    pids = {p["pid"] for s in samples for p in s["processes"] if p["name"].startswith("tritonserver")}
+    restart, and the schedule killed `killed` of them. A child of a Triton is not one: it
+    is a fork about to exec a python backend's stub (it has Triton's name until then)."""
+    pids: set[int] = set()
+    for s in samples:
+        tritons = {p["pid"] for p in s["processes"] if p["name"].startswith("tritonserver")}
+        pids |= {p["pid"] for p in s["processes"] if p["pid"] in tritons and p.get("ppid") not in tritons}
     unplanned = max(0, len(pids) - 1 - killed)
     return [Verdict("Triton exits not scheduled", f"{unplanned} ({len(pids)} Triton processes seen)", unplanned == 0)]
 

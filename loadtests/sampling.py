@@ -24,6 +24,8 @@ class ProcessSample:
     rss_bytes: int
     fds: int
     threads: int
+    # A fork carries its parent's name until it execs (Triton's python-backend stubs).
+    ppid: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,19 @@ class Sample:
         return asdict(self)
 
 
+def parent_of(stat: str) -> int:
+    """The parent pid in a /proc/PID/stat text. The name in (...) may hold spaces: the
+    fields after its ')' are fixed."""
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def children_of() -> dict[int, list[int]]:
     """Parent pid -> its children's pids, over every live process."""
     tree: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                # The name in (...) may hold spaces: the fields after its ')' are fixed.
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                tree.setdefault(ppid, []).append(int(entry.name))
+                tree.setdefault(parent_of((entry / "stat").read_text()), []).append(int(entry.name))
     return tree
 
 
@@ -95,11 +101,12 @@ def sample_process(pid: int) -> tuple[ProcessSample, set[str]] | None:
     base = PROC / str(pid)
     try:
         rss, threads = parse_status((base / "status").read_text())
+        ppid = parent_of((base / "stat").read_text())
         fds = len(os.listdir(base / "fd"))
         shm = shm_names((base / "maps").read_text())
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, IndexError):
         return None
-    return ProcessSample(pid, display_name(pid), rss, fds, threads), shm
+    return ProcessSample(pid, display_name(pid), rss, fds, threads, ppid), shm
 
 
 def shm_size(names: set[str]) -> int:

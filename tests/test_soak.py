@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from loadtests import bounds
 from loadtests.faults import KINDS, MIN_GAP_S, schedule, warm_up_s
-from loadtests.sampling import parse_status, shm_names
+from loadtests.sampling import parent_of, parse_status, sample_process, shm_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,9 @@ def test_proc_parsers():
     maps = ("7f00-7f01 rw-s 00000000 00:1a 12 /dev/shm/triton_python_backend_shm_region_1\n"
             "7f02-7f03 r-xp 00000000 08:01 99 /usr/lib/libc.so.6\n")  # fmt: skip
     assert shm_names(maps) == {"triton_python_backend_shm_region_1"}
+    assert parent_of("4242 (tritonserver ) x) S 4100 4242 4242 0 -1") == 4100  # a name with ") "
+    me = sample_process(os.getpid())
+    assert me is not None and me[0].ppid == os.getppid()
 
 
 DOWN = [bounds.Window("triton", 100.0, 110.0)]
@@ -156,6 +160,10 @@ def test_triton_exits_counts_restarts_nobody_scheduled():
     assert bounds.triton_exits(samples, killed=2)[0].ok
     verdict = bounds.triton_exits(samples, killed=1)[0]
     assert not verdict.ok and verdict.measured.startswith("1 ")
+    # Caught between fork and exec while loading a version: Triton's name, Triton's child.
+    forking = triton(7, 11)
+    forking["processes"].append({**forking["processes"][0], "pid": 99, "ppid": 11})
+    assert bounds.triton_exits([*samples[:2], forking, samples[2]], killed=2)[0].ok
 
 
 def test_trainer_published_wants_an_adapter_refresh_then_fm_cycles():
