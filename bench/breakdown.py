@@ -34,7 +34,7 @@ from gem.knowledge import AsyncKnowledgeClient
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import Timing, summarize, write_json
+from bench.common import Timing, int_list, summarize, write_json
 from bench.frontend import APPS, IN_PROCESS_OUTPUTS, PATHS, closed_loop, export_preset, ranker_call, served
 from model.config import PRESETS, preset
 from model.schema import load_schema
@@ -74,24 +74,27 @@ async def measure(args, schema, repo: Path, triton_cfg: TritonConfig, addresses:
     rows: list[dict] = []
     timings: list[Timing] = []
     backend = OnnxBackend(repo)
-    triton = TritonClient(triton_cfg.grpc_url, admin_key=triton_cfg.admin_key)
-    for n in args.candidates:
-        ads, shared, indexed = ranker_call(schema, n, args.seq_len)
-        latencies, _ = await closed_loop(functools.partial(backend.infer, indexed, IN_PROCESS_OUTPUTS), 1, args.seconds)
-        in_process = summarize("onnxruntime in-process", n, latencies)
-        timings.append(in_process)
-        for app in APPS:
-            for path in PATHS:
-                async with AsyncKnowledgeClient(addresses[app, path], timeout_s=60, application=app) as client:
-                    before = await triton.served_requests()
-                    ms = await timed_calls(client, ads, shared, args.seconds)
-                    after = await triton.served_requests()
-                calls = after[0] - before[0]
-                triton_ms = (after[1] - before[1]) / calls / 1e6 if app == "triton" and calls else None
-                system = f"{app} ({path})"
-                rows.append(row(system, n, ms, in_process.p50_ms, triton_ms))
-                timings.append(summarize(system, n, [x / 1000 for x in ms["client"]]))
-    await triton.close()
+    async with TritonClient(triton_cfg.grpc_url, admin_key=triton_cfg.admin_key) as triton:
+        for n in args.candidates:
+            ads, shared, indexed = ranker_call(schema, n, args.seq_len)
+            in_process_call = functools.partial(backend.infer, indexed, IN_PROCESS_OUTPUTS)
+            latencies, _ = await closed_loop(in_process_call, 1, args.seconds)
+            in_process = summarize("onnxruntime in-process", n, latencies)
+            timings.append(in_process)
+            for app in APPS:
+                for path in PATHS:
+                    # Triton's own time per call, from its statistics over the cell.
+                    before = await triton.served_requests() if app == "triton" else None
+                    async with AsyncKnowledgeClient(addresses[app, path], timeout_s=60, application=app) as client:
+                        ms = await timed_calls(client, ads, shared, args.seconds)
+                    triton_ms = None
+                    if before is not None:
+                        after = await triton.served_requests()
+                        calls = after[0] - before[0]
+                        triton_ms = (after[1] - before[1]) / calls / 1e6 if calls else None
+                    system = f"{app} ({path})"
+                    rows.append(row(system, n, ms, in_process.p50_ms, triton_ms))
+                    timings.append(summarize(system, n, [x / 1000 for x in ms["client"]]))
     return rows, timings
 
 
@@ -112,8 +115,7 @@ def report(args, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=list(PRESETS))
-    parser.add_argument("--candidates", type=lambda s: [int(x) for x in s.split(",")], default=[1, 256],
-                        help="candidates per call, comma-separated")  # fmt: skip
+    parser.add_argument("--candidates", type=int_list, default=[1, 256], help="candidates per call, comma-separated")
     parser.add_argument("--seq-len", type=int, default=128, help="the user's history length")
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
     args = parser.parse_args()

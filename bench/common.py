@@ -26,6 +26,11 @@ class Timing:
     examples_per_s: float
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of ints, as the benches' options take it ("" is none)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def summarize(name: str, batch: int, seconds: list[float]) -> Timing:
     ms = np.array(seconds) * 1e3
     return Timing(

@@ -46,7 +46,7 @@ from gem.knowledge import AsyncKnowledgeClient
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import RESULTS, Timing, summarize, write_json
+from bench.common import RESULTS, Timing, int_list, summarize, write_json
 from export.publish import PublishPolicy, publish
 from export.repository import ModelRepository
 from model.adapter import StudentAdapter
@@ -167,10 +167,6 @@ def plot(timings: list[Timing], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def export_preset(schema, cfg: GEMConfig, work: Path) -> Path:
     """A randomly initialized GEM of `cfg` and its adapter (speed does not depend on the
     weights), published to a repository under `work`; returns the repository."""
@@ -216,9 +212,9 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=list(PRESETS))
     parser.add_argument("--archs", type=lambda s: s.split(","), default=None,
                         help="sequence archs to compare, comma-separated (default: the preset's)")  # fmt: skip
-    parser.add_argument("--sizes", type=_ints, default=[1, 32, 256], help='examples per call ("" skips)')
-    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 32])
-    parser.add_argument("--candidates", type=_ints, default=[256], help="of one user, in the shared-form cells")
+    parser.add_argument("--sizes", type=int_list, default=[1, 32, 256], help='examples per call ("" skips)')
+    parser.add_argument("--concurrency", type=int_list, default=[1, 8, 32])
+    parser.add_argument("--candidates", type=int_list, default=[256], help="of one user, in the shared-form cells")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     args = parser.parse_args()
