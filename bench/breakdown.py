@@ -14,7 +14,9 @@ Every call asks for the server's stages (`server_timing=True`, client/gem/knowle
 and, for the Triton application, Triton's own time per call (the ensemble's mean
 request time from Triton's statistics over the cell). Stages are per-call medians;
 they need not sum to the client's median. Prints the table, writes
-bench/results/breakdown.json.
+bench/results/breakdown.json (breakdown-user-embedding-once.json with
+--user-embedding-once: the reply's user embedding once per user, as the in-process call
+returns it, instead of once per candidate).
 
     .venv/bin/python -m bench.breakdown [--preset small] [--candidates 1,256] [--seconds 10]
 """
@@ -45,15 +47,17 @@ from serving.local.triton import TritonConfig
 STAGES = ("decode", "model", "encode")
 
 
-async def timed_calls(client: AsyncKnowledgeClient, ads: dict, shared: dict, seconds: float) -> dict[str, list[float]]:
+async def timed_calls(client: AsyncKnowledgeClient, ads: dict, shared: dict, seconds: float,
+                      user_embedding_once: bool) -> dict[str, list[float]]:  # fmt: skip
     """Serial calls for `seconds` (after a warm-up): per call, the client's ms and each stage's."""
+    generate = functools.partial(client.generate, ads, shared=shared, user_embedding_once=user_embedding_once)
     for _ in range(3):
-        await client.generate(ads, shared=shared)
+        await generate()
     out: dict[str, list[float]] = {"client": [], **{s: [] for s in STAGES}}
     stop = time.perf_counter() + seconds
     while time.perf_counter() < stop:
         start = time.perf_counter()
-        reply = await client.generate(ads, shared=shared, server_timing=True)
+        reply = await generate(server_timing=True)
         out["client"].append((time.perf_counter() - start) * 1000)
         for stage in STAGES:
             out[stage].append(reply.server_timing.get(stage, float("nan")))
@@ -86,7 +90,7 @@ async def measure(args, schema, repo: Path, triton_cfg: TritonConfig, addresses:
                     # Triton's own time per call, from its statistics over the cell.
                     before = await triton.served_requests() if app == "triton" else None
                     async with AsyncKnowledgeClient(addresses[app, path], timeout_s=60, application=app) as client:
-                        ms = await timed_calls(client, ads, shared, args.seconds)
+                        ms = await timed_calls(client, ads, shared, args.seconds, args.user_embedding_once)
                     triton_ms = None
                     if before is not None:
                         after = await triton.served_requests()
@@ -99,7 +103,9 @@ async def measure(args, schema, repo: Path, triton_cfg: TritonConfig, addresses:
 
 
 def report(args, rows: list[dict]) -> None:
-    table = Table(title=f"GEM {args.preset}: where a call of one user's candidates spends its time (p50 ms, c = 1)")
+    form = "user embedding once" if args.user_embedding_once else "user embedding per candidate"
+    table = Table(title=f"GEM {args.preset}: where a call of one user's candidates spends its time "
+                        f"(p50 ms, c = 1, {form})")  # fmt: skip
     columns = ("system", "candidates", "calls", "client", "decode", "model", "encode", "outside", "triton (mean)",
                "in-process", "÷ in-process")  # fmt: skip
     for col in columns:
@@ -118,6 +124,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int_list, default=[1, 256], help="candidates per call, comma-separated")
     parser.add_argument("--seq-len", type=int, default=128, help="the user's history length")
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
+    parser.add_argument("--user-embedding-once", action="store_true",
+                        help="ask for the user's embedding once per user (the in-process call's form) "
+                             "instead of once per candidate (the API's default)")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     console = Console(stderr=True)
@@ -128,7 +137,8 @@ def main() -> None:
         with served(repo, Path(tmp) / "triton") as (addresses, triton), console.status("measuring"):
             rows, timings = asyncio.run(measure(args, schema, repo, triton.cfg, addresses))
     report(args, rows)
-    write_json("breakdown", {**vars(args), "stages": rows}, timings)
+    name = "breakdown-user-embedding-once" if args.user_embedding_once else "breakdown"
+    write_json(name, {**vars(args), "stages": rows}, timings)
 
 
 if __name__ == "__main__":

@@ -124,14 +124,18 @@ def plot(rows: list[dict], backends: list[str], slo_ms: float, title: str, path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="triton,onnxruntime")
-    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--backends", default="triton,onnxruntime",
+                        help="Comma-separated backends, each on its own stack (default: %(default)s).")  # fmt: skip
+    parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
+                        help="Comma-separated calls/s, in rising order; the first the stack cannot keep up "
+                             "with ends that backend's sweep (default: 1,2,4,8,16,32).")  # fmt: skip
     parser.add_argument("--duration", type=int, default=30, help="Seconds per rate.")
     parser.add_argument("--users", type=int, default=64, help="Most Locust users (2 per call/s, each paced).")
     parser.add_argument("--processes", type=int, default=1, help="Locust worker processes.")
     parser.add_argument("--candidates", default="16,512", help="MIN,MAX candidates per call.")
-    parser.add_argument("--slo-p99-ms", type=float, default=50.0)
-    parser.add_argument("--repo", type=Path, default=Path("model_repo"))
+    parser.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 bound (default: %(default)s).")
+    parser.add_argument("--repo", type=Path, default=Path("model_repo"),
+                        help="Repository to serve, as `gem export` wrote it (default: %(default)s).")  # fmt: skip
     parser.add_argument("--ingress", choices=INGRESSES, default=default_ingress(),
                         help="who answers the gRPC port: the replica (direct) or Serve's proxy")  # fmt: skip
     args = parser.parse_args()
