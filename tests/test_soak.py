@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from loadtests import bounds
+from loadtests import bounds, chaos
 from loadtests.faults import KINDS, MIN_GAP_S, schedule, warm_up_s
-from loadtests.sampling import parent_of, parse_status, sample_process, shm_names
+from loadtests.sampling import display_name, parent_of, parse_status, sample_process, shm_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,6 +167,25 @@ def test_triton_exits_counts_restarts_nobody_scheduled():
     forking = triton(7, 11)
     forking["processes"].append({**forking["processes"][0], "pid": 99, "ppid": 11})
     assert bounds.triton_exits([*samples[:2], forking, samples[2]], killed=2)[0].ok
+
+
+def test_a_kill_picks_the_process_not_its_fork_before_exec():
+    """A fork that has not exec'd yet carries its parent's name; the fault kills the parent."""
+    forks = "import os, time; child = os.fork(); child and print(child, flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", forks], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())  # the parent prints it once the fork exists
+        name = display_name(proc.pid)
+        assert display_name(child) == name
+        assert chaos._processes(SimpleNamespace(roots=(proc.pid,)), name) == [proc.pid]
+    finally:
+        for pid in (proc.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_trainer_published_wants_an_adapter_refresh_then_fm_cycles():
