@@ -72,6 +72,8 @@ class FrontendConfig:
     max_examples_per_call: int = MAX_BATCH_EXAMPLES
     # How long the first call of a batch waits for others to join it.
     batch_wait_timeout_s: float = 0.002
+    # Merged batches that may run at once on a replica (one running alone leaves cores idle).
+    concurrent_batches: int = 2
     # The longest a backend call may take; a caller's shorter deadline (TIMEOUT_METADATA)
     # wins. Calls past it get DEADLINE_EXCEEDED, which clients do not retry.
     backend_timeout_s: float = 10.0
@@ -102,6 +104,8 @@ class FrontendConfig:
         if self.max_examples_per_call > self.max_batch_examples:
             raise ValueError("max_examples_per_call cannot exceed max_batch_examples (a call must fit in a batch)")
         _ = self.admission  # refuses a bound below 1
+        if self.concurrent_batches < 1:
+            raise ValueError(f"concurrent_batches must be at least 1, got {self.concurrent_batches}")
         if not 0 <= self.inference_nice <= MAX_NICE:
             raise ValueError(f"inference_nice must be 0 (off) to {MAX_NICE}, got {self.inference_nice}")
 
