@@ -27,7 +27,7 @@ from export.contract import ADAPTER_MODEL, FM_MODEL
 from export.repository import ModelRepository
 from loadtests.bounds import Window
 from loadtests.faults import Fault
-from loadtests.sampling import PROC, SKIP_ENV, display_name, parent_of, stack_pids
+from loadtests.sampling import SKIP_ENV, display_name, ppid, stack_pids
 from model.data.synth import World, write_shard
 from model.schema import FeatureSchema
 from serving.local.health import check
@@ -115,14 +115,7 @@ def _processes(target: Target, prefix: str) -> list[int]:
     fork caught before it execs (Triton's, for a python backend's stub) still carries
     its parent's name, and killing it would not be the fault asked for."""
     named = [pid for pid in stack_pids(target.roots) if display_name(pid).startswith(prefix)]
-    return [pid for pid in named if _parent(pid) not in named]
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return parent_of((PROC / str(pid) / "stat").read_text())
-    except (OSError, ValueError, IndexError):  # gone since the scan
-        return None
+    return [pid for pid in named if ppid(pid) not in named]
 
 
 def _triton_ready(url: str) -> bool:
@@ -134,8 +127,8 @@ def _triton_ready(url: str) -> bool:
 
 
 def _kill(target: Target, fault: Fault, prefix: str, what: str, ready: Callable[[], bool]) -> dict:
-    """SIGKILL of the stack's first process named `prefix` (not a fork of one), then the wait until it is gone
-    and `ready` holds again: the window it was down."""
+    """SIGKILL of the stack's first process named `prefix` (not a fork of one), then the
+    wait until it is gone and `ready` holds again: the window it was down."""
     started = time.time()
     pids = _processes(target, prefix)
     if not pids:

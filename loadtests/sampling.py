@@ -44,13 +44,20 @@ def parent_of(stat: str) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def ppid(pid: int) -> int | None:
+    """A live process's parent pid; None once it is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return parent_of((PROC / str(pid) / "stat").read_text())
+    return None
+
+
 def children_of() -> dict[int, list[int]]:
     """Parent pid -> its children's pids, over every live process."""
     tree: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                tree.setdefault(parent_of((entry / "stat").read_text()), []).append(int(entry.name))
+    for pid in (int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit()):
+        parent = ppid(pid)
+        if parent is not None:
+            tree.setdefault(parent, []).append(pid)
     return tree
 
 
