@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ from model.schema import load_schema
 from model.user_index import candidate_rows
 
 VARIANTS = ("served", "spinning", "one thread", "two blocks in parallel", "transformer-optimized")
+
+
+def _in_parallel(pool: ThreadPoolExecutor, run: Callable[[dict], object], blocks: list[dict]) -> list[object]:
+    """`run` over candidate blocks on the pool's threads at once."""
+    return list(pool.map(run, blocks))
 
 
 def _peak_gflops(threads: int) -> float:
@@ -90,11 +96,11 @@ def main() -> None:
                 call = _call(schema, 1, n, args.seq_len, seed=1)
                 halves = [candidate_rows(call, users, 0, n // 2), candidate_rows(call, users, n // 2, n)]
                 runs: dict[str, Callable[[], object]] = {
-                    "served": lambda c=call: served.run(outputs, c),
-                    "spinning": lambda c=call: spinning.run(outputs, c),
-                    "one thread": lambda c=call: single.run(outputs, c),
-                    "two blocks in parallel": lambda h=halves: list(pool.map(lambda b: single.run(outputs, b), h)),
-                    "transformer-optimized": lambda c=call: optimized.run(outputs, c),
+                    "served": partial(served.run, outputs, call),
+                    "spinning": partial(spinning.run, outputs, call),
+                    "one thread": partial(single.run, outputs, call),
+                    "two blocks in parallel": partial(_in_parallel, pool, partial(single.run, outputs), halves),
+                    "transformer-optimized": partial(optimized.run, outputs, call),
                 }
                 for name in VARIANTS:
                     with console.status(f"round {round_ + 1}/{args.rounds}: {n} candidates, {name}"):

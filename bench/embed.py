@@ -46,8 +46,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     console, schema, cfg = Console(stderr=True), load_schema(), preset(args.preset)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="gem-bench-embed-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="gem-bench-embed-") as tmp_name:
+        tmp = Path(tmp_name)
         with console.status("synthesizing and exporting"):
             write_shards(SynthConfig(rows=args.rows, shards=args.files, seed=1), schema, tmp / "data")
             model, adapter = GEM(schema, cfg).eval(), StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()

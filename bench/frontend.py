@@ -117,13 +117,14 @@ async def run(args, schema, repo: Path, triton_url: str, addresses: dict, arch: 
         }
         for rows in args.sizes:
             batch = random_batch(schema, rows, args.seq_len, seed=rows)
-            measured = await closed_loop(lambda b=batch: ort_backend.infer(b, IN_PROCESS_OUTPUTS), 1, args.seconds)
+            in_process = functools.partial(ort_backend.infer, batch, IN_PROCESS_OUTPUTS)
+            measured = await closed_loop(in_process, 1, args.seconds)
             out.append(rate(f"{label}onnxruntime in-process", rows, measured, 1))
             for c in args.concurrency:
-                measured = await closed_loop(lambda b=batch: triton.infer(b), c, args.seconds)
+                measured = await closed_loop(functools.partial(triton.infer, batch), c, args.seconds)
                 out.append(rate(f"{label}triton direct", rows, measured, c))
                 for (name, path), client in clients.items():
-                    measured = await closed_loop(lambda b=batch, cl=client: cl.generate(b), c, args.seconds)
+                    measured = await closed_loop(functools.partial(client.generate, batch), c, args.seconds)
                     out.append(rate(f"{label}front end ({path}) -> {name}", rows, measured, c))
         # One user, many candidates: the user's columns once vs repeated per candidate.
         for n in args.candidates:
@@ -135,8 +136,8 @@ async def run(args, schema, repo: Path, triton_url: str, addresses: dict, arch: 
                 out.append(rate(f"{label}onnxruntime in-process, shared form", n, measured, c))
             for (name, path), client in clients.items():
                 for form, call in (
-                    ("repeated rows", lambda cl=client, r=repeated: cl.generate(r)),
-                    ("shared form", lambda cl=client, a=ads, s=shared: cl.generate(a, shared=s)),
+                    ("repeated rows", functools.partial(client.generate, repeated)),
+                    ("shared form", functools.partial(client.generate, ads, shared=shared)),
                 ):
                     for c in args.concurrency:
                         measured = await closed_loop(call, c, args.seconds)
@@ -192,7 +193,7 @@ def served(repo: Path, work: Path) -> Iterator[tuple[dict, TritonServer]]:
 
         from serving.servicer import KnowledgeIngress
 
-        embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})
+        embedded = KnowledgeIngress.options(ray_actor_options={"num_cpus": 0})  # type: ignore[attr-defined]  # a Deployment at run time
         serve.run(embedded.bind(FrontendConfig(backend="onnxruntime", repository=repo)), name="embedded",
                   route_prefix="/embedded", blocking=False)  # fmt: skip
         proxy = launcher.proxy_address()
@@ -225,8 +226,8 @@ def main() -> None:
     args.archs = args.archs or [cfg.sequence_arch]
     timings: list[Timing] = []
     for arch in args.archs:
-        with tempfile.TemporaryDirectory(prefix="gem-bench-") as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory(prefix="gem-bench-") as tmp_name:
+            tmp = Path(tmp_name)
             with console.status(f"exporting {args.preset} ({arch})"):
                 repo = export_preset(schema, cfg.with_(sequence_arch=arch), tmp)
             with served(repo, tmp / "triton") as (addresses, triton), console.status(f"measuring {arch}"):

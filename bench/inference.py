@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import onnxruntime as ort
@@ -60,6 +61,7 @@ def main() -> None:
         ckpt = load_checkpoint(save_checkpoint(Path(tmp) / "ckpt", ModelBundle(schema, cfg, model, adapter), {}))
         with console.status(f"exporting {args.preset}"):
             report = publish(ckpt, ModelRepository(Path(tmp) / "repo"), PublishPolicy())
+        assert report.fm is not None  # PublishPolicy() publishes the FM
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(report.fm.path / "model.onnx"), options)
@@ -68,8 +70,8 @@ def main() -> None:
             feeds = inputs[b]
             tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
             with console.status(f"batch {b}: torch, onnxruntime"), torch.inference_mode():
-                timings.append(summarize("torch eager", b, time_sync(lambda t=tensors: model(t))))
-                timings.append(summarize("onnxruntime", b, time_sync(lambda f=feeds: session.run(list(FM_OUTPUTS), f))))
+                timings.append(summarize("torch eager", b, time_sync(partial(model, tensors))))
+                timings.append(summarize("onnxruntime", b, time_sync(partial(session.run, list(FM_OUTPUTS), feeds))))
         http, grpc, metrics = free_ports(3)
         server_cfg = TritonConfig(Path(tmp) / "repo", Path(tmp) / "triton", http, grpc, metrics)
         with console.status("starting Triton"):
@@ -88,9 +90,9 @@ async def _triton(url: str, inputs: dict, console: Console) -> list[Timing]:
     async with TritonClient(url, timeout_s=60) as client:
         for b, feeds in inputs.items():
             with console.status(f"batch {b}: triton"):
-                fm = await time_async(lambda f=feeds: client.infer(f, outputs=FM_OUTPUTS, model=FM_MODEL))
+                fm = await time_async(partial(client.infer, feeds, outputs=FM_OUTPUTS, model=FM_MODEL))
                 out.append(summarize("triton gem_fm", b, fm))
-                ens = await time_async(lambda f=feeds: client.infer(f, outputs=KNOWLEDGE_OUTPUTS, model=ENSEMBLE_MODEL))
+                ens = await time_async(partial(client.infer, feeds, outputs=KNOWLEDGE_OUTPUTS, model=ENSEMBLE_MODEL))
                 out.append(summarize("triton gem_knowledge (ensemble)", b, ens))
     return out
 

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def adapted_vs_raw(shards: list[Path], warm: Path, epochs: int) -> list[dict]:
         with torch.no_grad():
             adapted = adapter(torch.from_numpy(raw), torch.from_numpy(nxt[SURFACE_INPUT])).numpy()
         y = labels_of(nxt, schema)
-        row = {"fit_on": shards[n].name, "eval_shard": shards[n + 1].name}
+        row: dict[str, str | float] = {"fit_on": shards[n].name, "eval_shard": shards[n + 1].name}
         for t, task in enumerate(schema.tasks):
             row[f"raw_log_loss_{task.name}"] = log_loss(y[:, t], sigmoid(raw[:, t].astype(np.float64)))
             row[f"adapted_log_loss_{task.name}"] = log_loss(y[:, t], sigmoid(adapted[:, t].astype(np.float64)))
@@ -268,7 +269,7 @@ def knowledge_cost(stream: Path, warm: Path, work: Path, preset_name: str, batch
 # -- main -------------------------------------------------------------------------------------
 
 
-def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
+def plot(rows: list[dict], tasks: Sequence[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,7 +379,7 @@ def report_knowledge(k: dict) -> None:
     Console().print(f"added by --knowledge-out: {k['added_pct']:+.1f} % of a cycle")
 
 
-def report(result: dict, tasks: list[str]) -> None:
+def report(result: dict, tasks: Sequence[str]) -> None:
     out = Console()
     t = Table(title="trainer throughput (gloo DDP on CPU)")
     for col in ("processes", "examples", "seconds", "examples/s"):

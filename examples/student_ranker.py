@@ -55,10 +55,10 @@ def rank(
     `fm_version`: the FM version the student's embedding inputs came from (its
     checkpoint's `fm_version`), pinned so that a newer FM never changes their meaning."""
     schema = load_schema()  # the FM's schema: which columns are user-side
-    inputs = [s for s in input_specs(schema) if s.kind != "length"]  # what the service takes
-    user_cols = [s.name for s in inputs if s.side == "user"]
+    specs = [s for s in input_specs(schema) if s.kind != "length"]  # what the service takes
+    user_cols = [s.name for s in specs if s.side == "user"]
     user = rows.slice(0, 1).select(user_cols)
-    ads = rows.select([s.name for s in inputs if s.side != "user"])
+    ads = rows.select([s.name for s in specs if s.side != "user"])
     reply = client.generate(ads, shared=user, outputs=["embedding", "user_embedding"], fm_version=fm_version)
     # The student reads the same user row for every candidate, as the service did.
     same_user = ads

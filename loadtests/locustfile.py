@@ -110,6 +110,9 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
 class KnowledgeUser(User):
     """A ranker calling `Generate` with one user and its candidate ads."""
 
+    # When this user calls next (time.monotonic; set by on_start).
+    next_call: float = 0.0
+
     def period(self) -> float:
         """Seconds between this user's calls: every user paces itself to its share of the
         total rate (0: no pacing)."""
@@ -129,6 +132,8 @@ class KnowledgeUser(User):
         gevent.sleep(random.uniform(0, self.period()))
         self.next_call = time.monotonic()
         options = self.environment.parsed_options
+        if not self.host:
+            raise ValueError("no front end to call: give --host (the front end's gRPC address, host:port)")
         self.client = KnowledgeClient(self.host, token=options.token or None, timeout_s=30, retries=options.retries,
                                       interceptors=[LocustInterceptor(self.environment)])  # fmt: skip
         schema = schema_from_yaml(self.client.info().schema_yaml)

@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtests.report import slo_violations
-from serving.config import INGRESSES, FrontendConfig, default_ingress
+from serving.backends.base import BACKENDS, BackendKind
+from serving.config import INGRESSES, FrontendConfig, Ingress, default_ingress
 from serving.local.ports import free_ports
 from serving.local.stack import StackConfig, local_stack
 from serving.local.triton import TritonConfig
@@ -66,7 +67,16 @@ def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path, e
     return json.loads((out / "summary.json").read_text())
 
 
-def stack_config(backend: str, repo: Path, ingress: str, **frontend: Any) -> StackConfig:
+def backend_list(text: str) -> list[BackendKind]:
+    """`--backends`: comma-separated names, each one of the front end's backends."""
+    known: dict[str, BackendKind] = {b: b for b in BACKENDS}
+    unknown = [name for name in text.split(",") if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+    return [known[name] for name in text.split(",")]
+
+
+def stack_config(backend: BackendKind, repo: Path, ingress: Ingress, **frontend: Any) -> StackConfig:
     """The local stack of a load run on free ports: Triton + the front end, or the front
     end alone with the embedded backend; `frontend`: FrontendConfig settings."""
     grpc_port, http, metrics, triton_http, triton_grpc, triton_metrics = free_ports(6)
@@ -77,7 +87,7 @@ def stack_config(backend: str, repo: Path, ingress: str, **frontend: Any) -> Sta
     return StackConfig(front_end, triton, grpc_port, http, metrics, ingress=ingress)
 
 
-def sweep_backend(backend: str, args: argparse.Namespace, console: Console) -> list[dict]:
+def sweep_backend(backend: BackendKind, args: argparse.Namespace, console: Console) -> list[dict]:
     rows = []
     cfg = stack_config(backend, args.repo, args.ingress)
     with local_stack(cfg) as address, tempfile.TemporaryDirectory(prefix="gem-sweep-") as tmp:
@@ -124,7 +134,7 @@ def plot(rows: list[dict], backends: list[str], slo_ms: float, title: str, path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="triton,onnxruntime",
+    parser.add_argument("--backends", type=backend_list, default=",".join(BACKENDS),
                         help="Comma-separated backends, each on its own stack (default: %(default)s).")  # fmt: skip
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32],
                         help="Comma-separated calls/s, in rising order; the first the stack cannot keep up "
@@ -140,7 +150,7 @@ def main() -> None:
                         help="who answers the gRPC port: the replica (direct) or Serve's proxy")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    console, backends = Console(stderr=True), args.backends.split(",")
+    console, backends = Console(stderr=True), args.backends
     rows = [row for backend in backends for row in sweep_backend(backend, args, console)]
 
     title = f"candidates {args.candidates} per call, {args.duration}s per rate, 2 cores"

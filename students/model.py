@@ -17,6 +17,9 @@ The tables are named `tables.<feature>` (hashed as the FM's `HashedEmbedding`), 
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
 import torch
 from torch import Tensor, nn
 
@@ -95,7 +98,7 @@ class Student(nn.Module):
         flat: list[Tensor] = []
         if self.seq:
             k = self.seq.max_length
-            events = sum(self._embed(f.name, batch[f.name][:, :k]) for f in self.seq.fields)
+            events = reduce(operator.add, (self._embed(f.name, batch[f.name][:, :k]) for f in self.seq.fields))
             width = events.shape[1]
             mask = torch.arange(width, device=events.device)[None, :] < batch[self.seq.length_name][:, None]
             events = (events + self.recency[:width]) * mask.unsqueeze(-1).to(events.dtype)

@@ -47,7 +47,7 @@ def share_tables(student: Student, checkpoint: str | Path, mode: str = "finetune
     tables = fm_tables(ckpt.model.state_dict())
     shared = []
     for name, module in student.tables.items():
-        weight = module.table.weight
+        weight = module.get_parameter("table.weight")  # HashedTable's, named as the FM's
         fm = tables.get(name)
         if fm is None or fm.shape != weight.shape:
             continue

@@ -102,8 +102,8 @@ def read_rows(
         batch = table_to_batch(table, sub, max_seq_len=cfg.sequence_events or None)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
-    if knowledge is not None and variant.distills:
-        batch[TEACHER] = teacher_probs(table, variant.teacher, schema.task_names)
+    if knowledge is not None and (teacher := variant.teacher) is not None:  # a distilling variant
+        batch[TEACHER] = teacher_probs(table, teacher, schema.task_names)
     if knowledge is not None and variant.repr:
         batch[EMBEDDING] = matrix(table.column(EMBEDDING))
         batch[USER_EMBEDDING] = matrix(table.column(USER_EMBEDDING))
@@ -219,12 +219,13 @@ def train_student(
         fm_version = knowledge_fm_version(cfg.knowledge, [p.stem for p in (*train_paths, *test_paths)])
     widths = (train[EMBEDDING].shape[1], train[USER_EMBEDDING].shape[1]) if variant.repr else None
     model = build_student(student_cfg, schema, variant, widths)
-    shared = share_tables(model, cfg.share_checkpoint, variant.share_mode) if variant.share else []
+    share_checkpoint = cfg.share_checkpoint if variant.share else None  # set when sharing (checked above)
+    shared = share_tables(model, share_checkpoint, variant.share_mode) if share_checkpoint is not None else []
     share_source, share_fm_version = (None, None)
     # After share_tables, whose checkpoint load checks its manifest, and before training:
     # a repository that never published the checkpoint is the caller's error.
-    if variant.share:
-        share_source, share_fm_version = shared_fm_version(cfg.share_checkpoint, cfg.repository)
+    if share_checkpoint is not None:
+        share_source, share_fm_version = shared_fm_version(share_checkpoint, cfg.repository)
     if shared:
         log.info("shared FM tables (%s): %s", variant.share_mode, ", ".join(shared))
     n = len(train[SURFACE_INPUT])

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 NAMES = ("hard", "kd", "aux", "adapted", "repr", "share", "all")
 ALL = ("aux", "adapted", "repr", "share")
@@ -77,4 +78,5 @@ def parse_variant(text: str, **options) -> Variant:
         if part not in NAMES:
             raise ValueError(f"unknown variant {part!r} (known: {', '.join(NAMES)})")
         flags |= set(ALL) if part == "all" else ({part} - {"hard"})
-    return Variant(**{f: True for f in flags}, **options)
+    switches: dict[str, Any] = dict.fromkeys(flags, True)
+    return Variant(**switches, **options)

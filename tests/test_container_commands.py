@@ -287,6 +287,27 @@ def test_tensorrt_script_needs_a_published_model(tmp_path):
     assert "has no version to build a plan for" in " ".join(result.output.split())  # rich wraps lines
 
 
+# --- options with a fixed set of values -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["serve", "--backend", "tritonn"], "--backend"),
+        (["embed", "data", "--out", "out", "--backend", "tritonn"], "--backend"),
+        (["serve", "--ingress", "sideways"], "--ingress"),
+        (["serve", "--proxy-location", "Everywhere"], "--proxy-location"),
+    ],
+)
+def test_an_unknown_choice_is_a_usage_error_naming_the_option_and_the_choices(command, option):
+    """Before anything starts: exit 2, the option and what it takes, no traceback."""
+    result = gem(*command)
+    text = " ".join(result.output.split())  # rich wraps lines
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {option}" in text, text
+    assert "is not one of" in text and "Traceback" not in text, text
+
+
 # --- every service of ours, by its compose command, as a local process -----------------
 
 

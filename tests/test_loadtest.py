@@ -3,6 +3,7 @@ end's Prometheus metrics it leaves behind."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import re
@@ -20,6 +21,7 @@ from gem.knowledge import KnowledgeClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.report import slo_violations
+from loadtests.sweep import backend_list
 from model.examples import random_batch
 from model.schema import load_schema
 from serving.config import FrontendConfig
@@ -186,3 +188,10 @@ def test_readme_documents_every_metric():
 )
 def test_slo_verdict(result, p99_ms, error_rate, broken):
     assert slo_violations(result, p99_ms, error_rate) == broken
+
+
+def test_sweep_backends_keep_their_order_and_an_unknown_one_is_named():
+    assert backend_list("onnxruntime,triton") == ["onnxruntime", "triton"]
+    known = r"\(known: triton, onnxruntime\)"
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"unknown backend\(s\) tritonn {known}"):
+        backend_list("onnxruntime,tritonn")

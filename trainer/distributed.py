@@ -26,12 +26,13 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,6 @@ def wrap(model: nn.Module, rt: Runtime) -> nn.Module:
     if not rt.distributed:
         return model
     if rt.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         # Every parameter feeds the logits (each surface tower gets zero gradient rows,
         # not none), so no unused-parameter search per step.
         return DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None)
@@ -162,7 +161,7 @@ def wrap(model: nn.Module, rt: Runtime) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def full_state_dict(model: nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
@@ -170,7 +169,8 @@ def full_state_dict(model: nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
     if rt.distributed and rt.strategy != "ddp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return cast(dict[str, torch.Tensor], full)  # full_state_dict: plain tensors, no DTensor
     return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
 
 
@@ -180,7 +180,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], rt: R
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         # get_model_state_dict(cpu_offload=True) leaves the full state on rank 0 only.
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, cast(dict[str, Any], state), options=options)
         return
     unwrap(model).load_state_dict(state)
 

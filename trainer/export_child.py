@@ -33,6 +33,7 @@ from export.repository import ModelRepository
 from export.rollout import triton_servers
 from model.checkpoint import ModelBundle
 from serving.local.logs import JSONFormatter, log_format
+from trainer.memory import libc
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -62,8 +63,7 @@ def publish_in_child(
 
 def _start(parent: int, level: int) -> None:
     """The child's first step: die with the trainer, log as it does."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+    if libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the trainer died before the line above: nobody to publish for
         os._exit(1)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 RUN = "trainer"
 
 
-def tidy_staging(out: str | Path) -> None:
+def tidy_staging(out: str | Path | Place) -> None:
     """What a killed cycle staged and never committed (nothing will commit it), and the
     staging folder itself once empty (gem embed's runs may stage there too). On S3 that
     folder is the marker pyarrow leaves when the last object under it goes."""

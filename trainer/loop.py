@@ -67,8 +67,8 @@ class Trainer:
         # coordinator at every call; with DDP on CPU that is the trained module itself.
         on_cpu_ddp = rt.device.type == "cpu" and (rt.strategy == "ddp" or not rt.distributed)
         if on_cpu_ddp:
+            self.plain = ckpt.model
             self.model = D.wrap(ckpt.model, rt)
-            self.plain = D.unwrap(self.model)
         else:
             self.plain = GEM(self.schema, self.config)
             self.plain.load_state_dict(ckpt.model.state_dict())

@@ -17,14 +17,21 @@ faults).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 
 
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library as this process loaded it (its symbols, looked up by name), with
+    errno kept for the caller: glibc's memory calls here, `prctl` in
+    trainer/export_child.py."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _malloc_trim():
     """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
-    return getattr(_libc(), "malloc_trim", None)
+    return getattr(libc(), "malloc_trim", None)
 
 
 # mallopt's parameter (malloc.h) and the top of glibc's dynamic threshold on 64-bit.
@@ -32,17 +39,11 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 << 20
 
 
-@functools.cache
-def _libc():
-    name = ctypes.util.find_library("c")
-    return None if name is None else ctypes.CDLL(name)
-
-
 def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Blocks of `nbytes` and more get their own mappings (when no free heap block fits),
     and the threshold no longer moves. True when set (False where the C library has no
     mallopt or refuses the value)."""
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(libc(), "mallopt", None)
     return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) if mallopt is not None else False
 
 

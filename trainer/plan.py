@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from export.contract import FM_MODEL
 from export.repository import ModelRepository
 from model.batch import Batch
 from model.data.reader import DataError
 from model.schema import FeatureSchema
+from model.storage import Place
 from trainer.config import TrainerConfig
 from trainer.ledger import Ledger, QuarantineLine, TrainerRecord
 from trainer.prometheus import TrainerMetrics
@@ -48,7 +48,7 @@ class Planner:
         # Unreadable shards seen once: name -> (size, mtime) then.
         self.unsettled: dict[str, tuple[int, int]] = {}
 
-    def _shard(self, path: Path) -> Batch | bool | None:
+    def _shard(self, path: Place) -> Batch | bool | None:
         """The shard's rows; None after quarantining it (or when it is gone); False when
         it cannot be read yet but may still be being written (look again after a poll)."""
         if path.name in self.batches:
@@ -81,7 +81,7 @@ class Planner:
             return Plan("stop")
         pending = discover(self.cfg.source, self.ledger.done())
         self.metrics.pending_shards.set(len(pending))
-        good: list[Path] = []
+        good: list[Place] = []
         for path in pending:
             got = self._shard(path)
             if got is False:
@@ -91,7 +91,7 @@ class Planner:
                 if len(good) == 2:
                     break
         # The freshest shard that reads cleanly, for the adapter.
-        fresh = next((p for p in reversed(pending) if p in good or self._shard(p) not in (None, False)), None)
+        fresh = next((p for p in reversed(pending) if p in good or isinstance(self._shard(p), dict)), None)
         names = {p.name for p in pending}
         self.batches = {k: v for k, v in self.batches.items() if k in names}  # keep only what is still pending
         if len(good) == 2:

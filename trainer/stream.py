@@ -115,7 +115,7 @@ class StreamConfig:
 def play_stream(
     cfg: StreamConfig,
     schema: FeatureSchema,
-    on_shard: Callable[[Path], None] = lambda _: None,
+    on_shard: Callable[[Path], object] = lambda _: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Path]:
     """Writes shard i of the synthetic stream at start + i * every_s (atomically)."""

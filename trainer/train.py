@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,6 +35,7 @@ from model.config import preset
 from model.data.reader import DataError, read_batch, resolve_places
 from model.embedding import dense_stats, set_dense_stats
 from model.features import input_names
+from model.gem import GEM
 from model.outputs import LOGITS
 from model.progress import SILENT, Progress
 from model.schema import DEFAULT_SCHEMA_PATH, SURFACE_INPUT, FeatureSchema, load_schema
@@ -55,6 +56,15 @@ TRAINING_DEFAULTS: dict[str, dict[str, float]] = {
     "tiny": {"batch_size": 128, "lr": 1e-3, "embedding_lr": 0.01},
     "small": {"batch_size": 512, "lr": 2e-3, "embedding_lr": 0.05},
 }
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The optimizer's settings a fit runs with: a TrainConfig's, the preset's where unset."""
+
+    batch_size: int
+    lr: float
+    embedding_lr: float
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,10 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
 
-    def resolved(self) -> TrainConfig:
-        """This config with the preset's defaults where a value is None."""
+    def steps(self) -> Steps:
+        """The optimizer's settings, the preset's (TRAINING_DEFAULTS) where a value is None."""
         defaults = TRAINING_DEFAULTS.get(self.preset, TRAINING_DEFAULTS["small"])
-        return replace(
-            self,
+        return Steps(
             batch_size=int(self.batch_size or defaults["batch_size"]),
             lr=self.lr or defaults["lr"],
             embedding_lr=self.embedding_lr or defaults["embedding_lr"],
@@ -284,9 +293,9 @@ def fit(
     """Trains `model` for at most `cfg.epochs` epochs, evaluating on `val_data` after
     each; stops after `cfg.patience` epochs without a better validation NE and leaves
     the model at its best epoch. Only `val_data` is looked at: never the test slice."""
-    cfg = cfg.resolved()
+    steps = cfg.steps()
     rng = np.random.default_rng(cfg.seed)
-    optimizers = make_optimizers(model, cfg.lr, cfg.embedding_lr)
+    optimizers = make_optimizers(model, steps.lr, steps.embedding_lr)
     val_labels = labels_of(val_data, schema)
     examples, recent = 0, []  # recent: the last 50 steps' losses
 
@@ -307,7 +316,7 @@ def fit(
         t0 = time.perf_counter()
         losses = []
         for shard in train_data:
-            losses.append(train_steps(model, optimizers, shard, schema, cfg.batch_size, rng, step))
+            losses.append(train_steps(model, optimizers, shard, schema, steps.batch_size, rng, step))
         seconds += time.perf_counter() - t0
         val = evaluate(schema, predict(model, val_data, schema), val_labels, val_data[SURFACE_INPUT])
         score = selection_score(val, schema)
@@ -341,7 +350,6 @@ def train(cfg: TrainConfig, progress: Progress = SILENT) -> TrainResult:
     advances after every step with the running figures (`epoch`, `epochs`, `loss`,
     `rate`: examples/s of training time).
     """
-    cfg = cfg.resolved()
     schema = load_schema(cfg.schema_path)
     model_cfg = preset(cfg.preset)
     overrides = {"esmm": cfg.esmm, "sequence_arch": cfg.sequence_arch}
@@ -400,6 +408,7 @@ def train(cfg: TrainConfig, progress: Progress = SILENT) -> TrainResult:
             throughput = fitted.examples_per_s
 
     gem = models["gem"]
+    assert isinstance(gem, GEM)  # build_models: GEM first, then the baselines
     # The adapter learns from the freshest labels the FM has not trained on, as the side
     # trainer's adapter does: the validation slice (FM logits on rows it memorized would
     # teach the adapter to trust it too much). The test slice stays unseen.

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -31,6 +31,9 @@ from rich.text import Text
 
 from model.config import PRESETS
 from serving.local.state import DEFAULT_WORK_DIR
+
+if TYPE_CHECKING:
+    from serving.backends.base import BackendKind
 
 
 def stdout() -> Console:
@@ -58,6 +61,24 @@ PresetOption = Annotated[str, typer.Option(help=f"Model size: {', '.join(PRESETS
 MetricsPortOption = Annotated[
     int, typer.Option(help="Prometheus port of the front end (its metrics and Ray Serve's, at /metrics).")
 ]
+
+Choice = TypeVar("Choice", bound=str)
+
+
+def one_of(value: str, choices: tuple[Choice, ...], option: str) -> Choice:
+    """An option's value, checked (a typo is a usage error, not a traceback)."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+
+
+def backend_of(value: str) -> BackendKind:
+    """`--backend`: triton or onnxruntime."""
+    from serving.backends.base import BACKENDS
+
+    return one_of(value, BACKENDS, "--backend")
+
 
 # Errors the user can fix, by module. An exception can only be raised once its module
 # is loaded, so the check looks only at loaded modules and never imports one (some
@@ -142,7 +163,8 @@ class BarProgress:
             self.start("working")
         assert self.task is not None
         # Figures become the task's fields (`rate`: RateColumn's figure).
-        self.bar.update(self.task, advance=n, **figures)
+        fields: dict[str, Any] = dict(figures)
+        self.bar.update(self.task, advance=n, **fields)
 
     def note(self, message: str) -> None:
         log.info("%s", message)

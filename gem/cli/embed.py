@@ -14,6 +14,7 @@ from gem.cli.common import (
     RepoOption,
     SchemaOption,
     TritonUrlOption,
+    backend_of,
     friendly_errors,
     progress,
     stdout,
@@ -80,9 +81,9 @@ def embed_cmd(
     from model.data.reader import DataError
 
     cfg = EmbedConfig(
-        source=source, out=out, repository=repo, schema_path=schema, backend=backend, triton_url=triton_url,
-        batch_size=batch_size, actors=actors, threads=threads, overwrite=overwrite, fail_on_error=fail_on_error,
-        limit=limit, address=address, group_by=group_by or None, fm_version=fm_version,
+        source=source, out=out, repository=repo, schema_path=schema, backend=backend_of(backend),
+        triton_url=triton_url, batch_size=batch_size, actors=actors, threads=threads, overwrite=overwrite,
+        fail_on_error=fail_on_error, limit=limit, address=address, group_by=group_by or None, fm_version=fm_version,
     )  # fmt: skip
 
     with progress("rows") as bar:

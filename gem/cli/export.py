@@ -89,6 +89,7 @@ def run_export(
             ckpt, repository, PublishPolicy(data=data, keep_versions=keep, fp16=fp16), servers, BarProgress(bar)
         )
     if tensorrt:
+        assert report.fm is not None  # this policy publishes the FM
         with console.status("building the TensorRT plan"):
             build_plan(report.fm.path, serving_profile(ckpt.schema, repository.serving.max_batch_size), fp16)
     if servers:
@@ -213,7 +214,7 @@ def triton_up(
     )
     if foreground:
         try:
-            server.process.wait()
+            server.wait()
         except KeyboardInterrupt:
             log.info("stopping Triton")
         finally:

@@ -4,7 +4,7 @@ stack and its clients."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -19,8 +19,10 @@ from gem.cli.common import (
     MetricsPortOption,
     RepoOption,
     TritonUrlOption,
+    backend_of,
     console,
     friendly_errors,
+    one_of,
     progress,
     stdout,
     wait_for_ctrl_c,
@@ -28,8 +30,6 @@ from gem.cli.common import (
 
 if TYPE_CHECKING:
     from serving.config import Ingress, ProxyLocation
-
-Choice = TypeVar("Choice", bound=str)
 
 
 # Admission control (serving/admission.py); defaults are serving.config.FrontendConfig's.
@@ -63,24 +63,16 @@ QueueWaitOption = Annotated[
 ]
 
 
-def _one_of(value: str, choices: tuple[Choice, ...], option: str) -> Choice:
-    """An option's value, checked (a typo is a usage error, not a traceback)."""
-    for choice in choices:
-        if value == choice:
-            return choice
-    raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
-
-
 def ingress_of(value: str) -> Ingress:
     from serving.config import INGRESSES
 
-    return _one_of(value, INGRESSES, "--ingress")
+    return one_of(value, INGRESSES, "--ingress")
 
 
 def proxy_location_of(value: str) -> ProxyLocation:
     from serving.config import PROXY_LOCATIONS
 
-    return _one_of(value, PROXY_LOCATIONS, "--proxy-location")
+    return one_of(value, PROXY_LOCATIONS, "--proxy-location")
 
 
 def _ready_message(address: str, metrics_port: int) -> None:
@@ -256,7 +248,7 @@ def serve_cmd(
 
     served = launcher.start(
         FrontendConfig(
-            backend=backend,
+            backend=backend_of(backend),
             triton_url=triton_url,
             repository=repo,
             max_in_flight_examples=max_in_flight_examples,

@@ -268,6 +268,12 @@ class TritonServer:
             f"{log_errors(self.cfg)}"
         )
 
+    def wait(self) -> int:
+        """Blocks until the server exits (a foreground `gem triton up`); its exit code."""
+        if self.process is None:
+            raise TritonError("this server was not started here, or was started detached: nothing to wait for")
+        return self.process.wait()
+
     def stop(self) -> None:
         if self.process is None:
             return
