@@ -13,7 +13,15 @@ Every call asks for the server's stages (`server_timing=True`, client/gem/knowle
 
 and, for the Triton application, Triton's own time per call (the ensemble's mean
 request time from Triton's statistics over the cell). Stages are per-call medians;
-they need not sum to the client's median. Prints the table, writes
+they need not sum to the client's median.
+
+A second table says whose CPU each cell's calls took, in ms per call (from every
+thread's /proc stat before and after the cell): this bench's process (the client, or
+the model itself in the in-process cell), the application's replica (its event loops,
+and the embedded backend's inference threads, niced below them), Triton (its server and
+python-backend stubs), and everything else on the machine (Ray's own processes, and
+whatever else shares the cores). On a machine whose cores the model fills, what the
+front end adds to the model's CPU is what it adds to the latency. Prints both tables, writes
 bench/results/breakdown.json (breakdown-user-embedding-once.json with
 --user-embedding-once: the reply's user embedding once per user, as the in-process call
 returns it, instead of once per candidate).
@@ -27,9 +35,12 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gem.knowledge import AsyncKnowledgeClient
@@ -38,6 +49,7 @@ from rich.table import Table
 
 from bench.common import Timing, int_list, summarize, write_json
 from bench.frontend import APPS, IN_PROCESS_OUTPUTS, PATHS, closed_loop, export_preset, ranker_call, served
+from loadtests.sampling import display_name, thread_cpu
 from model.config import PRESETS, preset
 from model.schema import load_schema
 from serving.backends.onnx import OnnxBackend
@@ -45,14 +57,48 @@ from serving.backends.triton_client import TritonClient
 from serving.local.triton import TritonConfig
 
 STAGES = ("decode", "model", "encode")
+# Whose CPU a cell took (CpuMeter.per_call).
+CPU_GROUPS = ("bench process", "replica loops", "replica inference", "triton", "other")
 
 
-async def timed_calls(client: AsyncKnowledgeClient, ads: dict, shared: dict, seconds: float,
-                      user_embedding_once: bool) -> dict[str, list[float]]:  # fmt: skip
-    """Serial calls for `seconds` (after a warm-up): per call, the client's ms and each stage's."""
-    generate = functools.partial(client.generate, ads, shared=shared, user_embedding_once=user_embedding_once)
-    for _ in range(3):
-        await generate()
+class CpuMeter:
+    """The CPU that the calls of a cell took from the machine, by who took it: every
+    thread's CPU time before and after (threads that start and end inside the cell are
+    missed)."""
+
+    def __enter__(self) -> CpuMeter:
+        self.before = thread_cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.after = thread_cpu()
+
+    def per_call(self, calls: int, app: str | None) -> dict[str, float]:
+        """CPU ms per call by CPU_GROUPS; `app`: the application whose replica served
+        the calls (None: in process, and every replica is `other`)."""
+        names: dict[int, str] = {}
+        replica = f"ray::ServeReplica:{app}:"
+        out = dict.fromkeys(CPU_GROUPS, 0.0)
+        for (pid, tid), (nice, seconds) in self.after.items():
+            used = seconds - self.before.get((pid, tid), (nice, 0.0))[1]
+            name = names.setdefault(pid, display_name(pid))
+            if pid == os.getpid():
+                group = "bench process"
+            elif app is not None and name.startswith(replica):
+                # The embedded backend's threads run niced below the replica's loops
+                # (serving/backends/priority.py); the main thread keeps the loops' value.
+                loop_nice = self.after.get((pid, pid), (nice, 0.0))[0]
+                group = "replica inference" if nice > loop_nice else "replica loops"
+            elif name.startswith("triton"):
+                group = "triton"
+            else:
+                group = "other"
+            out[group] += used
+        return {k: 1000 * v / max(calls, 1) for k, v in out.items()}
+
+
+async def timed_calls(generate: Callable[..., Awaitable[Any]], seconds: float) -> dict[str, list[float]]:
+    """Serial calls for `seconds`: per call, the client's ms and each stage's."""
     out: dict[str, list[float]] = {"client": [], **{s: [] for s in STAGES}}
     stop = time.perf_counter() + seconds
     while time.perf_counter() < stop:
@@ -76,21 +122,30 @@ def row(system: str, candidates: int, ms: dict[str, list[float]], in_process_ms:
 
 async def measure(args, schema, repo: Path, triton_cfg: TritonConfig, addresses: dict):
     rows: list[dict] = []
+    cpu_rows: list[dict] = []
     timings: list[Timing] = []
     backend = OnnxBackend(repo)
     async with TritonClient(triton_cfg.grpc_url, admin_key=triton_cfg.admin_key) as triton:
         for n in args.candidates:
             ads, shared, indexed = ranker_call(schema, n, args.seq_len)
             in_process_call = functools.partial(backend.infer, indexed, IN_PROCESS_OUTPUTS)
-            latencies, _ = await closed_loop(in_process_call, 1, args.seconds)
+            with CpuMeter() as cpu:
+                latencies, _ = await closed_loop(in_process_call, 1, args.seconds)
             in_process = summarize("onnxruntime in-process", n, latencies)
             timings.append(in_process)
+            cpu_rows.append({"system": "in process", "candidates": n, **cpu.per_call(len(latencies), None)})
             for app in APPS:
                 for path in PATHS:
                     # Triton's own time per call, from its statistics over the cell.
                     before = await triton.served_requests() if app == "triton" else None
                     async with AsyncKnowledgeClient(addresses[app, path], timeout_s=60, application=app) as client:
-                        ms = await timed_calls(client, ads, shared, args.seconds, args.user_embedding_once)
+                        generate = functools.partial(
+                            client.generate, ads, shared=shared, user_embedding_once=args.user_embedding_once
+                        )
+                        for _ in range(3):  # warm-up
+                            await generate()
+                        with CpuMeter() as cpu:
+                            ms = await timed_calls(generate, args.seconds)
                     triton_ms = None
                     if before is not None:
                         after = await triton.served_requests()
@@ -98,8 +153,9 @@ async def measure(args, schema, repo: Path, triton_cfg: TritonConfig, addresses:
                         triton_ms = (after[1] - before[1]) / calls / 1e6 if calls else None
                     system = f"{app} ({path})"
                     rows.append(row(system, n, ms, in_process.p50_ms, triton_ms))
+                    cpu_rows.append({"system": system, "candidates": n, **cpu.per_call(len(ms["client"]), app)})
                     timings.append(summarize(system, n, [x / 1000 for x in ms["client"]]))
-    return rows, timings
+    return rows, cpu_rows, timings
 
 
 def report(args, rows: list[dict]) -> None:
@@ -115,6 +171,16 @@ def report(args, rows: list[dict]) -> None:
         stages = [f"{r[f'{k}_p50_ms']:.2f}" for k in ("client", *STAGES, "outside")]
         table.add_row(r["system"], str(r["candidates"]), str(r["calls"]), *stages, triton,
                       f"{r['in_process_p50_ms']:.2f}", f"{r['x_in_process']:.2f}x")  # fmt: skip
+    Console(width=max(Console().width, 150)).print(table)
+
+
+def report_cpu(rows: list[dict]) -> None:
+    table = Table(title="whose CPU the calls took (ms per call)")
+    for col in ("system", "candidates", *CPU_GROUPS, "all"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for r in rows:
+        table.add_row(r["system"], str(r["candidates"]), *(f"{r[g]:.2f}" for g in CPU_GROUPS),
+                      f"{sum(r[g] for g in CPU_GROUPS):.2f}")  # fmt: skip
     Console(width=max(Console().width, 150)).print(table)
 
 
@@ -135,10 +201,11 @@ def main() -> None:
         with console.status(f"exporting {args.preset}"):
             repo = export_preset(schema, preset(args.preset), Path(tmp))
         with served(repo, Path(tmp) / "triton") as (addresses, triton), console.status("measuring"):
-            rows, timings = asyncio.run(measure(args, schema, repo, triton.cfg, addresses))
+            rows, cpu_rows, timings = asyncio.run(measure(args, schema, repo, triton.cfg, addresses))
     report(args, rows)
+    report_cpu(cpu_rows)
     name = "breakdown-user-embedding-once" if args.user_embedding_once else "breakdown"
-    write_json(name, {**vars(args), "stages": rows}, timings)
+    write_json(name, {**vars(args), "stages": rows, "cpu_ms_per_call": cpu_rows}, timings)
 
 
 if __name__ == "__main__":

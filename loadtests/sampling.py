@@ -15,6 +15,7 @@ from pathlib import Path
 PROC = Path("/proc")
 SKIP_ENV = "GEM_SOAK_SKIP"
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,30 @@ class Sample:
         return asdict(self)
 
 
+def stat_fields(stat: str) -> list[str]:
+    """The fields after the name of a /proc/PID/stat text (the name in (...) may hold
+    spaces; the fields after its ')' are fixed): [1] ppid, [11] utime, [12] stime in
+    clock ticks, [16] nice."""
+    return stat.rsplit(")", 1)[1].split()
+
+
 def parent_of(stat: str) -> int:
-    """The parent pid in a /proc/PID/stat text. The name in (...) may hold spaces: the
-    fields after its ')' are fixed."""
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    """The parent pid in a /proc/PID/stat text."""
+    return int(stat_fields(stat)[1])
+
+
+def thread_cpu() -> dict[tuple[int, int], tuple[int, float]]:
+    """(pid, tid) -> (nice, CPU seconds so far, user + system) of every thread of every
+    live process: what a run took from the cores, by thread, is two of these apart."""
+    out = {}
+    for task in PROC.glob("[0-9]*/task/[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat_fields((task / "stat").read_text())
+            out[int(task.parent.parent.name), int(task.name)] = (
+                int(fields[16]),
+                (int(fields[11]) + int(fields[12])) / TICKS,
+            )
+    return out
 
 
 def ppid(pid: int) -> int | None:
