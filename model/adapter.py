@@ -36,9 +36,9 @@ class StudentAdapter(nn.Module):
         self.hidden = hidden
         self.surface = nn.Embedding(n_surfaces, hidden)
         self.mlp = MLP([n_tasks + hidden, hidden, n_tasks])
-        last = cast(nn.Linear, self.mlp[-1])
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        # Zero: a fresh adapter adds nothing to the FM's logits.
+        nn.init.zeros_(self.last.weight)
+        nn.init.zeros_(self.last.bias)
         parents = [None] * n_tasks if parents is None else list(parents)
         if len(parents) != n_tasks or any(p is not None and not 0 <= p < t for t, p in enumerate(parents)):
             raise ValueError(f"parents must name an earlier task for each of {n_tasks} tasks, got {parents}")
@@ -49,6 +49,11 @@ class StudentAdapter(nn.Module):
     def _fill_missing(self, state_dict, prefix, *args) -> None:
         # An adapter saved before the buffer existed: independent tasks, as it was.
         state_dict.setdefault(prefix + "parent", torch.arange(self.n_tasks))
+
+    @property
+    def last(self) -> nn.Linear:
+        """The MLP's last layer, whose output is added to the FM's logits."""
+        return cast(nn.Linear, self.mlp[-1])
 
     @property
     def parents(self) -> tuple[int | None, ...]:

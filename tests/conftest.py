@@ -84,7 +84,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, schema: FeatureSch
     torch.manual_seed(0)
     model = GEM(schema, preset("tiny")).eval()
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
-    torch.nn.init.normal_(adapter.mlp[-1].weight, std=0.5)
+    torch.nn.init.normal_(adapter.last.weight, std=0.5)
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     return save_checkpoint(path, ModelBundle(schema, preset("tiny"), model, adapter), metrics={})
 

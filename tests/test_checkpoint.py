@@ -19,7 +19,7 @@ from trainer.train import to_tensors
 def saved(tmp_path, schema, tiny):
     torch.manual_seed(0)
     model, adapter = GEM(schema, tiny), StudentAdapter(len(schema.tasks), len(schema.surfaces))
-    torch.nn.init.normal_(adapter.mlp[-1].weight)
+    torch.nn.init.normal_(adapter.last.weight)
     path = save_checkpoint(tmp_path / "ckpt", ModelBundle(schema, tiny, model, adapter), {"gem": {"x": 1}})
     return path, model.eval(), adapter
 

@@ -74,7 +74,7 @@ def test_forbidden_ops_are_found_also_in_subgraphs():
 def test_adapter_exports_as_its_own_model(tmp_path, schema):
     torch.manual_seed(0)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces)).eval()
-    torch.nn.init.normal_(adapter.mlp[-1].weight)
+    torch.nn.init.normal_(adapter.last.weight)
     proto = export_adapter(adapter, tmp_path / "adapter.onnx")
     assert [i.name for i in proto.graph.input] == list(ADAPTER_INPUTS)
     logits = np.random.default_rng(0).normal(size=(33, len(schema.tasks))).astype(np.float32)
@@ -99,8 +99,8 @@ def test_after_tasks_stay_below_their_parent_through_onnx(tmp_path, schema, synt
     fm_path, adapter_path = tmp_path / "fm.onnx", tmp_path / "adapter.onnx"
     export_fm(model, schema, fm_path)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
-    torch.nn.init.normal_(adapter.mlp[-1].weight, std=2.0)
-    torch.nn.init.normal_(adapter.mlp[-1].bias, std=2.0)
+    torch.nn.init.normal_(adapter.last.weight, std=2.0)
+    torch.nn.init.normal_(adapter.last.bias, std=2.0)
     export_adapter(adapter, adapter_path)
 
     batches = [{k: v[:500] for k, v in real.items()}, random_batch(schema, 300, 16, seed=5)]

@@ -178,7 +178,7 @@ def test_adapter_starts_as_identity_and_is_surface_aware():
     logits = torch.randn(5, 2)
     surface = torch.tensor([0, 1, 2, 0, 1])
     torch.testing.assert_close(adapter(logits, surface), logits)
-    torch.nn.init.normal_(adapter.mlp[-1].weight)
+    torch.nn.init.normal_(adapter.last.weight)
     a = adapter(logits, torch.zeros(5, dtype=torch.long))
     b = adapter(logits, torch.ones(5, dtype=torch.long))
     assert not torch.allclose(a, b)
@@ -261,8 +261,8 @@ def test_gem_orders_after_tasks_and_can_use_independent_heads(schema, tiny):
 def test_adapter_keeps_after_tasks_below_their_parent(schema):
     torch.manual_seed(0)
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
-    torch.nn.init.normal_(adapter.mlp[-1].weight, std=3.0)
-    torch.nn.init.normal_(adapter.mlp[-1].bias, std=3.0)
+    torch.nn.init.normal_(adapter.last.weight, std=3.0)
+    torch.nn.init.normal_(adapter.last.bias, std=3.0)
     logits = torch.randn(500, 2) * 3
     logits[:, 1] = torch.minimum(logits[:, 1], logits[:, 0])
     surface = torch.arange(500) % 3
@@ -276,7 +276,7 @@ def test_adapter_keeps_after_tasks_below_their_parent(schema):
     assert adapter.parents == (None, 0)
     # A chain a -> b -> c is ordered end to end.
     chain = StudentAdapter(3, 1, parents=(None, 0, 1))
-    torch.nn.init.normal_(chain.mlp[-1].bias, std=5.0)
+    torch.nn.init.normal_(chain.last.bias, std=5.0)
     with torch.no_grad():
         out = chain(torch.randn(100, 3) * 5, torch.zeros(100, dtype=torch.long))
     assert (out[:, 1] <= out[:, 0]).all() and (out[:, 2] <= out[:, 1]).all()

@@ -67,7 +67,7 @@ def bundle(schema, seed: int) -> ModelBundle:
     torch.manual_seed(seed)
     model = GEM(schema, preset("tiny")).eval()
     adapter = StudentAdapter(len(schema.tasks), len(schema.surfaces), parents=schema.task_parents).eval()
-    torch.nn.init.normal_(adapter.mlp[-1].weight, std=0.5)
+    torch.nn.init.normal_(adapter.last.weight, std=0.5)
     return ModelBundle(schema, preset("tiny"), model, adapter)
 
 
