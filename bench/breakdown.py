@@ -76,17 +76,18 @@ class CpuMeter:
     def per_call(self, calls: int, app: str | None) -> dict[str, float]:
         """CPU ms per call by CPU_GROUPS; `app`: the application whose replica served
         the calls (None: in process, and every replica is `other`)."""
-        names: dict[int, str] = {}
+        names = {pid: display_name(pid) for pid, _ in self.after}
         replica = f"ray::ServeReplica:{app}:"
         out = dict.fromkeys(CPU_GROUPS, 0.0)
         for (pid, tid), (nice, seconds) in self.after.items():
             used = seconds - self.before.get((pid, tid), (nice, 0.0))[1]
-            name = names.setdefault(pid, display_name(pid))
+            name = names[pid]
             if pid == os.getpid():
                 group = "bench process"
             elif app is not None and name.startswith(replica):
                 # The embedded backend's threads run niced below the replica's loops
-                # (serving/backends/priority.py); the main thread keeps the loops' value.
+                # (serving/backends/priority.py; with inference_nice 0 they count as
+                # loops); the main thread keeps the loops' value.
                 loop_nice = self.after.get((pid, pid), (nice, 0.0))[0]
                 group = "replica inference" if nice > loop_nice else "replica loops"
             elif name.startswith("triton"):
