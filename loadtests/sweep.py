@@ -70,10 +70,11 @@ def run_locust(address: str, rate: float, args: argparse.Namespace, out: Path, e
 def backend_list(text: str) -> list[BackendKind]:
     """`--backends`: comma-separated names, each one of the front end's backends."""
     known: dict[str, BackendKind] = {b: b for b in BACKENDS}
-    unknown = [name for name in text.split(",") if name not in known]
+    names = text.split(",")
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
-    return [known[name] for name in text.split(",")]
+    return [known[name] for name in names]
 
 
 def stack_config(backend: BackendKind, repo: Path, ingress: Ingress, **frontend: Any) -> StackConfig:
